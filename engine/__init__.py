@@ -1,0 +1,1 @@
+"""Tandem's distributed runtime: mesh, tensor and pipeline parallelism, optimizer, data, checkpoints, trainer."""

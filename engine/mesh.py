@@ -1,0 +1,105 @@
+"""The device mesh: pp × dp × tp ranks, tp innermost, pp outermost.
+
+`Mesh` is built once per process and passed explicitly to whatever needs a process group.
+There is no module-level distributed state.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class Mesh:
+    pp: int
+    dp: int
+    tp: int
+    pp_rank: int
+    dp_rank: int
+    tp_rank: int
+    rank: int
+    world_size: int
+    device: torch.device
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    tp_group: dist.ProcessGroup
+    device_mesh: DeviceMesh
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def pp_global_rank(self, pp_rank: int) -> int:
+        """Global rank of the process at pipeline position ``pp_rank`` with this rank's dp and tp."""
+        return dist.get_global_rank(self.pp_group, pp_rank)
+
+    def __repr__(self) -> str:
+        return (f"Mesh(pp={self.pp}, dp={self.dp}, tp={self.tp}; rank {self.rank}/{self.world_size} at "
+                f"pp={self.pp_rank} dp={self.dp_rank} tp={self.tp_rank}, {self.device})")
+
+
+def resolve_dp(world_size: int, tp: int, pp: int, dp: int | None) -> int:
+    """dp from the world size when not given; a clear error when the three cannot tile the world."""
+    for name, v in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.dp", dp)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name}={v} must be at least 1")
+    if dp is None:
+        if world_size % (tp * pp):
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.tp={tp} × parallel.pp={pp}; "
+                f"launch a multiple of {tp * pp} processes or change parallel.tp / parallel.pp")
+        return world_size // (tp * pp)
+    if tp * pp * dp != world_size:
+        raise ValueError(
+            f"parallel.tp={tp} × parallel.pp={pp} × parallel.dp={dp} = {tp * pp * dp} does not equal the "
+            f"world size {world_size}; launch {tp * pp * dp} processes or change the three sizes")
+    return dp
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Join the process group torchrun describes in the environment, or form a group of one.
+
+    Sets the CUDA device from LOCAL_RANK before `init_process_group`. Idempotent.
+    """
+    if dist.is_initialized():
+        return
+    device = default_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # plain `python scripts/train.py`: a world of one, no network
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def build_mesh(*, tp: int = 1, pp: int = 1, dp: int | None = None, device: torch.device | None = None) -> Mesh:
+    """The mesh over the current process group. The group must already be initialized."""
+    if not dist.is_initialized():
+        raise RuntimeError("build_mesh needs an initialized process group; call engine.mesh.init_distributed() first")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = resolve_dp(world, tp, pp, dp)
+    device = device or default_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dm = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+    # rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+    return Mesh(pp=pp, dp=dp, tp=tp,
+                pp_rank=rank // (dp * tp), dp_rank=(rank // tp) % dp, tp_rank=rank % tp,
+                rank=rank, world_size=world, device=device,
+                pp_group=dm.get_group("pp"), dp_group=dm.get_group("dp"), tp_group=dm.get_group("tp"),
+                device_mesh=dm)

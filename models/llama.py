@@ -1,0 +1,145 @@
+"""A Llama-3-style decoder for one device: RMSNorm, rotary embeddings, GQA, SwiGLU.
+
+The model can be built for a contiguous range of layers (a pipeline stage): the token embedding
+lives on the stage holding layer 0, the final norm and output head on the stage holding the last
+layer. Layers sit in a ModuleDict keyed by their global index, so parameter names are the same in
+every layout (``layers.7.attention.wq.weight`` is that weight on any stage, in any checkpoint).
+
+With tied embeddings the output head reuses ``tok_embeddings.weight``. A last stage that does not
+hold the first layer keeps its own copy under that same name; the pipeline engine adds the two
+copies' gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import Ops, get_ops, rope_cos_sin
+from models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x):
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention. Head counts are read off the projection shapes, so the same code
+    runs on a tensor-parallel shard holding a subset of the heads."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        hd = cfg.head_dim
+        self.head_dim = hd
+        self.rope_theta = cfg.rope_theta
+        self.ops = ops
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.wq(x).view(B, T, -1, hd)  # (B, T, n_heads, hd)
+        k = self.wk(x).view(B, T, -1, hd)  # (B, T, n_kv_heads, hd)
+        v = self.wv(x).view(B, T, -1, hd)
+        cos, sin = rope_cos_sin(T, hd, self.rope_theta, device=x.device, dtype=torch.float32)
+        q = self.ops.apply_rotary(q, cos, sin)
+        k = self.ops.apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(self.ops.swiglu(self.w1(x), self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.attention = Attention(cfg, ops)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+        self.feed_forward = FeedForward(cfg, ops)
+
+    def forward(self, x):
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class CrossEntropy(nn.Module):
+    """Mean next-token loss. A module so tensor parallelism can swap in the vocab-parallel one."""
+
+    def __init__(self, ops: Ops):
+        super().__init__()
+        self.ops = ops
+
+    def forward(self, logits, targets):
+        return self.ops.cross_entropy(logits, targets)
+
+
+class Llama(nn.Module):
+    """The decoder, or the stage of it holding global layers ``layers=(start, stop)``.
+
+    ``forward(x, targets=None)``: ``x`` is token ids (B, T) on the first stage and the hidden
+    state (B, T, dim) elsewhere. The last stage returns the mean loss when ``targets`` is given,
+    else the logits; other stages return the hidden state.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, layers: tuple[int, int] | None = None, kernels: str = "torch"):
+        super().__init__()
+        start, stop = layers if layers is not None else (0, cfg.n_layers)
+        if not 0 <= start <= stop <= cfg.n_layers:
+            raise ValueError(f"layer range {(start, stop)} is outside 0..{cfg.n_layers}")
+        self.cfg = cfg
+        self.layer_range = (start, stop)
+        self.is_first = start == 0
+        self.is_last = stop == cfg.n_layers
+        ops = get_ops(kernels)
+        self.ops = ops
+        if self.is_first or (self.is_last and cfg.tie_embeddings):
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, ops) for i in range(start, stop)})
+        if self.is_last:
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
+            if not cfg.tie_embeddings:
+                self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.loss_fn = CrossEntropy(ops)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.cfg.tie_embeddings else self.output.weight
+
+    def logits(self, h):
+        """Final norm and output projection. h: (B, T, dim) -> (B, T, vocab)."""
+        h = self.norm(h)
+        return self.output(h) if not self.cfg.tie_embeddings else F.linear(h, self.tok_embeddings.weight)
+
+    def forward(self, x, targets=None):
+        h = self.tok_embeddings(x) if self.is_first else x
+        for layer in self.layers.values():
+            h = layer(h)
+        if not self.is_last:
+            return h
+        logits = self.logits(h)
+        if targets is None:
+            return logits
+        return self.loss_fn(logits, targets)
