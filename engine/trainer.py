@@ -47,10 +47,19 @@ class SerialExecutor:
 class StopSignal:
     """Records SIGTERM / SIGINT; ranks agree on stopping at the next step boundary."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -271,7 +280,12 @@ class Trainer:
                 print(f"eval_loss {ev:.6f}", flush=True)
                 self.log.write({"step": self.step, "eval_loss": ev})
             return [{"step": self.step, "eval_loss": ev}]
-        stop = StopSignal()
+        with StopSignal() as stop:
+            return self._train_loop(stop)
+
+    def _train_loop(self, stop: StopSignal) -> list[dict]:
+        cfg, m = self.cfg, self.mesh
+        records = []
         bar = _progress(self.step, cfg.train.max_steps, enabled=m.rank == 0)
         while self.step < cfg.train.max_steps:
             rec = self.train_step(stop.requested)

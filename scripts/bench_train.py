@@ -1,0 +1,104 @@
+"""Tokens/s of Tandem's training step against a minimal plain-PyTorch loop, in one run.
+
+    python scripts/bench_train.py [--model tiny] [--steps 30] [--batch 16] [--micro 8] [--seq 128]
+
+Both loops train the same model (same init), on the same batches, with AdamW, warmup+cosine and
+gradient clipping; the plain loop is what one would write by hand for one device. Runs alternate
+(plain, Tandem, plain, Tandem ...) so drift in machine speed hits both; the median step time is used.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import Config  # noqa: E402
+from engine.data import prepare_data  # noqa: E402
+from engine.optim import lr_at  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+from models import Llama, init_weights  # noqa: E402
+
+
+class PlainLoop:
+    def __init__(self, cfg: Config, data):
+        self.cfg, self.data = cfg, data
+        mcfg = cfg.model.build()
+        self.model = init_weights(Llama(mcfg, kernels=cfg.kernels), seed=cfg.train.seed, n_layers=mcfg.n_layers)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        rest = [p for p in self.model.parameters() if p.ndim < 2]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}], lr=o.lr, betas=(o.beta1, o.beta2))
+        self.step = 0
+
+    def train_step(self):
+        c = self.cfg
+        x, y = self.data.train_batch(self.step, seed=c.train.seed, batch_size=c.train.global_batch_size,
+                                     seq_len=c.train.seq_len)
+        m = c.train.global_batch_size // c.parallel.micro_batch_size
+        for xb, yb in zip(x.chunk(m), y.chunk(m)):
+            (self.model(xb, yb) / m).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.clip_grad)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, lr=c.optim.lr, warmup_steps=c.optim.warmup_steps,
+                            max_steps=c.train.max_steps, min_lr_ratio=c.optim.min_lr_ratio)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+
+
+def timed(loop, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loop.train_step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--data-dir", default="data/stdlib")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model.name = a.model
+    cfg.train.global_batch_size, cfg.parallel.micro_batch_size, cfg.train.seq_len = a.batch, a.micro, a.seq
+    cfg.train.max_steps = 10**6
+    cfg.data.dir = a.data_dir
+    cfg.run_dir = tempfile.mkdtemp(prefix="bench_train_")
+    cfg.kernels = "torch" if not torch.cuda.is_available() else "auto"
+    if not Path(a.data_dir, "meta.json").is_file():
+        prepare_data("stdlib", a.data_dir, cfg.model.build().vocab_size)
+    tandem = Trainer(cfg)
+    plain = PlainLoop(cfg, tandem.data)
+    timed(plain, 3), timed(tandem, 3)  # warm-up
+    times = {"plain": [], "tandem": []}
+    for _ in range(a.rounds):
+        times["plain"] += timed(plain, a.steps)
+        times["tandem"] += timed(tandem, a.steps)
+    tokens = a.batch * a.seq
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"model {a.model}, batch {a.batch} x {a.seq} tokens, micro-batch {a.micro}, {a.rounds}x{a.steps} steps each, {dev}")
+    print(f"{'loop':<8} {'tokens/s':>10} {'median step ms':>15}")
+    for k in ("plain", "tandem"):
+        print(f"{k:<8} {tps[k]:>10.0f} {1000 * statistics.median(times[k]):>15.1f}")
+    print(f"ratio tandem/plain: {tps['tandem'] / tps['plain']:.3f}  (goal >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

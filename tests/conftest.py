@@ -1,0 +1,28 @@
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+TEST_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A small real corpus: two standard-library packages (about 0.6 MB of Python)."""
+    d = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for pkg in ("json", "email"):
+        for f in (stdlib / pkg).glob("*.py"):
+            shutil.copy(f, d / f"{pkg}_{f.name}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus_dir, tmp_path_factory) -> Path:
+    """The small corpus, prepared once per session (vocab 512)."""
+    from engine.data import prepare_data
+
+    d = tmp_path_factory.mktemp("data")
+    prepare_data(str(corpus_dir), d, TEST_VOCAB, progress=False)
+    return d

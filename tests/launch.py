@@ -1,0 +1,74 @@
+"""Run the real training launch: in this process (a world of one) or under torchrun.
+
+Both return the records of ``<run_dir>/metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small odd-sized model that trains in well under a second per step on a CPU.
+SMALL_MODEL = ["model.dim=48", "model.n_layers=3", "model.n_heads=6", "model.n_kv_heads=2", "model.ffn_dim=72",
+               "model.vocab_size=512", "train.seq_len=32", "train.global_batch_size=8", "parallel.micro_batch_size=2",
+               "optim.warmup_steps=3", "train.log_interval=1000"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from engine.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_config(hydra_compose("config", overrides=overrides))
+
+
+def train_in_process(overrides: list[str]) -> list[dict]:
+    """Compose the config like scripts/train.py does and run it in this process (world of one)."""
+    import torch.distributed as dist
+
+    from engine.trainer import main
+
+    try:
+        return main(compose(overrides))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, overrides: list[str], *, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node nproc scripts/train.py overrides` on the CPU (gloo)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+           str(ROOT / "scripts" / "train.py"), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def assert_losses_match(a: list[float], b: list[float], rel: float = 1e-4) -> None:
+    assert len(a) == len(b) and len(a) > 0, (len(a), len(b))
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert abs(x - y) <= rel * abs(y), f"step {i + 1}: {x} vs {y} (relative difference > {rel})"

@@ -1,0 +1,126 @@
+"""The single-device training launch: exact resume, eval contract, clear errors, safe saves."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.data import DataError
+from models import Llama, ModelConfig, init_weights
+from tests.launch import SMALL_MODEL, assert_losses_match, compose, losses, read_metrics, train_in_process
+
+
+def args(data_dir, run_dir, *extra):
+    return [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run_dir}", *extra]
+
+
+def test_loss_falls_and_resume_is_exact(data_dir, tmp_path):
+    straight = train_in_process(args(data_dir, tmp_path / "a", "train.max_steps=20"))
+    train_in_process(args(data_dir, tmp_path / "b", "train.max_steps=20", "train.stop_at=10"))
+    resumed = train_in_process(args(data_dir, tmp_path / "b", "train.max_steps=20", "checkpoint.resume=auto"))
+    assert [r["step"] for r in resumed] == list(range(11, 21))
+    assert losses(read_metrics(tmp_path / "b")) == losses(straight)  # bit-identical, not merely close
+    first, last = losses(straight)[0], losses(straight)[-1]
+    assert first > math.log(512) - 0.3 and last < first - 0.5
+    rec = read_metrics(tmp_path / "a")[0]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rec)
+
+
+def test_eval_contract_on_a_hand_made_token_file(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    val = rng.integers(0, 97, size=5 * 8 + 1 + 3).astype(np.uint16)
+    val.tofile(d / "val.bin")
+    rng.integers(0, 97, size=500).astype(np.uint16).tofile(d / "train.bin")
+    (d / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 97, "train_tokens": 500,
+                                             "val_tokens": len(val), "corpus": "hand-made"}))
+    shape = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=40",
+             "model.vocab_size=97"]
+    out = train_in_process([*shape, f"data.dir={d}", f"run_dir={tmp_path / 'r'}", "train.eval_only=true",
+                            "train.seq_len=8", "train.global_batch_size=5", "parallel.micro_batch_size=5",
+                            "eval.batches=1", "train.seed=7"])
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, vocab_size=97)
+    model = init_weights(Llama(cfg), seed=7, n_layers=2)
+    w = torch.from_numpy(val.astype(np.int64))
+    windows = torch.stack([w[i * 8:(i + 1) * 8 + 1] for i in range(5)])  # window i: tokens [8i, 8i+9)
+    with torch.no_grad():
+        expected = model(windows[:, :-1], windows[:, 1:]).item()
+    assert out[0]["eval_loss"] == pytest.approx(expected, rel=1e-6)
+    assert read_metrics(tmp_path / "r")[-1]["eval_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_config_errors_name_the_key():
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    with pytest.raises((ConfigKeyError, ConfigCompositionException), match="max_stepz"):
+        compose(["train.max_stepz=3"])
+    with pytest.raises((ValidationError, ConfigCompositionException), match="max_steps"):
+        compose(["train.max_steps=many"])
+    with pytest.raises(ConfigCompositionException, match="llama9"):
+        compose(["model=llama9"])
+    assert compose(["model=llama3_8b"]).model.build().n_layers == 32
+
+
+def test_batch_not_divisible_by_micro_batch(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"global_batch_size=10 is not divisible by parallel.micro_batch_size=4"):
+        train_in_process(args(data_dir, tmp_path, "train.global_batch_size=10", "parallel.micro_batch_size=4"))
+
+
+def test_missing_or_empty_corpus_and_vocab_mismatch(data_dir, tmp_path):
+    with pytest.raises(DataError, match="does not exist; set data.corpus"):
+        train_in_process(args(tmp_path / "new", tmp_path / "r", f"data.corpus={tmp_path / 'nowhere'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no text files"):
+        train_in_process(args(tmp_path / "new2", tmp_path / "r", f"data.corpus={tmp_path / 'empty'}"))
+    with pytest.raises(DataError, match="vocab size 512 but model.vocab_size is 600; set model.vocab_size=512"):
+        train_in_process(args(data_dir, tmp_path / "r", "model.vocab_size=600"))
+
+
+def _one_checkpoint(data_dir, run_dir):
+    train_in_process(args(data_dir, run_dir, "train.max_steps=4", "checkpoint.interval=2"))
+    return run_dir / "checkpoints"
+
+
+def test_corrupt_or_truncated_checkpoint_is_refused(data_dir, tmp_path):
+    root = _one_checkpoint(data_dir, tmp_path)
+    f = root / "step_000004" / "rank_00000.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="does not match its checksum"):
+        train_in_process(args(data_dir, tmp_path, "train.max_steps=6", "checkpoint.resume=auto"))
+    f.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        train_in_process(args(data_dir, tmp_path, "train.max_steps=6", f"checkpoint.resume={root / 'step_000004'}"))
+
+
+def test_failed_save_leaves_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    root = _one_checkpoint(data_dir, tmp_path)
+    before = (root / "step_000004" / "manifest.json").read_text()
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        train_in_process(args(data_dir, tmp_path, "train.max_steps=6", "checkpoint.interval=6",
+                              "checkpoint.resume=auto"))
+    assert (root / "latest").read_text().strip() == "step_000004"
+    assert (root / "step_000004" / "manifest.json").read_text() == before
+    assert ckpt.resolve(root, "auto") == root / "step_000004"
+    assert not (root / "step_000006").exists()
+
+
+def test_load_with_conflicting_model_override(data_dir, tmp_path):
+    root = _one_checkpoint(data_dir, tmp_path)
+    bad = [a for a in args(data_dir, tmp_path / "x") if not a.startswith("model.n_layers")]
+    with pytest.raises(ValueError, match="model.n_layers=4 but the checkpoint has 3"):
+        train_in_process([*bad, "model.n_layers=4", f"checkpoint.load={root / 'step_000004'}"])
+    out = train_in_process([*[a for a in bad if not a.startswith("model.")], f"checkpoint.load={root / 'step_000004'}",
+                            "train.eval_only=true"])
+    assert out[0]["eval_loss"] < math.log(512)
