@@ -1,0 +1,100 @@
+"""Data parallelism, ZeRO-1, recompute, coordinated shutdown and a two-"node" launch, against serial."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch import (ROOT, SMALL_MODEL, assert_losses_match, free_port, losses, read_metrics, torchrun,
+                          train_in_process)
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def serial_losses(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("serial")
+    return losses(train_in_process([*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run}", f"train.max_steps={STEPS}"]))
+
+
+@pytest.mark.parametrize("extra", [
+    ["optim.zero=0", "parallel.recompute=full"],
+    ["optim.zero=1", "parallel.recompute=selective"],
+    ["optim.zero=1", "parallel.recompute=none"],
+], ids=lambda e: ",".join(e))
+def test_dp2_matches_serial(data_dir, tmp_path, serial_losses, extra):
+    torchrun(2, [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
+                 "parallel.dp=2", f"checkpoint.interval={STEPS}", *extra])
+    assert_losses_match(losses(read_metrics(tmp_path)), serial_losses)
+    # ZeRO-1 shards optimizer state: rank 1 then holds (and writes) state no other rank has
+    manifest = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:06d}" / "manifest.json").read_text())
+    writers = {s["file"] for k, t in manifest["tensors"].items() if k.startswith("optim/") for s in t["slices"]}
+    assert writers == ({"rank_00000.safetensors", "rank_00001.safetensors"} if "optim.zero=1" in extra
+                       else {"rank_00000.safetensors"})
+
+
+def test_batch_not_divisible_by_micro_times_dp(data_dir, tmp_path):
+    proc = torchrun(2, [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", "train.global_batch_size=6",
+                        "parallel.micro_batch_size=2"], check=False)
+    assert proc.returncode != 0
+    assert "global_batch_size=6 is not divisible by parallel.micro_batch_size=2 × dp=2" in proc.stdout + proc.stderr
+
+
+def _worker_pids(run_dir: Path) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(b"scripts/train.py" in c for c in cmd) and f"run_dir={run_dir}".encode() in cmd \
+                and not any(b"torch.distributed.run" in c for c in cmd):
+            pids.append(int(p.name))
+    return sorted(pids)
+
+
+def test_sigterm_on_one_rank_saves_and_exits_zero_then_resume_is_exact(data_dir, tmp_path):
+    run = tmp_path / "run"
+    base = [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=100000", "parallel.dp=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "scripts/train.py",
+           *base, f"run_dir={run}"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    workers = _worker_pids(run)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGTERM)  # one rank only; the other must agree and stop too
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    stopped_at = read_metrics(run)[-1]["step"]
+    assert (run / "checkpoints" / f"step_{stopped_at:06d}" / "manifest.json").is_file()
+    assert "stop requested" in out
+
+    torchrun(2, [*base, f"run_dir={run}", "checkpoint.resume=auto", f"train.stop_at={stopped_at + 3}"])
+    ref = tmp_path / "ref"
+    torchrun(2, [*base, f"run_dir={ref}", f"train.stop_at={stopped_at + 3}"])
+    assert losses(read_metrics(run)) == losses(read_metrics(ref))  # bit-identical continuation
+
+
+def test_two_nodes_on_localhost(data_dir, tmp_path):
+    """Two torchrun "nodes" (one process each) joined by a static rendezvous on 127.0.0.1."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "scripts/train.py",
+         *SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", "train.max_steps=6", "parallel.dp=2"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert "rank 0/2" in outs[0]  # the mesh banner: node 0 holds global rank 0 of a world of 2
