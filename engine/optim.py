@@ -1,4 +1,4 @@
-"""Optimizer side of a step: data-parallel gradient averaging, global-norm clipping, AdamW
+"""Optimizer side of a step: global-norm clipping, AdamW
 (optionally ZeRO-1: state sharded over dp), and the learning-rate schedule.
 
 Parameters are handled as `ParamRef`s: (global name, local parameter, ShardMeta). A region of a
@@ -16,9 +16,6 @@ from torch import nn
 
 from engine.mesh import Mesh
 from models.init import ShardMeta, iter_params
-
-BUCKET_BYTES = 25 * 2**20
-
 
 @dataclass
 class ParamRef:
@@ -43,31 +40,6 @@ def param_refs(chunks: list[nn.Module]) -> list[ParamRef]:
         for r, k in zip(refs, keys):
             r.norm_owner = first[k] == me
     return refs
-
-
-def allreduce_mean(tensors: list[torch.Tensor], group, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Average ``tensors`` in place over ``group``, a few flat buckets at a time."""
-    n = dist.get_world_size(group)
-    if n == 1:
-        return
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for t in tensors + [None]:
-        if t is not None:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
-        if bucket and (t is None or size >= bucket_bytes):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat, group=group)
-            flat.div_(n)
-            for b, v in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(v.view_as(b))
-            bucket, size = [], 0
-
-
-def sync_dp_grads(refs: list[ParamRef], mesh: Mesh) -> None:
-    grads = [r.param.grad for r in refs if r.param.grad is not None]
-    allreduce_mean(grads, mesh.dp_group)
 
 
 def clip_grad_norm(refs: list[ParamRef], max_norm: float) -> float:

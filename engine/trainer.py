@@ -22,7 +22,8 @@ from engine.config import Config, validate
 from engine.data import TokenData, is_prepared, prepare_data
 from engine.mesh import Mesh, build_mesh, init_distributed
 from engine.metrics import MetricsLog, device_peak_flops
-from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs, sync_dp_grads
+from engine.data_parallel import OverlappedGradReducer
+from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
 from models import Llama, ModelConfig, init_weights
 
 
@@ -132,7 +133,10 @@ def build_executor(cfg: Config, mcfg: ModelConfig, mesh: Mesh, chunks, n_micro: 
                           hidden_shape=(cfg.parallel.micro_batch_size, t_local, mcfg.dim))
 
 
-def sync_grads(chunks, mesh: Mesh, refs) -> None:
+def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:
+    """After all micro-batches: dp averaging first (its all-reduces are mostly in flight already;
+    every sync here is a linear map, so the order does not change the result), then tp and pp."""
+    dp_reducer.finish()
     if mesh.tp > 1:
         from engine.tensor_parallel import sync_tp_grads
 
@@ -141,7 +145,6 @@ def sync_grads(chunks, mesh: Mesh, refs) -> None:
         from engine.pipeline import sync_tied_grads
 
         sync_tied_grads(chunks, mesh)
-    sync_dp_grads(refs, mesh)
 
 
 class Trainer:
@@ -168,6 +171,7 @@ class Trainer:
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
         self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro)
         self.refs = param_refs(self.chunks)
+        self.dp_reducer = OverlappedGradReducer([r.param for r in self.refs], mesh.dp_group, self.n_micro)
         o = cfg.optim
         self.optimizer = Optimizer(self.refs, mesh, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                    weight_decay=o.weight_decay, zero=o.zero)
@@ -240,7 +244,7 @@ class Trainer:
         inputs, targets = self.data.train_batch(self.step, seed=cfg.train.seed, batch_size=cfg.train.global_batch_size,
                                                 seq_len=cfg.train.seq_len)
         loss = self._run(inputs, targets, backward=True)
-        sync_grads(self.chunks, self.mesh, self.refs)
+        sync_grads(self.chunks, self.mesh, self.dp_reducer)
         grad_norm = clip_grad_norm(self.refs, cfg.optim.clip_grad)
         lr = lr_at(self.step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                    min_lr_ratio=cfg.optim.min_lr_ratio)
