@@ -124,3 +124,11 @@ def test_load_with_conflicting_model_override(data_dir, tmp_path):
     out = train_in_process([*[a for a in bad if not a.startswith("model.")], f"checkpoint.load={root / 'step_000004'}",
                             "train.eval_only=true"])
     assert out[0]["eval_loss"] < math.log(512)
+
+
+def test_torchrun_with_one_process_equals_plain_python(data_dir, tmp_path):
+    from tests.launch import torchrun
+
+    plain = train_in_process(args(data_dir, tmp_path / "plain", "train.max_steps=3"))
+    torchrun(1, args(data_dir, tmp_path / "tr", "train.max_steps=3"))
+    assert losses(read_metrics(tmp_path / "tr")) == losses(plain)
