@@ -10,6 +10,11 @@ from tests.launch import ROOT, SMALL_MODEL, free_port
 from tests.test_data_parallel import _worker_pids
 
 
+def _rank_of(pid: int) -> int:
+    env = dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
+    return int(env[b"RANK"])
+
+
 def _launch_and_freeze_one_rank(run, overrides, nproc):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
@@ -22,7 +27,7 @@ def _launch_and_freeze_one_rank(run, overrides, nproc):
         time.sleep(0.1)
     workers = _worker_pids(run)
     assert len(workers) == nproc, workers
-    frozen = workers[-1]
+    frozen = next(pid for pid in workers if _rank_of(pid) == nproc - 1)  # the report is asserted on rank 0
     os.kill(frozen, signal.SIGSTOP)  # alive but silent: the hang a dead NIC or a stuck kernel looks like
     out = []
     try:
