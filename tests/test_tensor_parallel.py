@@ -18,6 +18,7 @@ from engine.mesh import build_mesh
 from engine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
                                     VocabParallelEmbedding, enter_tp, padded_vocab, parallelize, sync_tp_grads,
                                     validate_tp)
+from kernels import get_ops
 from models import Llama, ModelConfig, init_weights
 from models.init import iter_params
 from tests.distributed import run_distributed
@@ -92,6 +93,35 @@ def _model_case(mesh, cfg_kw, sequence_parallel):
             "local_shapes": {n: tuple(p.shape) for n, p in model.named_parameters()}}
 
 
+def _stages_case(mesh, cfg_kw, sequence_parallel):
+    """Two pipeline-stage chunks (layers 0-1 and 2), each sharded, chained on one rank: the hidden
+    state between them is (B, T/tp, dim) under sequence parallelism; with tied embeddings the last
+    chunk's own embedding copy serves as the head and the two copies' gradients add up."""
+    cfg = ModelConfig(**cfg_kw)
+    x, y = _batch(cfg.vocab_size)
+    _, s_loss, s_grads, _ = _serial(cfg, x, y)
+    with torch.device("meta"):
+        chunks = [Llama(cfg, layers=(0, 2)), Llama(cfg, layers=(2, 3))]
+    for c in chunks:
+        parallelize(c, mesh, sequence_parallel=sequence_parallel)
+        init_weights(c, seed=SEED, n_layers=cfg.n_layers, device="cpu")
+    h = chunks[0](x)
+    hidden_shape = tuple(h.shape)
+    loss = chunks[1](h, y)
+    loss.backward()
+    sync_tp_grads(chunks, mesh)
+    local = {}
+    for c in chunks:
+        for n, p, m in iter_params(c):
+            if n in local:  # the tied embedding's second copy
+                local[n][0].add_(p.grad)
+            else:
+                local[n] = (p.grad.clone(), m)
+    grads = _gather_global(local, mesh.tp_group)
+    return {"loss": loss.item(), "serial_loss": s_loss, "grads": grads, "serial_grads": s_grads,
+            "hidden_shape": hidden_shape}
+
+
 def _layers_case(mesh, sequence_parallel):
     """Column -> row parallel pair, the vocab-parallel embedding and loss against unsharded twins."""
     g, tp, rank = mesh.tp_group, mesh.tp, mesh.tp_rank
@@ -110,7 +140,7 @@ def _layers_case(mesh, sequence_parallel):
     col = ColumnParallelLinear(din, dhid, group=g, sequence_parallel=sequence_parallel)
     row = RowParallelLinear(dhid, din, group=g, sequence_parallel=sequence_parallel)
     vemb = VocabParallelEmbedding(vocab, din, group=g, sequence_parallel=sequence_parallel)
-    ce = VocabParallelCrossEntropy(Llama(ModelConfig(**CFG)).ops, vocab_size=vocab, group=g)
+    ce = VocabParallelCrossEntropy(get_ops("torch"), vocab_size=vocab, group=g)
     with torch.no_grad():
         for mod, full in ((col, w1), (row, w2), (vemb, emb)):
             m = mod.shard_meta["weight"]
@@ -193,7 +223,8 @@ def _world(rank, world, cases):
     mesh = build_mesh(tp=world)
     out = {}
     for key, kind, *args in cases:
-        out[key] = {"model": _model_case, "layers": _layers_case, "comm": _comm_case}[kind](mesh, *args)
+        out[key] = {"model": _model_case, "layers": _layers_case, "comm": _comm_case,
+                    "stages": _stages_case}[kind](mesh, *args)
     buf = io.BytesIO()  # tensors as bytes: shared-memory handles would die with this process
     torch.save(out, buf)
     return buf.getvalue()
@@ -205,7 +236,8 @@ def _spawn(world, cases):
 
 CASES2 = [("layers", "layers", False), ("layers_sp", "layers", True),
           ("gqa_split", "model", CFG, False), ("tied_sp", "model", dict(CFG, tie_embeddings=True), True),
-          ("comm", "comm", False), ("comm_sp", "comm", True)]
+          ("comm", "comm", False), ("comm_sp", "comm", True),
+          ("stages_tied_sp", "stages", dict(CFG, tie_embeddings=True), True)]
 CASES4 = [("gqa_replicated_tied", "model", dict(CFG4, tie_embeddings=True), False),
           ("gqa_replicated_sp", "model", CFG4, True)]
 
@@ -266,6 +298,15 @@ def test_tp4_replicated_kv_tied_matches_serial(tp4):
 
 def test_tp4_replicated_kv_sequence_parallel_matches_serial(tp4):
     _assert_model_matches(tp4[1]["gqa_replicated_sp"])
+
+
+def test_tp2_pipeline_stage_chunks_with_tied_embeddings_and_sp_match_serial(tp2):
+    res = tp2[1]["stages_tied_sp"]
+    assert res["hidden_shape"] == (B, T // 2, 48)  # what the pipeline sends between stages
+    assert abs(res["loss"] - res["serial_loss"]) <= 1e-5 * res["serial_loss"]
+    assert set(res["grads"]) == set(res["serial_grads"])
+    for n, g in res["serial_grads"].items():
+        torch.testing.assert_close(res["grads"][n], g, **TOL, msg=lambda m: f"{n}: {m}")
 
 
 def test_block_communication_is_megatrons(tp2):

@@ -48,11 +48,11 @@ def test_tp2_checkpoint_resumes_at_tp1(tp2_run, data_dir, tmp_path):
     assert_losses_match(losses(recs), losses(read_metrics(tp2_run))[SAVE_AT:])
 
 
-def test_tp2_checkpoint_resumes_at_tp4_with_sequence_parallelism(tp2_run, data_dir, tmp_path):
+def test_tp2_checkpoint_resumes_at_tp4_with_sequence_parallelism_and_recompute(tp2_run, data_dir, tmp_path):
     src = tmp_path / "from_tp2"
     shutil.copytree(tp2_run / "checkpoints" / f"step_{SAVE_AT:06d}", src)
     torchrun(4, _args(data_dir, tmp_path / "run", "parallel.tp=4", "parallel.sequence_parallel=true",
-                      f"checkpoint.resume={src}"))
+                      "parallel.recompute=full", f"checkpoint.resume={src}"))
     recs = read_metrics(tmp_path / "run")
     assert [r["step"] for r in recs] == list(range(SAVE_AT + 1, STEPS + 1))
     assert_losses_match(losses(recs), losses(read_metrics(tp2_run))[SAVE_AT:])
