@@ -122,6 +122,33 @@ def _stages_case(mesh, cfg_kw, sequence_parallel):
             "hidden_shape": hidden_shape}
 
 
+def _ckpt_case(mesh, cfg_kw, path, save):
+    """Save a sharded model (padded vocabulary) with ``save``; then load the checkpoint into this
+    layout and into a serial model, both initialized from another seed, and gather what they hold."""
+    from engine import checkpoint as ckpt
+
+    cfg = ModelConfig(**cfg_kw)
+    entries = lambda m: [ckpt.Entry(f"model/{n}", p, meta) for n, p, meta in iter_params(m)]  # noqa: E731
+    with torch.device("meta"):
+        model = Llama(cfg)
+    parallelize(model, mesh)
+    if save:
+        init_weights(model, seed=SEED, n_layers=cfg.n_layers, device="cpu")
+        ckpt.save(path, 1, entries(model), model_config=cfg.to_dict(), layout={"tp": mesh.tp}, train_state={})
+    init_weights(model, seed=SEED + 1, n_layers=cfg.n_layers, device="cpu")
+    ckpt.load(path / "step_000001", entries(model))
+    loaded = _gather_global({n: (p, m) for n, p, m in iter_params(model)}, mesh.tp_group)
+    with torch.device("meta"):
+        serial = Llama(cfg)
+    init_weights(serial, seed=SEED + 1, n_layers=cfg.n_layers, device="cpu")
+    ckpt.load(path / "step_000001", entries(serial))
+    with torch.device("meta"):
+        expected = Llama(cfg)
+    init_weights(expected, seed=SEED, n_layers=cfg.n_layers, device="cpu")
+    return {"loaded": loaded, "serial_loaded": {n: p.detach().clone() for n, p in serial.named_parameters()},
+            "expected": {n: p.detach().clone() for n, p in expected.named_parameters()}}
+
+
 def _layers_case(mesh, sequence_parallel):
     """Column -> row parallel pair, the vocab-parallel embedding and loss against unsharded twins."""
     g, tp, rank = mesh.tp_group, mesh.tp, mesh.tp_rank
@@ -224,7 +251,7 @@ def _world(rank, world, cases):
     out = {}
     for key, kind, *args in cases:
         out[key] = {"model": _model_case, "layers": _layers_case, "comm": _comm_case,
-                    "stages": _stages_case}[kind](mesh, *args)
+                    "stages": _stages_case, "ckpt": _ckpt_case}[kind](mesh, *args)
     buf = io.BytesIO()  # tensors as bytes: shared-memory handles would die with this process
     torch.save(out, buf)
     return buf.getvalue()
@@ -238,18 +265,24 @@ CASES2 = [("layers", "layers", False), ("layers_sp", "layers", True),
           ("gqa_split", "model", CFG, False), ("tied_sp", "model", dict(CFG, tie_embeddings=True), True),
           ("comm", "comm", False), ("comm_sp", "comm", True),
           ("stages_tied_sp", "stages", dict(CFG, tie_embeddings=True), True)]
-CASES4 = [("gqa_replicated_tied", "model", dict(CFG4, tie_embeddings=True), False),
+CASES4 = [("ckpt", "ckpt", CFG4, None, False),  # path filled in by the fixture
+          ("gqa_replicated_tied", "model", dict(CFG4, tie_embeddings=True), False),
           ("gqa_replicated_sp", "model", CFG4, True)]
 
 
 @pytest.fixture(scope="module")
-def tp2():
-    return _spawn(2, CASES2)
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tp_ckpt")
 
 
 @pytest.fixture(scope="module")
-def tp4():
-    return _spawn(4, CASES4)
+def tp2(ckpt_dir):
+    return _spawn(2, CASES2 + [("ckpt", "ckpt", CFG4, ckpt_dir, True)])
+
+
+@pytest.fixture(scope="module")
+def tp4(tp2, ckpt_dir):  # loads the checkpoint the tp=2 world wrote
+    return _spawn(4, [(k, kind, *(ckpt_dir if a is None else a for a in args)) for k, kind, *args in CASES4])
 
 
 def _assert_model_matches(res):
@@ -307,6 +340,19 @@ def test_tp2_pipeline_stage_chunks_with_tied_embeddings_and_sp_match_serial(tp2)
     assert set(res["grads"]) == set(res["serial_grads"])
     for n, g in res["serial_grads"].items():
         torch.testing.assert_close(res["grads"][n], g, **TOL, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("world", ["tp2", "tp4"])
+def test_checkpoint_with_padded_vocab_loads_into_any_tp_and_serial(world, request, ckpt_dir):
+    import json
+
+    manifest = json.loads((ckpt_dir / "step_000001" / "manifest.json").read_text())
+    assert manifest["tensors"]["model/output.weight"]["global_shape"] == [131, 48]  # padding is never stored
+    for out in request.getfixturevalue(world):
+        res = out["ckpt"]
+        for n, want in res["expected"].items():
+            torch.testing.assert_close(res["loaded"][n], want, rtol=0, atol=0, msg=n)
+            torch.testing.assert_close(res["serial_loaded"][n], want, rtol=0, atol=0, msg=n)
 
 
 def test_block_communication_is_megatrons(tp2):
