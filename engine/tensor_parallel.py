@@ -63,14 +63,6 @@ def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     return out.transpose(0, SEQ_DIM).contiguous()
 
 
-def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
-    tp, rank = dist.get_world_size(group), dist.get_rank(group)
-    if x.shape[SEQ_DIM] % tp:
-        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by tp={tp}; with "
-                         f"parallel.sequence_parallel=true choose train.seq_len divisible by parallel.tp")
-    return x.chunk(tp, dim=SEQ_DIM)[rank].contiguous()
-
-
 class CopyToTP(torch.autograd.Function):
     """``f``: identity forward, all-reduce of the input gradient backward (before column-parallel layers)."""
 
@@ -116,19 +108,6 @@ class ReduceScatterToSeq(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather_seq(g, ctx.group), None
-
-
-class ScatterToSeq(torch.autograd.Function):
-    """Split a replicated (B, T, ...) tensor along T forward; all-gather the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_seq(x, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -316,6 +295,9 @@ def parallelize(model: nn.Module, mesh: Mesh, *, sequence_parallel: bool = False
     validate_tp(mcfg, tp)
     if tp == 1:
         return model
+    if getattr(model, "tp_size", 1) != 1:
+        raise ValueError("this model is already tensor-parallel; call parallelize once, on a plain Llama")
+    model.tp_size = tp
     sp = sequence_parallel
     dim, hd = mcfg.dim, mcfg.head_dim
     for block in model.layers.values():
@@ -353,8 +335,6 @@ def parallelize(model: nn.Module, mesh: Mesh, *, sequence_parallel: bool = False
             set_shard_meta(model.output, "weight",
                            ShardMeta((mcfg.vocab_size, dim), (min(start, mcfg.vocab_size), 0), (real, dim)))
         model.loss_fn = VocabParallelCrossEntropy(model.ops, vocab_size=mcfg.vocab_size, group=group)
-    model.tp_group = group
-    model.sequence_parallel = sp
     return model
 
 

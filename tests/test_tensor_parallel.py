@@ -245,13 +245,25 @@ def _comm_case(mesh, sequence_parallel):
             "logits_numel": logits.numel()}
 
 
+def _twice_case(mesh):
+    with torch.device("meta"):
+        model = Llama(ModelConfig(**CFG))
+    parallelize(model, mesh)
+    try:
+        parallelize(model, mesh)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def _world(rank, world, cases):
     torch.manual_seed(0)
     mesh = build_mesh(tp=world)
     out = {}
     for key, kind, *args in cases:
         out[key] = {"model": _model_case, "layers": _layers_case, "comm": _comm_case,
-                    "stages": _stages_case, "ckpt": _ckpt_case}[kind](mesh, *args)
+                    "stages": _stages_case, "ckpt": _ckpt_case,
+                    "twice": _twice_case}[kind](mesh, *args)
     buf = io.BytesIO()  # tensors as bytes: shared-memory handles would die with this process
     torch.save(out, buf)
     return buf.getvalue()
@@ -264,7 +276,7 @@ def _spawn(world, cases):
 CASES2 = [("layers", "layers", False), ("layers_sp", "layers", True),
           ("gqa_split", "model", CFG, False), ("tied_sp", "model", dict(CFG, tie_embeddings=True), True),
           ("comm", "comm", False), ("comm_sp", "comm", True),
-          ("stages_tied_sp", "stages", dict(CFG, tie_embeddings=True), True)]
+          ("stages_tied_sp", "stages", dict(CFG, tie_embeddings=True), True), ("twice", "twice")]
 CASES4 = [("ckpt", "ckpt", CFG4, None, False),  # path filled in by the fixture
           ("gqa_replicated_tied", "model", dict(CFG4, tie_embeddings=True), False),
           ("gqa_replicated_sp", "model", CFG4, True)]
@@ -373,6 +385,10 @@ def test_vocab_parallel_loss_never_gathers_logits(tp2, case):
     assert set(res["loss_fwd"]) == {"all_reduce"} and res["loss_fwd"]["all_reduce"] <= 3
     assert res["loss_bwd"] == {}  # the gradient is local
     assert res["loss_max_numel"] <= 2 * B * T < res["logits_numel"]  # one or two values per token
+
+
+def test_parallelize_twice_is_an_error(tp2):
+    assert "already tensor-parallel" in tp2[0]["twice"]
 
 
 def test_vocab_padding():
