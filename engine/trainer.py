@@ -168,6 +168,10 @@ class Trainer:
         self.mcfg = resolve_model_config(cfg, self.resume_from or self.load_from)
         if cfg.train.seq_len > self.mcfg.max_seq_len:
             raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
+        if mesh.tp > 1:  # before any data or model work: a shape tp cannot split is a launch error
+            from engine.tensor_parallel import validate_tp
+
+            validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
         self.data = ensure_data(cfg, mesh, self.mcfg.vocab_size)
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
         self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro)
