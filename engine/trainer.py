@@ -172,6 +172,11 @@ class Trainer:
             from engine.tensor_parallel import validate_tp
 
             validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
+        if mesh.pp > 1:
+            from engine.pipeline import check_pipeline
+
+            check_pipeline(n_layers=self.mcfg.n_layers, pp=mesh.pp, n_micro=self.n_micro, schedule=p.schedule,
+                           virtual_stages=p.virtual_stages, layers_per_stage=p.layers_per_stage)
         self.data = ensure_data(cfg, mesh, self.mcfg.vocab_size)
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
         self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro)
