@@ -30,6 +30,12 @@ def test_tp2_launch_matches_serial(tp2_run, serial_losses):
     assert_losses_match(losses(read_metrics(tp2_run)), serial_losses)
 
 
+def test_tp2_dp2_zero1_sequence_parallel_launch_matches_serial(data_dir, tmp_path, serial_losses):
+    torchrun(4, _args(data_dir, tmp_path, "parallel.tp=2", "parallel.dp=2", "optim.zero=1",
+                      "parallel.sequence_parallel=true"))
+    assert_losses_match(losses(read_metrics(tmp_path)), serial_losses)
+
+
 def test_tp2_checkpoint_stores_global_tensors(tp2_run):
     import json
 
