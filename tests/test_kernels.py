@@ -181,41 +181,46 @@ def test_cross_entropy_without_grad_keeps_logits():
     assert torch.equal(logits, before)
 
 
-def _vocab_parallel_worker(rank, world_size, dtype):
+def _vocab_full_problem(dtype):
+    torch.manual_seed(0)  # the same full logits and targets on every rank and in the parent
+    full = torch.randn(5, 37, 90).to(dtype)
+    targets = torch.randint(0, 90, (5, 37))
+    targets[1, :9] = -100
+    return full, targets
+
+
+def _vocab_parallel_worker(rank, world_size):
     import torch.distributed as dist
 
-    torch.manual_seed(0)  # the same full logits and targets on both ranks
-    V = 2 * 45
-    full = torch.randn(5, 37, V).to(dtype)
-    targets = torch.randint(0, V, (5, 37))
-    targets[1, :9] = -100
     group = dist.new_group(list(range(world_size)))
-    shard = full[..., rank * 45:(rank + 1) * 45].clone().requires_grad_()
     results = {}
-    for name, impl in (("triton", cross_entropy), ("reference", cross_entropy_reference)):
-        loss = impl(shard * 1.0, targets, tp_group=group)
-        (grad,) = torch.autograd.grad(loss, [shard])
-        # numpy (bf16 -> fp32 is exact): torch tensors would travel through shared memory that this
-        # process releases when it exits, possibly before the parent has read them
-        results[name] = (loss.item(), grad.float().numpy(), grad.dtype)
+    for dtype in DTYPES:
+        full, targets = _vocab_full_problem(dtype)
+        v_local = full.shape[-1] // world_size  # 45 ids per rank
+        shard = full[..., rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
+        for name, impl in (("triton", cross_entropy), ("reference", cross_entropy_reference)):
+            loss = impl(shard * 1.0, targets, tp_group=group)
+            (grad,) = torch.autograd.grad(loss, [shard])
+            # numpy (bf16 -> fp32 is exact): torch tensors would travel through shared memory that this
+            # process releases when it exits, possibly before the parent has read them
+            results[dtype, name] = (loss.item(), grad.float().numpy(), grad.dtype)
     return results
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_vocab_parallel_cross_entropy_equals_full_vocabulary(dtype):
-    results = run_distributed(_vocab_parallel_worker, world_size=2, args=(dtype,))
-    torch.manual_seed(0)
-    V = 90
-    full = torch.randn(5, 37, V).to(dtype).requires_grad_()
-    targets = torch.randint(0, V, (5, 37))
-    targets[1, :9] = -100
-    want_loss = F.cross_entropy(full.float().reshape(-1, V), targets.reshape(-1))
-    (want_grad,) = torch.autograd.grad(want_loss, [full])
-    for name in ("triton", "reference"):
-        for r in results:
-            assert r[name][0] == pytest.approx(want_loss.item(), rel=1e-5) and r[name][2] == dtype
-        grad = torch.cat([torch.from_numpy(r[name][1]) for r in results], dim=-1).to(dtype)
-        assert_same([grad], [want_grad], dtype)
+def test_vocab_parallel_cross_entropy_equals_full_vocabulary():
+    """Each of 2 gloo ranks holds half the vocabulary; loss and the concatenated gradient equal the
+    full-vocabulary loss and gradient (also for the torch reference of the vocab-parallel loss)."""
+    results = run_distributed(_vocab_parallel_worker, world_size=2)
+    for dtype in DTYPES:
+        full, targets = _vocab_full_problem(dtype)
+        full.requires_grad_()
+        want_loss = F.cross_entropy(full.float().reshape(-1, 90), targets.reshape(-1))
+        (want_grad,) = torch.autograd.grad(want_loss, [full])
+        for name in ("triton", "reference"):
+            for r in results:
+                assert r[dtype, name][0] == pytest.approx(want_loss.item(), rel=1e-5) and r[dtype, name][2] == dtype
+            grad = torch.cat([torch.from_numpy(r[dtype, name][1]) for r in results], dim=-1).to(dtype)
+            assert_same([grad], [want_grad], dtype)
 
 
 # ---- the model with kernels=triton -----------------------------------------------------------------
