@@ -1,0 +1,601 @@
+"""Stage-partition planner: a cost model plus an exact search over contiguous partitions.
+
+Given a model, a mesh (tp, pp, dp), a global batch and a device, it chooses how many layers each
+pipeline stage holds, the schedule and the micro-batch size, so that the simulated step time is
+smallest and every stage's peak memory (parameters, gradients and optimizer state, plus the
+activations the schedule keeps in flight on that stage) fits the device.
+
+The pieces, in the order the search uses them:
+
+* `DeviceProfile` / `DEVICES` — peak FLOP/s, memory and bandwidths of h100, h200, a100 and cpu.
+* `CostModel` — per *item* (the embedding, each transformer layer, the final norm + head + loss):
+  forward, backward-for-input and backward-for-weight seconds per micro-batch, parameter bytes
+  (param + grad + AdamW state, sharded by tp and ZeRO-1) and activation bytes per micro-batch
+  (sequence parallelism and recompute aware). `profile_items` replaces the analytic times by times
+  measured on this machine (``planner.profile=true``).
+* `best_partition` — exact dynamic programming over contiguous partitions: first the smallest
+  bottleneck stage time under the memory limit, then, among partitions with that bottleneck, the
+  smallest peak memory fraction, then the most even stage times.
+* `plan` — for every schedule, virtual-stage count and micro-batch size: schedule → in-flight
+  activations per rank → partition → simulated step time (`engine.pipeline.simulate` when present);
+  the even split is always simulated too, so a plan is never worse than it under the model.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+
+from models.config import ModelConfig
+
+GB = 1e9
+
+
+# -- devices ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    peak_flops: float  # dense matmul FLOP/s at the compute dtype (bf16 on GPUs, fp32 on the CPU)
+    mem_gb: float  # memory per device
+    hbm_bw: float  # bytes/s, for the memory-bound elementwise work
+    tp_bw: float  # bytes/s per direction on the tensor-parallel links (NVLink inside a node)
+    pp_bw: float  # bytes/s between pipeline stages (the network between nodes)
+    p2p_latency_s: float
+    matmul_eff: float  # fraction of peak a well-shaped training matmul reaches
+    reserve_gb: float  # CUDA context, allocator slack, workspaces: not available to the model
+    act_bytes: int  # bytes per activation element (bf16 on GPUs, fp32 on the CPU)
+
+
+DEVICES: dict[str, DeviceProfile] = {
+    # Datasheet peaks (SXM parts); links: NVLink 4 (450 GB/s per direction), one 400 Gb/s NIC per GPU.
+    "h100": DeviceProfile("h100", 989e12, 80, 3.35e12, 450e9, 50e9, 10e-6, 0.55, 4, 2),
+    "h200": DeviceProfile("h200", 989e12, 141, 4.8e12, 450e9, 50e9, 10e-6, 0.55, 4, 2),
+    "a100": DeviceProfile("a100", 312e12, 80, 2.0e12, 300e9, 25e9, 10e-6, 0.6, 4, 2),
+    # A small CPU host running gloo: only meaningful relative to itself (use planner.profile=true).
+    "cpu": DeviceProfile("cpu", 50e9, 24, 20e9, 5e9, 5e9, 50e-6, 0.5, 0, 4),
+}
+
+
+def get_device(name: str) -> DeviceProfile:
+    if name not in DEVICES:
+        raise ValueError(f"unknown planner.device={name!r}; known devices: {', '.join(sorted(DEVICES))} "
+                         f"(or set planner.profile=true to time the layers on this machine)")
+    return DEVICES[name]
+
+
+# -- the training setup being planned ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Setup:
+    mcfg: ModelConfig
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    seq_len: int = 128
+    global_batch: int = 16
+    sequence_parallel: bool = False
+    recompute: str = "none"  # none | selective | full
+    zero: int = 0
+
+    def __post_init__(self):
+        m = self.mcfg
+        if self.pp < 1 or self.tp < 1 or self.dp < 1:
+            raise ValueError(f"parallel.tp/pp/dp must be >= 1, got tp={self.tp} pp={self.pp} dp={self.dp}")
+        if self.pp > m.n_layers:
+            raise ValueError(f"parallel.pp={self.pp} is greater than model.n_layers={m.n_layers}: every stage needs "
+                             f"at least one layer; lower parallel.pp")
+        if m.n_heads % self.tp:
+            raise ValueError(f"parallel.tp={self.tp} does not divide model.n_heads={m.n_heads}; pick a divisor")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"parallel.recompute={self.recompute!r} is not one of none, selective, full")
+        if self.global_batch % self.dp:
+            raise ValueError(f"train.global_batch_size={self.global_batch} is not divisible by dp={self.dp}")
+        if self.sequence_parallel and self.seq_len % self.tp:
+            raise ValueError(f"train.seq_len={self.seq_len} is not divisible by parallel.tp={self.tp} "
+                             f"(needed by sequence parallelism)")
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+# -- cost model ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One indivisible piece of the model as one stage runs it for one micro-batch."""
+
+    name: str
+    fwd_s: float
+    bwd_input_s: float  # backward for the input (the critical path; includes recomputation)
+    bwd_weight_s: float  # backward for the weights (deferrable in zero-bubble schedules)
+    params: int  # parameters held by one rank (tp shard)
+    act_bytes: float  # activations kept per micro-batch until the backward
+
+    @property
+    def bwd_s(self) -> float:
+        return self.bwd_input_s + self.bwd_weight_s
+
+
+class CostModel:
+    """Analytic costs of the embedding, one layer and the head for one micro-batch on one rank."""
+
+    def __init__(self, setup: Setup, device: DeviceProfile, micro_batch: int):
+        self.s, self.dev, self.mb = setup, device, micro_batch
+
+    # bytes of params + grads (fp32) + AdamW moments (fp32, sharded over dp by ZeRO-1)
+    def state_bytes_per_param(self) -> float:
+        return 4 + 4 + 8 / (self.s.dp if self.s.zero else 1)
+
+    def _mm(self, flops: float) -> float:
+        return flops / (self.dev.peak_flops * self.dev.matmul_eff)
+
+    def _allreduce(self, nbytes: float) -> float:
+        tp = self.s.tp
+        return 0.0 if tp == 1 else 2 * (tp - 1) / tp * nbytes / self.dev.tp_bw
+
+    def layer(self) -> Item:
+        m, s, tp = self.s.mcfg, self.s, self.s.tp
+        tokens = self.mb * s.seq_len
+        d, hd, f = m.dim, m.head_dim, m.ffn_dim
+        kv = m.n_kv_heads * hd
+        attn_proj = 2 * tokens * d * (2 * d + 2 * kv) / tp  # q, k, v, o matmuls, forward
+        mlp = 2 * tokens * 3 * d * f / tp
+        core = 2 * 2 * tokens * s.seq_len * d / tp / 2  # QK^T and AV, causal (half the square)
+        a = self.dev.act_bytes
+        sp = tp if s.sequence_parallel else 1
+        # Kept for backward, per token (elements): norm inputs/outputs and residual (4d, sharded only
+        # under SP); q, k, v, rotated q and k, attention output, gate, up and their product (tp-sharded).
+        per_tok = 4 * d / sp + (3 * d + 3 * kv + 3 * f) / tp
+        attn_part = 2 * d / sp + (3 * d + 3 * kv) / tp
+        elementwise = tokens * per_tok * a * 2 / self.dev.hbm_bw  # read + write of each saved tensor
+        comm = 2 * self._allreduce(tokens * d * a)  # two all-reduces (or all-gather + reduce-scatter)
+        fwd = self._mm(attn_proj + mlp + core) + elementwise + comm
+        bwd_in = self._mm(attn_proj + mlp + 2 * core) + 2 * elementwise + comm
+        bwd_w = self._mm(attn_proj + mlp)
+        act = tokens * per_tok * a
+        if s.recompute == "full":
+            bwd_in += fwd
+            act = tokens * d / sp * a
+        elif s.recompute == "selective":
+            bwd_in += self._mm(attn_proj / 2 + core) + elementwise * attn_part / per_tok + comm / 2
+            act = tokens * (per_tok - attn_part + d / sp) * a
+        params = (d * (2 * d + 2 * kv) + 3 * d * f) // tp + 2 * d
+        return Item("layer", fwd, bwd_in, bwd_w, params, act)
+
+    def embedding(self) -> Item:
+        m, s = self.s.mcfg, self.s
+        tokens = self.mb * s.seq_len
+        a = self.dev.act_bytes
+        move = tokens * m.dim * a / self.dev.hbm_bw  # gather rows / scatter-add their gradients
+        comm = self._allreduce(tokens * m.dim * a)  # vocab-parallel embedding: partial rows summed
+        return Item("embedding", move + comm, 0.0, move, m.vocab_size * m.dim // s.tp, 0.0)
+
+    def head(self) -> Item:
+        """Final norm, output projection and (vocab-parallel) cross-entropy; the logits are fp32."""
+        m, s = self.s.mcfg, self.s
+        tokens = self.mb * s.seq_len
+        v = m.vocab_size / s.tp
+        proj = 2 * tokens * m.dim * v
+        logits_bytes = tokens * v * 4
+        softmax = 3 * logits_bytes / self.dev.hbm_bw
+        fwd = self._mm(proj) + softmax
+        act = logits_bytes + tokens * m.dim * self.dev.act_bytes
+        # tied embeddings: a last stage that is not the first holds its own copy of the table
+        params = m.vocab_size * m.dim // s.tp + m.dim
+        return Item("head", fwd, self._mm(proj) + softmax, self._mm(proj), params, act)
+
+    def items(self) -> list[Item]:
+        """[embedding, layer 0, ..., layer L-1, head]."""
+        return [self.embedding()] + [self.layer()] * self.s.mcfg.n_layers + [self.head()]
+
+    def p2p_bytes(self) -> float:
+        sp = self.s.tp if self.s.sequence_parallel else 1
+        return self.mb * self.s.seq_len * self.s.mcfg.dim * self.dev.act_bytes / sp
+
+    def p2p_time(self) -> float:
+        return self.dev.p2p_latency_s + self.p2p_bytes() / self.dev.pp_bw
+
+    def optimizer_time(self, params: int) -> float:
+        """AdamW over this rank's parameters: memory bound (read/write param, grad, two moments)."""
+        return params * self.state_bytes_per_param() * 2 / self.dev.hbm_bw
+
+
+def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str = "torch") -> list[Item]:
+    """Times the real embedding, one real layer and the real head + loss on this machine at the
+    micro-batch shape, forward and backward (median of ``reps``), and returns them as `Item`s with the
+    analytic parameter and activation sizes. Backward is split evenly between input and weight."""
+    import torch
+
+    from models.llama import Llama
+
+    if setup.tp != 1:
+        raise ValueError("planner.profile=true times whole (unsharded) layers on this machine; use it with "
+                         "parallel.tp=1, or drop planner.profile to use the analytic model")
+    m, T = setup.mcfg, setup.seq_len
+    torch.manual_seed(0)
+    model = Llama(replace(m, n_layers=1), kernels=kernels)
+    layer = model.layers["0"]
+    tokens = torch.randint(0, m.vocab_size, (micro_batch, T))
+    hidden = torch.randn(micro_batch, T, m.dim)
+
+    def timed(fn):
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    def fwd_bwd(run):
+        """(forward s, backward s) of ``run()``, which returns the tensor to backpropagate from."""
+        f = timed(lambda: run().detach())
+        state = {}
+
+        def bwd():
+            out = state.pop("out")
+            out.backward(torch.ones_like(out))
+
+        times = []
+        for _ in range(reps + 1):
+            state["out"] = run()
+            t0 = time.perf_counter()
+            bwd()
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        return f, statistics.median(times[1:])
+
+    h_in = hidden.requires_grad_(True)
+    ef, eb = fwd_bwd(lambda: model.tok_embeddings(tokens))
+    lf, lb = fwd_bwd(lambda: layer(h_in))
+    hf, hb = fwd_bwd(lambda: model.loss_fn(model.logits(h_in), tokens))
+    if setup.recompute == "full":
+        lb += lf
+    analytic = CostModel(setup, DEVICES["cpu"], micro_batch).items()
+    emb, lay, head = analytic[0], analytic[1], analytic[-1]
+    return ([replace(emb, fwd_s=ef, bwd_input_s=0.0, bwd_weight_s=eb)]
+            + [replace(lay, fwd_s=lf, bwd_input_s=lb / 2, bwd_weight_s=lb / 2)] * m.n_layers
+            + [replace(head, fwd_s=hf, bwd_input_s=hb / 2, bwd_weight_s=hb / 2)])
+
+
+# -- stages -------------------------------------------------------------------------------------------
+def stage_items(items: list[Item], bounds: tuple[int, int], n_stages: int, stage: int, tied: bool) -> list[Item]:
+    """The items virtual stage ``stage`` holds for layers [start, stop): the embedding on the first,
+    the head on the last (and its own embedding copy there with tied embeddings)."""
+    start, stop = bounds
+    held = items[1 + start:1 + stop]
+    if stage == 0:
+        held = [items[0]] + held
+    if stage == n_stages - 1:
+        head = items[-1]
+        if not tied:  # untied: the head has its own V×d projection; tied: it reuses the (copied) table
+            held = held + [head]
+        else:
+            held = held + [replace(head, params=head.params if stage != 0 else head.params - items[0].params)]
+    return held
+
+
+def stage_time(held: list[Item]) -> float:
+    return sum(i.fwd_s + i.bwd_s for i in held)
+
+
+def stage_memory(held: list[Item], in_flight: float, bytes_per_param: float) -> float:
+    return sum(i.params for i in held) * bytes_per_param + in_flight * sum(i.act_bytes for i in held)
+
+
+def even_split(n_layers: int, n_stages: int) -> list[int]:
+    base, extra = divmod(n_layers, n_stages)
+    return [base + (1 if s < extra else 0) for s in range(n_stages)]
+
+
+def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):
+    """(time, memory bytes) of every (stage, first layer, stop layer) a partition may use."""
+    L = len(items) - 2
+    out = {}
+    for s in range(n_stages):
+        for i in range(s, L - (n_stages - 1 - s)):
+            for j in range(i + 1, L - (n_stages - 1 - s) + 1):
+                held = stage_items(items, (i, j), n_stages, s, tied)
+                out[(s, i, j)] = (stage_time(held), stage_memory(held, in_flight[s], bytes_per_param))
+    return out
+
+
+def _dp(costs, n_stages: int, L: int, score, combine, admissible):
+    """Exact DP over contiguous partitions of L layers into n_stages stages of ≥ 1 layer.
+    best[s][j] is the best combined score of stages 0..s covering layers [0, j)."""
+    INF = math.inf
+    best = [[INF] * (L + 1) for _ in range(n_stages)]
+    arg = [[None] * (L + 1) for _ in range(n_stages)]
+    for s in range(n_stages):
+        for j in range(s + 1, L - (n_stages - 1 - s) + 1):
+            for i in ([0] if s == 0 else range(s, j)):
+                c = costs[(s, i, j)]
+                if not admissible(c):
+                    continue
+                prev = 0.0 if s == 0 else best[s - 1][i]
+                if prev == INF:
+                    continue
+                v = combine(prev, score(c))
+                if v < best[s][j]:
+                    best[s][j], arg[s][j] = v, i
+    if best[-1][L] == INF:
+        return None, None
+    cuts, j = [], L
+    for s in range(n_stages - 1, -1, -1):
+        i = arg[s][j]
+        cuts.append(j - i)
+        j = i
+    return best[-1][L], cuts[::-1]
+
+
+def best_partition(items: list[Item], n_stages: int, *, in_flight: list[float], bytes_per_param: float,
+                   mem_limit: float, tied: bool = False) -> list[int] | None:
+    """Layers per stage minimizing, exactly and in this order: the bottleneck stage time, then the
+    largest memory fraction, then the sum of squared stage times; each stage ≥ 1 layer and within
+    ``mem_limit`` bytes. ``in_flight[s]``: micro-batches of activations stage s holds at its peak.
+    Returns None when no partition fits. Dynamic programming, O(stages × layers²)."""
+    L = len(items) - 2
+    if n_stages > L:
+        return None
+    costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied)
+    fits = lambda c: c[1] <= mem_limit  # noqa: E731
+    bottleneck, _ = _dp(costs, n_stages, L, lambda c: c[0], max, fits)
+    if bottleneck is None:
+        return None
+    tol = bottleneck * (1 + 1e-9)
+    peak_mem, _ = _dp(costs, n_stages, L, lambda c: c[1], max, lambda c: fits(c) and c[0] <= tol)
+    _, cuts = _dp(costs, n_stages, L, lambda c: c[0] ** 2, lambda a, b: a + b,
+                  lambda c: fits(c) and c[0] <= tol and c[1] <= peak_mem * (1 + 1e-9))
+    return cuts
+
+
+def min_memory(items: list[Item], n_stages: int, *, in_flight: list[float], bytes_per_param: float,
+               tied: bool = False) -> float:
+    """The smallest achievable peak stage memory (bytes) over all partitions: for infeasible reports."""
+    costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied)
+    peak, _ = _dp(costs, n_stages, len(items) - 2, lambda c: c[1], max, lambda c: True)
+    return math.inf if peak is None else peak
+
+
+# -- schedules and the simulator ----------------------------------------------------------------------
+def _simulator():
+    """(build_schedule, simulate) from engine.pipeline when it exists, else the private fallback."""
+    try:
+        from engine.pipeline.schedules import build_schedule
+        from engine.pipeline.simulate import simulate
+
+        return build_schedule, simulate, "engine.pipeline.simulate"
+    except ImportError:
+        from engine import _plan_sim
+
+        return _plan_sim.build_schedule, _plan_sim.simulate, "planner's private simulator"
+
+
+def in_flight_counts(actions_per_rank, n_ranks: int) -> list[list[int]]:
+    """Peak number of micro-batch activations each rank holds, per virtual stage it owns: +1 at a
+    forward, -1 when its backward (B, or W for split backwards) has run. Depends only on the order."""
+    peaks = []
+    for acts in actions_per_rank:
+        live, peak = {}, {}
+        total, best_total, at_best = 0, 0, {}
+        for a in acts:
+            if a.kind == "F":
+                live[a.stage] = live.get(a.stage, 0) + 1
+                total += 1
+            elif a.kind in ("B", "W"):
+                live[a.stage] = live.get(a.stage, 0) - 1
+                total -= 1
+            else:
+                continue
+            if total > best_total:
+                best_total, at_best = total, dict(live)
+            for k, v in live.items():
+                peak[k] = max(peak.get(k, 0), v)
+        peaks.append(at_best)
+    return peaks
+
+
+# -- the plan ------------------------------------------------------------------------------------------
+@dataclass
+class StageReport:
+    rank: int
+    chunks: list[tuple[int, int]]  # (virtual stage, layers) on this rank
+    layer_ranges: list[tuple[int, int]]
+    params: int
+    peak_mem: float
+    fwd_s: float  # per micro-batch, all chunks of the rank
+    bwd_s: float
+
+
+@dataclass
+class Plan:
+    schedule: str
+    virtual_stages: int
+    micro_batch_size: int
+    n_micro: int
+    layers_per_stage: list[int]
+    step_time_s: float
+    bubble: float
+    stages: list[StageReport]
+    tokens_per_s: float
+    mfu: float | None
+    even_step_time_s: float | None  # the even split under the same schedule, or None if it does not fit
+    simulator: str = ""
+    device: str = ""
+    considered: list[tuple] = field(default_factory=list)  # (schedule, v, mb, step time or reason)
+
+    def overrides(self) -> dict:
+        return {"parallel": {"layers_per_stage": list(self.layers_per_stage), "schedule": self.schedule,
+                             "virtual_stages": self.virtual_stages, "micro_batch_size": self.micro_batch_size}}
+
+
+class Infeasible(ValueError):
+    pass
+
+
+@dataclass
+class Candidate:
+    schedule: str
+    v: int
+    mb: int
+    n_micro: int
+    actions: list
+    peaks: list  # per rank: {virtual stage: count}
+
+
+def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts: list[int], simulate,
+              p2p_time: float, bytes_per_param: float):
+    """Simulated step time, bubble and per-rank reports of a partition."""
+    p, v, S = setup.pp, cand.v, setup.pp * cand.v
+    starts = [sum(cuts[:k]) for k in range(S)]
+    held = [stage_items(items, (starts[k], starts[k] + cuts[k]), S, k, setup.mcfg.tie_embeddings) for k in range(S)]
+    times = {}
+    for k in range(S):
+        times[k] = {"F": sum(i.fwd_s for i in held[k]), "B": sum(i.bwd_s for i in held[k]),
+                    "I": sum(i.bwd_input_s for i in held[k]), "W": sum(i.bwd_weight_s for i in held[k])}
+
+    def cost(rank, a):
+        return times[a.stage].get(a.kind, 0.0)
+
+    res = simulate(cand.actions, cost, p2p_time=p2p_time)
+    reports = []
+    for r in range(p):
+        ks = [k for k in range(S) if k % p == r]
+        peak = cand.peaks[r]
+        params = sum(i.params for k in ks for i in held[k])
+        mem = params * bytes_per_param + sum(peak.get(k, 0) * sum(i.act_bytes for i in held[k]) for k in ks)
+        reports.append(StageReport(r, [(k, cuts[k]) for k in ks], [(starts[k], starts[k] + cuts[k]) for k in ks],
+                                   params, mem, sum(times[k]["F"] for k in ks), sum(times[k]["B"] for k in ks)))
+    cm = CostModel(setup, device, cand.mb)
+    step = res.makespan + max(cm.optimizer_time(rep.params) for rep in reports)
+    bubble = res.bubble if isinstance(res.bubble, float) else float(statistics.mean(res.bubble))
+    return step, bubble, reports
+
+
+def _micro_batch_sizes(setup: Setup, given) -> list[int]:
+    per_dp = setup.global_batch // setup.dp
+    if given:
+        bad = [b for b in given if per_dp % b]
+        if bad:
+            raise ValueError(f"planner.micro_batch_sizes {bad} do not divide the per-dp batch {per_dp} "
+                             f"(train.global_batch_size / dp)")
+        return list(given)
+    return [b for b in range(1, per_dp + 1) if per_dp % b == 0]
+
+
+def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = None,
+         schedules=("1f1b", "interleaved_1f1b", "zb_h1"), virtual_stages=(2,), micro_batch_sizes=None,
+         items_for=None) -> Plan:
+    """The fastest feasible (schedule, virtual stages, micro-batch size, layers per stage).
+
+    ``items_for(mb)`` overrides the analytic per-item costs (profile mode). Raises `Infeasible`
+    naming the smallest memory per device that would work when nothing fits."""
+    build_schedule, simulate, sim_name = _simulator()
+    budget = (mem_budget_gb if mem_budget_gb is not None else device.mem_gb) * GB
+    limit = budget - device.reserve_gb * GB
+    p, L = setup.pp, setup.mcfg.n_layers
+    best, considered, min_needed, min_at = None, [], math.inf, None
+    for mb in _micro_batch_sizes(setup, micro_batch_sizes):
+        n_micro = setup.global_batch // (setup.dp * mb)
+        cm = CostModel(setup, device, mb)
+        items = items_for(mb) if items_for else cm.items()
+        bpp = cm.state_bytes_per_param()
+        for sched in schedules:
+            for v in (virtual_stages if sched.startswith("interleaved") else (1,)):
+                why = _unsupported(sched, p, v, n_micro, L)
+                if why:
+                    considered.append((sched, v, mb, why))
+                    continue
+                actions = build_schedule(sched, p, n_micro, virtual_stages=v)
+                cand = Candidate(sched, v, mb, n_micro, actions, in_flight_counts(actions, p))
+                S = p * v
+                # A rank's activations are shared by its v chunks; the DP sees each chunk's worst share.
+                inflight = [max(cand.peaks[k % p].values(), default=0) if v == 1 else
+                            sum(cand.peaks[k % p].values()) for k in range(S)]
+                tied = setup.mcfg.tie_embeddings
+                cuts = best_partition(items, S, in_flight=inflight, bytes_per_param=bpp, mem_limit=limit / v,
+                                      tied=tied)
+                if cuts is None:
+                    need = v * min_memory(items, S, in_flight=inflight, bytes_per_param=bpp, tied=tied)
+                    if need + device.reserve_gb * GB < min_needed:
+                        min_needed, min_at = need + device.reserve_gb * GB, (sched, v, mb)
+                even = even_split(L, S)
+                options = [c for c in (cuts, even) if c is not None]
+                results = []
+                for c in options:
+                    step, bubble, reps = _evaluate(setup, device, items, cand, c, simulate, cm.p2p_time(), bpp)
+                    peak = max(r.peak_mem for r in reps)
+                    if peak + device.reserve_gb * GB < min_needed:
+                        min_needed, min_at = peak + device.reserve_gb * GB, (sched, v, mb)
+                    if peak <= limit:
+                        results.append((step, c, bubble, reps))
+                if not results:
+                    considered.append((sched, v, mb, "out of memory"))
+                    continue
+                even_step = next((r[0] for r in results if r[1] == even), None)
+                step, c, bubble, reps = min(results, key=lambda r: (r[0], r[1] != cuts))
+                considered.append((sched, v, mb, step))
+                if best is None or step < best.step_time_s * (1 - 1e-9):
+                    tok_s = setup.global_batch * setup.seq_len / step
+                    mfu = tok_s * setup.mcfg.flops_per_token(setup.seq_len) / (device.peak_flops * setup.world)
+                    best = Plan(sched, v, mb, n_micro, c, step, bubble, reps, tok_s, mfu, even_step, sim_name,
+                                device.name)
+    if best is None:
+        need = "" if min_needed == math.inf else (
+            f"; the smallest memory per device that works is {min_needed / GB:.2f} GB (schedule {min_at[0]}, "
+            f"virtual_stages {min_at[1]}, micro_batch_size {min_at[2]}): raise planner.mem_budget_gb to at "
+            f"least that, or turn a knob: parallel.recompute=full, parallel.sequence_parallel=true, optim.zero=1, "
+            f"a larger parallel.tp or parallel.pp")
+        raise Infeasible(f"no schedule, micro-batch size and partition fits {budget / GB:.2f} GB per device "
+                         f"({device.reserve_gb} GB reserved){need}")
+    best.considered = considered
+    return best
+
+
+def _unsupported(sched: str, p: int, v: int, n_micro: int, L: int) -> str | None:
+    if sched.startswith("interleaved"):
+        if v < 2:
+            return "interleaving needs virtual_stages >= 2"
+        if n_micro % p:
+            return f"{n_micro} micro-batches not a multiple of pp={p}"
+        if p * v > L:
+            return f"pp×v={p * v} exceeds {L} layers"
+    elif n_micro < 1:
+        return "no micro-batches"
+    return None
+
+
+# -- output --------------------------------------------------------------------------------------------
+def format_plan(pl: Plan, setup: Setup) -> str:
+    fmt_ms = lambda s: f"{1e3 * s:.2f}"  # noqa: E731
+    rows = [("rank", "layers", "params", "peak mem GB", "fwd ms/mb", "bwd ms/mb")]
+    for r in pl.stages:
+        layers = ",".join(f"{a}-{b - 1}" for a, b in r.layer_ranges)
+        rows.append((str(r.rank), f"{layers} ({sum(n for _, n in r.chunks)})", f"{r.params / 1e6:.1f}M",
+                     f"{r.peak_mem / GB:.2f}", fmt_ms(r.fwd_s), fmt_ms(r.bwd_s)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+    even = ("n/a (does not fit)" if pl.even_step_time_s is None else
+            f"{fmt_ms(pl.even_step_time_s)} ms ({pl.even_step_time_s / pl.step_time_s:.3f}x the plan)")
+    mfu = "n/a" if pl.mfu is None else f"{100 * pl.mfu:.1f}%"
+    return "\n".join([
+        f"plan for {setup.mcfg.n_layers} layers, tp={setup.tp} pp={setup.pp} dp={setup.dp}, device {pl.device}, "
+        f"global batch {setup.global_batch} × {setup.seq_len} tokens",
+        f"schedule {pl.schedule}, virtual_stages {pl.virtual_stages}, micro_batch_size {pl.micro_batch_size} "
+        f"({pl.n_micro} micro-batches), layers_per_stage {pl.layers_per_stage}",
+        table,
+        f"predicted step {fmt_ms(pl.step_time_s)} ms, bubble {100 * pl.bubble:.1f}%, "
+        f"{pl.tokens_per_s:,.0f} tokens/s, MFU {mfu}; even split under the same schedule: {even}",
+        f"(simulated with {pl.simulator})",
+    ])
+
+
+def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:
+    """A Hydra config-group file (``# @package _global_``) for ``scripts/train.py +plan=<name>``."""
+    import yaml
+
+    body = pl.overrides()
+    body["plan"] = {"model": model_name, "tp": setup.tp, "pp": setup.pp, "dp": setup.dp, "device": pl.device,
+                    "n_micro": pl.n_micro, "predicted_step_time_s": round(pl.step_time_s, 6),
+                    "bubble": round(pl.bubble, 4), "tokens_per_s": round(pl.tokens_per_s, 1),
+                    "peak_mem_gb": [round(r.peak_mem / GB, 3) for r in pl.stages]}
+    return "# @package _global_\n# written by scripts/plan_stages.py\n" + yaml.safe_dump(body, sort_keys=False)
