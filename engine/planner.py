@@ -594,8 +594,58 @@ def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:
     import yaml
 
     body = pl.overrides()
-    body["plan"] = {"model": model_name, "tp": setup.tp, "pp": setup.pp, "dp": setup.dp, "device": pl.device,
-                    "n_micro": pl.n_micro, "predicted_step_time_s": round(pl.step_time_s, 6),
+    body["parallel"] = {"tp": setup.tp, "pp": setup.pp, **body["parallel"]}
+    # the micro-batch count (and so the plan) holds for this batch shape only
+    body["train"] = {"global_batch_size": setup.global_batch, "seq_len": setup.seq_len}
+    body["plan"] = {"model": model_name, "dp": setup.dp, "device": pl.device, "n_micro": pl.n_micro, "predicted_step_time_s": round(pl.step_time_s, 6),
                     "bubble": round(pl.bubble, 4), "tokens_per_s": round(pl.tokens_per_s, 1),
                     "peak_mem_gb": [round(r.peak_mem / GB, 3) for r in pl.stages]}
     return "# @package _global_\n# written by scripts/plan_stages.py\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+# -- entry point (scripts/plan_stages.py) ---------------------------------------------------------------
+def setup_from_config(cfg) -> Setup:
+    """The `Setup` a training launch with this `engine.config.Config` would run."""
+    p = cfg.parallel
+    return Setup(cfg.model.build(), tp=p.tp, pp=p.pp, dp=p.dp or 1, seq_len=cfg.train.seq_len,
+                 global_batch=cfg.train.global_batch_size, sequence_parallel=p.sequence_parallel,
+                 recompute=p.recompute, zero=cfg.optim.zero)
+
+
+def plan_from_config(cfg) -> tuple[Plan, Setup]:
+    pc = cfg.planner
+    setup = setup_from_config(cfg)
+    device = get_device(pc.device)
+    items_for = None
+    if pc.profile:
+        kernels = "torch" if cfg.kernels == "auto" else cfg.kernels
+        items_for = lambda mb: profile_items(setup, mb, reps=pc.profile_reps, kernels=kernels)  # noqa: E731
+    pl = plan(setup, device, mem_budget_gb=pc.mem_budget_gb, schedules=tuple(pc.schedules),
+              virtual_stages=tuple(pc.virtual_stages), micro_batch_sizes=pc.micro_batch_sizes, items_for=items_for)
+    if pc.profile:
+        pl.device = f"{pc.device} memory, times profiled on this machine"
+    return pl, setup
+
+
+def out_path_usage(out: str) -> tuple[str, str]:
+    """(config dir, plan name) of ``<dir>/plan/<name>.yaml``; any other shape is an error."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.suffix != ".yaml" or path.parent.name != "plan":
+        raise ValueError(f"planner.out={out!r} must look like <dir>/plan/<name>.yaml (Hydra loads config group "
+                         f"'plan' from <dir>), e.g. planner.out=conf/plan/my_plan.yaml")
+    return str(path.parent.parent), path.stem
+
+
+def write_plan(pl: Plan, setup: Setup, out: str, model_name: str) -> str:
+    """Writes the override file and returns the training command that uses it."""
+    from pathlib import Path
+
+    config_dir, name = out_path_usage(out)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan_yaml(pl, setup, model_name))
+    repo_conf = Path(__file__).resolve().parents[1] / "conf"
+    extra = "" if Path(config_dir).resolve() == repo_conf else f"--config-dir {config_dir} "
+    return f"python scripts/train.py {extra}+plan={name} model={model_name} [your other overrides]"
