@@ -17,7 +17,7 @@ The pieces, in the order the search uses them:
   bottleneck stage time under the memory limit, then, among partitions with that bottleneck, the
   smallest peak memory fraction, then the most even stage times.
 * `plan` — for every schedule, virtual-stage count and micro-batch size: schedule → in-flight
-  activations per rank → partition → simulated step time (`engine.pipeline.simulate` when present);
+  activations per rank → partition → simulated step time (`engine.pipeline.simulate`);
   the even split is always simulated too, so a plan is never worse than it under the model.
 """
 from __future__ import annotations
@@ -357,19 +357,6 @@ def min_memory(items: list[Item], n_stages: int, *, in_flight: list[float], byte
 
 
 # -- schedules and the simulator ----------------------------------------------------------------------
-def _simulator():
-    """(build_schedule, simulate) from engine.pipeline when it exists, else the private fallback."""
-    try:
-        from engine.pipeline.schedules import build_schedule
-        from engine.pipeline.simulate import simulate
-
-        return build_schedule, simulate, "engine.pipeline.simulate"
-    except ImportError:
-        from engine import _plan_sim
-
-        return _plan_sim.build_schedule, _plan_sim.simulate, "planner's private simulator"
-
-
 def in_flight_counts(actions_per_rank, n_ranks: int) -> list[list[int]]:
     """Peak number of micro-batch activations each rank holds, per virtual stage it owns: +1 at a
     forward, -1 when its backward (B, or W for split backwards) has run. Depends only on the order."""
@@ -419,7 +406,6 @@ class Plan:
     tokens_per_s: float
     mfu: float | None
     even_step_time_s: float | None  # the even split under the same schedule, or None if it does not fit
-    simulator: str = ""
     device: str = ""
     considered: list[tuple] = field(default_factory=list)  # (schedule, v, mb, step time or reason)
 
@@ -489,7 +475,9 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
 
     ``items_for(mb)`` overrides the analytic per-item costs (profile mode). Raises `Infeasible`
     naming the smallest memory per device that would work when nothing fits."""
-    build_schedule, simulate, sim_name = _simulator()
+    from engine.pipeline.schedules import build_schedule
+    from engine.pipeline.simulate import simulate
+
     budget = (mem_budget_gb if mem_budget_gb is not None else device.mem_gb) * GB
     limit = budget - device.reserve_gb * GB
     p, L = setup.pp, setup.mcfg.n_layers
@@ -501,11 +489,14 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
         bpp = cm.state_bytes_per_param()
         for sched in schedules:
             for v in (virtual_stages if sched.startswith("interleaved") else (1,)):
-                why = _unsupported(sched, p, v, n_micro, L)
-                if why:
-                    considered.append((sched, v, mb, why))
+                if p * v > L:
+                    considered.append((sched, v, mb, f"pp×virtual_stages={p * v} exceeds {L} layers"))
                     continue
-                actions = build_schedule(sched, p, n_micro, virtual_stages=v)
+                try:
+                    actions = build_schedule(sched, p, n_micro, virtual_stages=v)
+                except ValueError as e:  # e.g. interleaving needs a multiple of pp micro-batches
+                    considered.append((sched, v, mb, str(e)))
+                    continue
                 cand = Candidate(sched, v, mb, n_micro, actions, in_flight_counts(actions, p))
                 S = p * v
                 # A rank's activations are shared by its v chunks; the DP sees each chunk's worst share.
@@ -537,8 +528,7 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                 if best is None or step < best.step_time_s * (1 - 1e-9):
                     tok_s = setup.global_batch * setup.seq_len / step
                     mfu = tok_s * setup.mcfg.flops_per_token(setup.seq_len) / (device.peak_flops * setup.world)
-                    best = Plan(sched, v, mb, n_micro, c, step, bubble, reps, tok_s, mfu, even_step, sim_name,
-                                device.name)
+                    best = Plan(sched, v, mb, n_micro, c, step, bubble, reps, tok_s, mfu, even_step, device.name)
     if best is None:
         need = "" if min_needed == math.inf else (
             f"; the smallest memory per device that works is {min_needed / GB:.2f} GB (schedule {min_at[0]}, "
@@ -549,19 +539,6 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                          f"({device.reserve_gb} GB reserved){need}")
     best.considered = considered
     return best
-
-
-def _unsupported(sched: str, p: int, v: int, n_micro: int, L: int) -> str | None:
-    if sched.startswith("interleaved"):
-        if v < 2:
-            return "interleaving needs virtual_stages >= 2"
-        if n_micro % p:
-            return f"{n_micro} micro-batches not a multiple of pp={p}"
-        if p * v > L:
-            return f"pp×v={p * v} exceeds {L} layers"
-    elif n_micro < 1:
-        return "no micro-batches"
-    return None
 
 
 # -- output --------------------------------------------------------------------------------------------
@@ -585,7 +562,6 @@ def format_plan(pl: Plan, setup: Setup) -> str:
         table,
         f"predicted step {fmt_ms(pl.step_time_s)} ms, bubble {100 * pl.bubble:.1f}%, "
         f"{pl.tokens_per_s:,.0f} tokens/s, MFU {mfu}; even split under the same schedule: {even}",
-        f"(simulated with {pl.simulator})",
     ])
 
 
