@@ -100,6 +100,7 @@ class PlannerSchema:
     device: str = "h100"  # h100 | h200 | a100 | cpu (engine/planner.py DEVICES)
     profile: bool = False  # time the real layers on this machine instead of the analytic model
     profile_reps: int = 5
+    profile_threads: Optional[int] = 1  # threads per rank in the planned run (torchrun on a CPU uses 1)
     mem_budget_gb: Optional[float] = None  # per device; default: the device's memory
     schedules: list[str] = field(default_factory=lambda: ["1f1b", "interleaved_1f1b", "zb_h1"])
     virtual_stages: list[int] = field(default_factory=lambda: [2])  # tried with interleaved schedules

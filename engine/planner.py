@@ -200,10 +200,24 @@ class CostModel:
         return params * self.state_bytes_per_param() * 2 / self.dev.hbm_bw
 
 
-def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str = "torch") -> list[Item]:
+def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str = "torch",
+                  threads: int | None = 1) -> list[Item]:
     """Times the real embedding, one real layer and the real head + loss on this machine at the
     micro-batch shape, forward and backward (median of ``reps``), and returns them as `Item`s with the
-    analytic parameter and activation sizes. Backward is split evenly between input and weight."""
+    analytic parameter and activation sizes. Backward is split evenly between input and weight.
+    ``threads``: intra-op threads per rank in the run being planned (torchrun on a CPU: 1)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _profile_items(setup, micro_batch, reps, kernels)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str) -> list[Item]:
     import torch
 
     from models.llama import Llama
@@ -595,7 +609,8 @@ def plan_from_config(cfg) -> tuple[Plan, Setup]:
     items_for = None
     if pc.profile:
         kernels = "torch" if cfg.kernels == "auto" else cfg.kernels
-        items_for = lambda mb: profile_items(setup, mb, reps=pc.profile_reps, kernels=kernels)  # noqa: E731
+        items_for = lambda mb: profile_items(setup, mb, reps=pc.profile_reps, kernels=kernels,  # noqa: E731
+                                             threads=pc.profile_threads)
     pl = plan(setup, device, mem_budget_gb=pc.mem_budget_gb, schedules=tuple(pc.schedules),
               virtual_stages=tuple(pc.virtual_stages), micro_batch_sizes=pc.micro_batch_sizes, items_for=items_for)
     if pc.profile:
