@@ -203,7 +203,7 @@ class CostModel:
 def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str = "torch",
                   threads: int | None = 1) -> list[Item]:
     """Times the real embedding, one real layer and the real head + loss on this machine at the
-    micro-batch shape, forward and backward (median of ``reps``), and returns them as `Item`s with the
+    micro-batch shape, forward and backward (fastest of ``reps``), and returns them as `Item`s with the
     analytic parameter and activation sizes. Backward is split evenly between input and weight.
     ``threads``: intra-op threads per rank in the run being planned (torchrun on a CPU: 1)."""
     import torch
@@ -211,13 +211,16 @@ def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    # One thread runs every op on this thread, so its CPU time is the op's time without the periods
+    # the OS gave the core to other processes: robust on a shared machine. Otherwise wall time.
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     try:
-        return _profile_items(setup, micro_batch, reps, kernels)
+        return _profile_items(setup, micro_batch, reps, kernels, clock)
     finally:
         torch.set_num_threads(previous)
 
 
-def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str) -> list[Item]:
+def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str, clock) -> list[Item]:
     import torch
 
     from models.llama import Llama
@@ -235,10 +238,10 @@ def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str) -> l
     def timed(fn):
         times = []
         for _ in range(reps + 1):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
+            times.append(clock() - t0)
+        return min(times[1:])  # the fastest: the least disturbed by other work on the machine
 
     def fwd_bwd(run):
         """(forward s, backward s) of ``run()``, which returns the tensor to backpropagate from."""
@@ -252,11 +255,11 @@ def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str) -> l
         times = []
         for _ in range(reps + 1):
             state["out"] = run()
-            t0 = time.perf_counter()
+            t0 = clock()
             bwd()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         model.zero_grad(set_to_none=True)
-        return f, statistics.median(times[1:])
+        return f, min(times[1:])
 
     h_in = hidden.requires_grad_(True)
     ef, eb = fwd_bwd(lambda: model.tok_embeddings(tokens))
@@ -471,6 +474,25 @@ def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts:
     return step, bubble, reports
 
 
+def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: list[int], *, schedule: str,
+                       micro_batch: int, virtual_stages: int = 1, items: list[Item] | None = None):
+    """(predicted step seconds, bubble, per-rank `StageReport`s) of one given partition: what the
+    planner predicts for a layout chosen by hand (the even split, say)."""
+    from engine.pipeline.schedules import build_schedule
+    from engine.pipeline.simulate import simulate
+
+    S = setup.pp * virtual_stages
+    if len(layers_per_stage) != S or sum(layers_per_stage) != setup.mcfg.n_layers or min(layers_per_stage) < 1:
+        raise ValueError(f"layers_per_stage={list(layers_per_stage)} must give each of the {S} stages at least one "
+                         f"layer and sum to n_layers={setup.mcfg.n_layers}")
+    n_micro = setup.global_batch // (setup.dp * micro_batch)
+    cm = CostModel(setup, device, micro_batch)
+    actions = build_schedule(schedule, setup.pp, n_micro, virtual_stages=virtual_stages)
+    cand = Candidate(schedule, virtual_stages, micro_batch, n_micro, actions, in_flight_counts(actions, setup.pp))
+    return _evaluate(setup, device, items or cm.items(), cand, list(layers_per_stage), simulate, cm.p2p_time(),
+                     cm.state_bytes_per_param())
+
+
 def _micro_batch_sizes(setup: Setup, given) -> list[int]:
     per_dp = setup.global_batch // setup.dp
     if given:
@@ -541,7 +563,8 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                 considered.append((sched, v, mb, step))
                 if best is None or step < best.step_time_s * (1 - 1e-9):
                     tok_s = setup.global_batch * setup.seq_len / step
-                    mfu = tok_s * setup.mcfg.flops_per_token(setup.seq_len) / (device.peak_flops * setup.world)
+                    mfu = (None if device.name == "cpu" else  # no meaningful CPU peak, as in the trainer
+                           tok_s * setup.mcfg.flops_per_token(setup.seq_len) / (device.peak_flops * setup.world))
                     best = Plan(sched, v, mb, n_micro, c, step, bubble, reps, tok_s, mfu, even_step, device.name)
     if best is None:
         need = "" if min_needed == math.inf else (
