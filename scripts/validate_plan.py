@@ -43,14 +43,16 @@ def _count_cpu_time(runner) -> None:
     """Adds up this thread's CPU time per compute kind around the runner's compute actions: with one
     thread per rank that is the compute time without the periods other processes held the core
     (the wall-clock ``runner.timings`` include them)."""
-    runner.cpu_time = {}
+    runner.cpu_time, runner.action_cpu = {}, {}  # per step by kind; fastest per action over steps
     for kind in ("F", "B", "I", "W"):
         inner = getattr(runner, f"_run_{kind}")
 
         def timed(a, _inner=inner, _kind=kind):
             t0 = time.thread_time()
             _inner(a)
-            runner.cpu_time[_kind] = runner.cpu_time.get(_kind, 0.0) + time.thread_time() - t0
+            dt = time.thread_time() - t0
+            runner.cpu_time[_kind] = runner.cpu_time.get(_kind, 0.0) + dt
+            runner.action_cpu[str(a)] = min(runner.action_cpu.get(str(a), dt), dt)
 
         setattr(runner, f"_run_{kind}", timed)
 
@@ -100,6 +102,8 @@ def _worker(rank, port, a, layouts, queue):
                 res["bwd"].append(per["B"] / n_micro)
                 res["cpu"].append(sum(runner.cpu_time.values()) / n_micro)
                 runner.cpu_time.clear()
+        for (_, runner), res in zip(runs, results):
+            res["action_cpu"] = runner.action_cpu
         queue.put((rank, results))
     finally:
         dist.destroy_process_group()
@@ -145,14 +149,15 @@ def main() -> None:
         # the measured loop runs forward_backward only: leave out the optimizer step the plan includes
         pred_step -= P.CostModel(setup, cpu, a.micro).optimizer_time(max(r.params for r in reports))
         meas_step = min(max(s) for s in zip(*(m["step"] for m in meas)))
+        replay = replay_step(a, meas)
         meas = [{"wall": min(f + b for f, b in zip(m["fwd"], m["bwd"])), "cpu": min(m["cpu"])} for m in meas]
-        rows.append((name, lps, pred_step, meas_step, reports, meas))
+        rows.append((name, lps, pred_step, meas_step, reports, meas, replay))
     print(f"\nprediction vs measurement (pp=2, 1f1b, gloo, 1 thread per rank, fastest of {a.steps} steps); "
           f"F+B per micro-batch in ms, measured as CPU time and as wall time (runner.timings)")
     print(f"{'layout':>8} {'stage':>5} {'layers':>6} {'predicted':>9} {'meas cpu':>9} {'error':>7} "
           f"{'meas wall':>9} {'error':>7}")
     err = lambda p, m: f"{100 * (p - m) / m:+.1f}%"  # noqa: E731
-    for name, lps, _, _, reports, meas in rows:
+    for name, lps, _, _, reports, meas, _ in rows:
         for r, (rep, m) in enumerate(zip(reports, meas)):
             pred = 1e3 * (rep.fwd_s + rep.bwd_s)
             cpu, wall = 1e3 * m["cpu"], 1e3 * m["wall"]
@@ -162,11 +167,26 @@ def main() -> None:
         cpu_b, wall_b = (max(1e3 * m[k] for m in meas) for k in ("cpu", "wall"))
         print(f"{name:>8} bottleneck stage: predicted {pred_b:.2f} ms; measured {cpu_b:.2f} ms cpu "
               f"({err(pred_b, cpu_b)}), {wall_b:.2f} ms wall ({err(pred_b, wall_b)})")
-    print(f"\n{'layout':>8} {'layers':>10} {'pred step ms':>13} {'meas step ms':>13}")
-    for name, lps, pred_step, meas_step, _, _ in rows:
-        print(f"{name:>8} {str(lps):>10} {1e3 * pred_step:>13.1f} {1e3 * meas_step:>13.1f}")
-    (_, _, pp_, pm, _, _), (_, _, ep, em, _, _) = rows
-    print(f"\neven / planned step time: predicted {ep / pp_:.3f}x, measured {em / pm:.3f}x")
+    print(f"\nstep time (ms): predicted; measured wall clock (fastest step); the schedule replayed with the "
+          f"measured per-action CPU times")
+    print(f"{'layout':>8} {'layers':>10} {'predicted':>10} {'wall':>10} {'replayed':>10}")
+    for name, lps, pred_step, meas_step, _, _, replay in rows:
+        print(f"{name:>8} {str(lps):>10} {1e3 * pred_step:>10.1f} {1e3 * meas_step:>10.1f} {1e3 * replay:>10.1f}")
+    (_, _, pp_, pm, _, _, pr), (_, _, ep, em, _, _, er) = rows
+    print(f"\neven / planned step time: predicted {ep / pp_:.3f}x, measured wall {em / pm:.3f}x, "
+          f"replayed {er / pr:.3f}x")
+    print(f"(load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; wall clock is "
+          f"only meaningful when it is below the core count)")
+
+
+def replay_step(a, meas) -> float:
+    """The 1F1B schedule's makespan with every compute action costing its measured CPU time (the
+    fastest over the steps) and free p2p: the step a quiet machine would take, from real timings."""
+    from engine.pipeline.schedules import build_schedule
+    from engine.pipeline.simulate import simulate
+
+    costs = {**meas[0]["action_cpu"], **meas[1]["action_cpu"]}
+    return simulate(build_schedule("1f1b", 2, a.batch // a.micro), lambda r, x: costs.get(str(x), 0.0)).makespan
 
 
 if __name__ == "__main__":

@@ -30,6 +30,17 @@ def test_large_vocabulary_shrinks_first_and_last_stages():
     assert pl.even_step_time_s > pl.step_time_s  # the even split is measurably worse under the model
 
 
+def test_memory_knobs_move_the_cost_model_the_right_way():
+    base = dict(tp=4, pp=4, dp=8, seq_len=4096, global_batch=64)
+    cost = lambda **kw: P.CostModel(P.Setup(LLAMA8B, **{**base, **kw}), H100, 1)  # noqa: E731
+    plain, full, sel, sp = cost(), cost(recompute="full"), cost(recompute="selective"), cost(sequence_parallel=True)
+    assert full.layer().act_bytes < sel.layer().act_bytes < plain.layer().act_bytes
+    assert full.layer().bwd_s > sel.layer().bwd_s > plain.layer().bwd_s  # recomputation is paid in backward
+    assert sp.layer().act_bytes < plain.layer().act_bytes and sp.p2p_bytes() == plain.p2p_bytes() / 4
+    assert cost(zero=1).state_bytes_per_param() == 4 + 4 + 8 / 8 < plain.state_bytes_per_param() == 16
+    assert cost(tp=8).layer().params < plain.layer().params
+
+
 def test_tied_embeddings_last_stage_keeps_its_copy():
     m = ModelConfig.from_name("llama3_1b")
     pl = P.plan(P.Setup(m, tp=2, pp=4, seq_len=2048, global_batch=8), H100, schedules=("1f1b",))
