@@ -599,7 +599,25 @@ def format_plan(pl: Plan, setup: Setup) -> str:
         table,
         f"predicted step {fmt_ms(pl.step_time_s)} ms, bubble {100 * pl.bubble:.1f}%, "
         f"{pl.tokens_per_s:,.0f} tokens/s, MFU {mfu}; even split under the same schedule: {even}",
+        "best per schedule: " + _alternatives(pl),
     ])
+
+
+def _alternatives(pl: Plan) -> str:
+    """The fastest micro-batch size of every schedule tried, or why none ran."""
+    best: dict[tuple, tuple] = {}
+    for sched, v, mb, result in pl.considered:
+        key = (sched, v)
+        if isinstance(result, float) and (key not in best or not isinstance(best[key][1], float)
+                                          or result < best[key][1]):
+            best[key] = (mb, result)
+        best.setdefault(key, (mb, result))
+    parts = []
+    for (sched, v), (mb, result) in best.items():
+        name = sched + (f"(v={v})" if v > 1 else "")
+        parts.append(f"{name} {1e3 * result:.2f} ms at micro_batch_size {mb}" if isinstance(result, float)
+                     else f"{name}: {result}")
+    return "; ".join(parts)
 
 
 def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:

@@ -89,13 +89,13 @@ def test_search_never_worse_than_even_split(pp, n_layers, vocab):
 
 
 def test_tighter_memory_changes_the_choice_or_names_the_smallest_budget():
-    setup = P.Setup(LLAMA8B, tp=8, pp=4, seq_len=8192, global_batch=32)
+    setup = P.Setup(LLAMA8B, tp=8, pp=4, seq_len=8192, global_batch=8)
     roomy = P.plan(setup, H100)
+    assert roomy.schedule == "interleaved_1f1b"  # fastest, but holds the most activations on rank 0
     roomy_peak = max(s.peak_mem for s in roomy.stages) / P.GB + H100.reserve_gb
     budget = roomy_peak - 1.0
     tight = P.plan(setup, H100, mem_budget_gb=budget)
-    assert (tight.schedule, tight.micro_batch_size, tight.layers_per_stage) != \
-        (roomy.schedule, roomy.micro_batch_size, roomy.layers_per_stage)
+    assert tight.schedule != roomy.schedule and tight.step_time_s >= roomy.step_time_s
     assert max(s.peak_mem for s in tight.stages) <= (budget - H100.reserve_gb) * P.GB
     with pytest.raises(P.Infeasible, match=r"smallest memory per device that works is [\d.]+ GB") as e:
         P.plan(setup, H100, mem_budget_gb=8.0)
