@@ -644,19 +644,50 @@ def setup_from_config(cfg) -> Setup:
 
 
 def plan_from_config(cfg) -> tuple[Plan, Setup]:
+    """The plan for a composed `engine.config.Config`; when nothing fits, the error also says which
+    single memory knob (recompute, sequence parallelism, ZeRO-1) would make it fit."""
     pc = cfg.planner
     setup = setup_from_config(cfg)
     device = get_device(pc.device)
-    items_for = None
-    if pc.profile:
-        kernels = "torch" if cfg.kernels == "auto" else cfg.kernels
-        items_for = lambda mb: profile_items(setup, mb, reps=pc.profile_reps, kernels=kernels,  # noqa: E731
-                                             threads=pc.profile_threads)
-    pl = plan(setup, device, mem_budget_gb=pc.mem_budget_gb, schedules=tuple(pc.schedules),
-              virtual_stages=tuple(pc.virtual_stages), micro_batch_sizes=pc.micro_batch_sizes, items_for=items_for)
+
+    def run(s: Setup) -> Plan:
+        items_for = None
+        if pc.profile:
+            kernels = "torch" if cfg.kernels == "auto" else cfg.kernels
+            items_for = lambda mb: profile_items(s, mb, reps=pc.profile_reps, kernels=kernels,  # noqa: E731
+                                                 threads=pc.profile_threads)
+        return plan(s, device, mem_budget_gb=pc.mem_budget_gb, schedules=tuple(pc.schedules),
+                    virtual_stages=tuple(pc.virtual_stages), micro_batch_sizes=pc.micro_batch_sizes,
+                    items_for=items_for)
+
+    try:
+        pl = run(setup)
+    except Infeasible as e:
+        raise Infeasible(f"{e}. {knob_advice(setup, run)}") from None
     if pc.profile:
         pl.device = f"{pc.device} memory, times profiled on this machine"
     return pl, setup
+
+
+def knob_advice(setup: Setup, run) -> str:
+    """Which one-key change makes an infeasible setup fit, and at what predicted step time."""
+    knobs = [("parallel.recompute=selective", {"recompute": "selective"}),
+             ("parallel.recompute=full", {"recompute": "full"})]
+    if setup.tp > 1:
+        knobs.append(("parallel.sequence_parallel=true", {"sequence_parallel": True}))
+    if setup.dp > 1:
+        knobs.append(("optim.zero=1", {"zero": 1}))
+    fits = []
+    for label, change in knobs:
+        if all(getattr(setup, k) == v for k, v in change.items()):
+            continue
+        try:
+            fits.append(f"{label} ({1e3 * run(replace(setup, **change)).step_time_s:.1f} ms/step)")
+        except Infeasible:
+            pass
+    if fits:
+        return "With this budget these fit: " + ", ".join(fits)
+    return "No single memory knob (recompute, sequence parallelism, ZeRO-1) fits it: raise parallel.tp or parallel.pp"
 
 
 def out_path_usage(out: str) -> tuple[str, str]:

@@ -154,8 +154,16 @@ def test_script_prints_a_plan_and_fails_cleanly(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "scripts/plan_stages.py", f"hydra.run.dir={tmp_path}", *a],  # noqa: E731
                                     cwd=ROOT, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})
     ok = run("model=llama3_8b", "parallel.tp=8", "parallel.pp=4", "planner.device=h100",
-             f"planner.out={tmp_path}/plan/p.yaml")
+             "planner.micro_batch_sizes=[1,2]", f"planner.out={tmp_path}/plan/p.yaml")
     assert ok.returncode == 0, ok.stderr
     assert "layers_per_stage [" in ok.stdout and "MFU" in ok.stdout and (tmp_path / "plan" / "p.yaml").exists()
     bad = run("planner.device=tpu9")
     assert bad.returncode == 2 and "unknown planner.device='tpu9'" in bad.stderr
+
+
+def test_infeasible_from_config_names_the_knob_that_fits():
+    cfg = compose(["model=llama3_8b", "parallel.tp=8", "parallel.pp=4", "train.seq_len=8192",
+                   "train.global_batch_size=16", "planner.micro_batch_sizes=[1,2]", "planner.mem_budget_gb=12"])
+    with pytest.raises(P.Infeasible, match=r"smallest memory per device that works is [\d.]+ GB.*"
+                                           r"these fit: .*parallel.recompute=full \([\d.]+ ms/step\)"):
+        P.plan_from_config(cfg)
