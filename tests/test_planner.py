@@ -88,6 +88,16 @@ def test_search_never_worse_than_even_split(pp, n_layers, vocab):
         assert pl.even_step_time_s is not None and pl.step_time_s <= pl.even_step_time_s * (1 + 1e-12)
 
 
+def test_evaluate_partition_reproduces_the_plan():
+    setup = P.Setup(LLAMA8B, tp=8, pp=4, seq_len=2048, global_batch=8)
+    pl = P.plan(setup, H100, schedules=("1f1b",), micro_batch_sizes=[2])
+    step, bubble, reports = P.evaluate_partition(setup, H100, pl.layers_per_stage, schedule="1f1b", micro_batch=2)
+    assert step == pytest.approx(pl.step_time_s) and bubble == pytest.approx(pl.bubble)
+    assert [r.layer_ranges for r in reports] == [r.layer_ranges for r in pl.stages]
+    with pytest.raises(ValueError, match=r"layers_per_stage=\[8, 8, 8\] must give each of the 4 stages"):
+        P.evaluate_partition(setup, H100, [8, 8, 8], schedule="1f1b", micro_batch=2)
+
+
 def test_tighter_memory_changes_the_choice_or_names_the_smallest_budget():
     setup = P.Setup(LLAMA8B, tp=8, pp=4, seq_len=8192, global_batch=8)
     roomy = P.plan(setup, H100)
