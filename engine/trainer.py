@@ -167,6 +167,11 @@ class Trainer:
         self.mcfg = resolve_model_config(cfg, self.resume_from or self.load_from)
         if cfg.train.seq_len > self.mcfg.max_seq_len:
             raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
+        if mesh.pp > 1:
+            from engine.pipeline import check_pipeline
+
+            check_pipeline(n_layers=self.mcfg.n_layers, pp=mesh.pp, n_micro=self.n_micro, schedule=p.schedule,
+                           virtual_stages=p.virtual_stages, layers_per_stage=p.layers_per_stage)
         self.data = ensure_data(cfg, mesh, self.mcfg.vocab_size)
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
         self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro)

@@ -6,6 +6,6 @@
     runtime.py    PipelineRunner: executes one rank's list with batched non-blocking p2p
 """
 from engine.pipeline.runtime import PipelineRunner
-from engine.pipeline.stages import build_stage_chunks, stage_layer_ranges, sync_tied_grads
+from engine.pipeline.stages import build_stage_chunks, check_pipeline, stage_layer_ranges, sync_tied_grads
 
-__all__ = ["PipelineRunner", "build_stage_chunks", "stage_layer_ranges", "sync_tied_grads"]
+__all__ = ["PipelineRunner", "build_stage_chunks", "check_pipeline", "stage_layer_ranges", "sync_tied_grads"]
