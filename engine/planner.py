@@ -124,26 +124,23 @@ def min_memory(items: list[Item], n_stages: int, *, in_flight: list[float], byte
 
 
 # -- schedules and the simulator ----------------------------------------------------------------------
-def in_flight_counts(actions_per_rank, n_ranks: int) -> list[list[int]]:
-    """Peak number of micro-batch activations each rank holds, per virtual stage it owns: +1 at a
-    forward, -1 when its backward (B, or W for split backwards) has run. Depends only on the order."""
+def in_flight_counts(actions_per_rank) -> list[dict[int, int]]:
+    """Per rank, {virtual stage: micro-batches of activations held} at the moment the rank holds the
+    most in total: +1 at a forward, -1 once its backward (B, or W for split backwards) has run.
+    Depends only on each rank's action order, not on timing."""
     peaks = []
     for acts in actions_per_rank:
-        live, peak = {}, {}
-        total, best_total, at_best = 0, 0, {}
+        live: dict[int, int] = {}
+        total = best_total = 0
+        at_best: dict[int, int] = {}
         for a in acts:
-            if a.kind == "F":
-                live[a.stage] = live.get(a.stage, 0) + 1
-                total += 1
-            elif a.kind in ("B", "W"):
-                live[a.stage] = live.get(a.stage, 0) - 1
-                total -= 1
-            else:
+            if a.kind not in ("F", "B", "W"):
                 continue
+            step = 1 if a.kind == "F" else -1
+            live[a.stage] = live.get(a.stage, 0) + step
+            total += step
             if total > best_total:
-                best_total, at_best = total, dict(live)
-            for k, v in live.items():
-                peak[k] = max(peak.get(k, 0), v)
+                best_total, at_best = total, {k: v for k, v in live.items() if v}
         peaks.append(at_best)
     return peaks
 
@@ -238,7 +235,7 @@ def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: li
     n_micro = setup.global_batch // (setup.dp * micro_batch)
     cm = CostModel(setup, device, micro_batch)
     actions = build_schedule(schedule, setup.pp, n_micro, virtual_stages=virtual_stages)
-    cand = Candidate(schedule, virtual_stages, micro_batch, n_micro, actions, in_flight_counts(actions, setup.pp))
+    cand = Candidate(schedule, virtual_stages, micro_batch, n_micro, actions, in_flight_counts(actions))
     return _evaluate(setup, device, items or cm.items(), cand, list(layers_per_stage), simulate, cm.p2p_time(),
                      cm.state_bytes_per_param())
 
@@ -283,7 +280,7 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                 except ValueError as e:  # e.g. interleaving needs a multiple of pp micro-batches
                     considered.append((sched, v, mb, str(e)))
                     continue
-                cand = Candidate(sched, v, mb, n_micro, actions, in_flight_counts(actions, p))
+                cand = Candidate(sched, v, mb, n_micro, actions, in_flight_counts(actions))
                 S = p * v
                 # A rank's activations are shared by its v chunks; the DP sees each chunk's worst share.
                 inflight = [max(cand.peaks[k % p].values(), default=0) if v == 1 else

@@ -132,9 +132,9 @@ def test_in_flight_activations_follow_the_schedule():
     from engine.pipeline.schedules import build_schedule
 
     p, m = 4, 8
-    assert [sum(d.values()) for d in P.in_flight_counts(build_schedule("1f1b", p, m), p)] == [4, 3, 2, 1]
-    assert [sum(d.values()) for d in P.in_flight_counts(build_schedule("gpipe", p, m), p)] == [m] * p
-    inter = P.in_flight_counts(build_schedule("interleaved_1f1b", p, m, virtual_stages=2), p)
+    assert [sum(d.values()) for d in P.in_flight_counts(build_schedule("1f1b", p, m))] == [4, 3, 2, 1]
+    assert [sum(d.values()) for d in P.in_flight_counts(build_schedule("gpipe", p, m))] == [m] * p
+    inter = P.in_flight_counts(build_schedule("interleaved_1f1b", p, m, virtual_stages=2))
     assert set(inter[0]) == {0, 4} and sum(inter[0].values()) > p  # two chunks, more in flight than 1F1B
 
 
