@@ -372,10 +372,11 @@ def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:
     import yaml
 
     body = pl.overrides()
-    body["parallel"] = {"tp": setup.tp, "pp": setup.pp, **body["parallel"]}
+    # the whole mesh: a launch with another world size fails early instead of running a wrong plan
+    body["parallel"] = {"tp": setup.tp, "pp": setup.pp, "dp": setup.dp, **body["parallel"]}
     # the micro-batch count (and so the plan) holds for this batch shape only
     body["train"] = {"global_batch_size": setup.global_batch, "seq_len": setup.seq_len}
-    body["plan"] = {"model": model_name, "dp": setup.dp, "device": pl.device, "n_micro": pl.n_micro, "predicted_step_time_s": round(pl.step_time_s, 6),
+    body["plan"] = {"model": model_name, "device": pl.device, "n_micro": pl.n_micro, "predicted_step_time_s": round(pl.step_time_s, 6),
                     "bubble": round(pl.bubble, 4), "tokens_per_s": round(pl.tokens_per_s, 1),
                     "peak_mem_gb": [round(r.peak_mem / GB, 3) for r in pl.stages]}
     return "# @package _global_\n# written by scripts/plan_stages.py\n" + yaml.safe_dump(body, sort_keys=False)

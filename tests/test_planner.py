@@ -155,6 +155,7 @@ def test_plan_file_loads_into_the_training_config(tmp_path):
     assert f"--config-dir {tmp_path} +plan=mine" in cmd
     cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "+plan=mine", "model.n_layers=5"])
     assert cfg.parallel.layers_per_stage == pl.layers_per_stage and sum(cfg.parallel.layers_per_stage) == 5
+    assert cfg.parallel.dp == 1 and cfg.parallel.tp == 1
     assert (cfg.parallel.pp, cfg.parallel.schedule, cfg.parallel.virtual_stages, cfg.parallel.micro_batch_size) == \
         (2, pl.schedule, pl.virtual_stages, pl.micro_batch_size)
     assert cfg.train.global_batch_size == 8 and cfg.plan["predicted_step_time_s"] > 0
