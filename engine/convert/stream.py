@@ -1,0 +1,147 @@
+"""Streaming safetensors I/O: a file is written tensor by tensor, never held whole in memory.
+
+``safetensors.torch.save_file`` needs every tensor of a file in memory at once (and copies each to
+bytes while serializing), which would make a converter's peak memory one whole output shard, twice.
+The format is simple enough to write incrementally: an 8-byte little-endian header length, a JSON
+header giving each tensor's dtype, shape and byte range, then the raw bytes in that order. Since the
+header needs only shapes and dtypes, we write it first and then each tensor as it is assembled,
+hashing the bytes as they go out so the checksum costs no second read.
+
+Reading uses ``safe_open(...).get_slice`` (a memory map), opened per read: pages of a map that stays
+open count towards the resident set, so a long-lived handle on every file would let the peak grow
+to the model size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.checkpoint import CheckpointError
+
+# torch dtype <-> safetensors dtype code
+_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL"}
+_DTYPES = {v: k for k, v in _CODES.items()}
+# names as the manifest writes them (str(torch.float32) without the prefix) and as --dtype spells them
+_NAMES = {str(d).removeprefix("torch."): d for d in _CODES}
+_NAMES.update({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _NAMES[name]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as a file header describes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.shape, self.dtype)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
+    """The tensors a safetensors file holds (no data read) and its ``__metadata__``."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 1024 * 1024:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); it is truncated or "
+                              f"corrupt — copy it again from its source") from None
+    meta = header.pop("__metadata__", None) or {}
+    specs = {}
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {str(path)!r} has dtype {info['dtype']}, which the "
+                                  f"converter does not handle; convert it to F32/BF16/F16 first")
+        specs[name] = TensorSpec(name, tuple(info["shape"]), _DTYPES[info["dtype"]])
+    return specs, meta
+
+
+def read_region(path: Path, name: str, box: tuple[slice, ...] | None = None) -> torch.Tensor:
+    """Tensor ``name`` of file ``path``, or only the region ``box`` of it (slices per dim)."""
+    with safe_open(path, framework="pt") as f:
+        if box is None:
+            return f.get_tensor(name)
+        return f.get_slice(name)[box]
+
+
+class StreamWriter:
+    """Write one safetensors file tensor by tensor, in the order of ``specs``.
+
+    The header goes out first; each `write` appends one tensor's bytes (converted to its spec's
+    dtype). `close` checks that every tensor was written and returns (sha256, bytes).
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = list(specs)
+        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        for s in self.specs:
+            if s.name in header:
+                raise ValueError(f"tensor {s.name!r} is listed twice for {self.path.name}")
+            header[s.name] = {"dtype": _CODES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        self._hash = hashlib.sha256()
+        self._f = open(self.path, "wb")
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def _emit(self, data) -> None:
+        self._hash.update(data)
+        self._f.write(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.specs):
+            raise ValueError(f"{self.path.name}: tensor {name!r} written beyond the planned list")
+        spec = self.specs[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape:
+            raise CheckpointError(f"{self.path.name}: expected tensor {spec.name!r} of shape {spec.shape}, got "
+                                  f"{name!r} of shape {tuple(tensor.shape)}")
+        t = tensor.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
+        self._emit(t.view(torch.uint8).numpy())  # no copy: the tensor's own buffer
+        self._next += 1
+
+    def close(self) -> tuple[str, int]:
+        if self._next != len(self.specs):
+            self._f.close()
+            raise ValueError(f"{self.path.name}: only {self._next} of {len(self.specs)} tensors were written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._hash.hexdigest(), self.path.stat().st_size
