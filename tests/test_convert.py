@@ -1,0 +1,278 @@
+"""Checkpoint conversion against the real client: transformers' LlamaForCausalLM.
+
+The numerical proofs: a random Hugging Face Llama converted with from-hf gives Tandem's eval the
+same loss as transformers on the same tokens; a trained Tandem checkpoint converted with to-hf
+gives transformers Tandem's logits and loss; round trips are bit-identical; a checkpoint saved
+sharded (as tp=2 × pp=2 ranks save it, by a 4-process gloo world) converts to the very same bytes
+as its consolidated copy.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import checkpoint as ckpt
+from engine import convert
+from engine.checkpoint import CheckpointError
+from engine.convert.sources import TandemSource
+from engine.data import TokenData
+from models import Llama, ModelConfig
+from models.init import ShardMeta
+from tests.distributed import run_distributed
+from tests.launch import SMALL_MODEL, read_metrics, train_in_process
+
+transformers = pytest.importorskip("transformers")
+
+SEQ, BATCH = 32, 4
+HF_SHAPE = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6,
+                num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, rms_norm_eps=1e-5,
+                rope_theta=10000.0)
+
+
+def random_hf_llama(path: Path, *, tied: bool, seed: int = 0) -> "transformers.LlamaForCausalLM":
+    """A random GQA Llama saved in shards with an index. Norm gains are randomized too, so a swapped
+    input/post-attention norm could not hide behind gains of one."""
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_SHAPE, tie_word_embeddings=tied)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    model.save_pretrained(path, max_shard_size="100KB")
+    return model
+
+
+def hf_loss(model, x, y) -> tuple[float, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item(), logits
+
+
+def tandem_model(path: Path) -> Llama:
+    """The serial model with weights loaded from a Tandem checkpoint through engine.checkpoint.load."""
+    cfg = ModelConfig.from_dict(ckpt.read_manifest(path)["model_config"])
+    model = Llama(cfg).eval()
+    ckpt.load(path, [ckpt.Entry(f"model/{n}", p, ShardMeta.full(p.shape)) for n, p in model.named_parameters()])
+    return model
+
+
+def tandem_eval(data_dir, ckpt_dir, run_dir, *extra) -> float:
+    out = train_in_process([f"data.dir={data_dir}", f"run_dir={run_dir}", f"checkpoint.load={ckpt_dir}",
+                            "train.eval_only=true", f"train.seq_len={SEQ}", f"train.global_batch_size={BATCH}",
+                            f"parallel.micro_batch_size={BATCH}", "eval.batches=1", *extra])
+    return out[0]["eval_loss"]
+
+
+def eval_tokens(data_dir):
+    return TokenData(data_dir).eval_windows(0, BATCH, seq_len=SEQ)
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    src = TandemSource(path)
+    return {k: src.read(k) for k in src.tensors}
+
+
+# -- Hugging Face -> Tandem --------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_from_hf_eval_equals_transformers(tied, data_dir, tmp_path):
+    hf = random_hf_llama(tmp_path / "hf", tied=tied)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # sharded, through the index
+    convert.from_hf(tmp_path / "hf", tmp_path / "tandem")
+    x, y = eval_tokens(data_dir)
+    expected, logits = hf_loss(hf, x, y)
+    assert tandem_eval(data_dir, tmp_path / "tandem", tmp_path / "run") == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():  # rotate-half in both: q/k need no permutation, logits agree everywhere
+        torch.testing.assert_close(tandem_model(tmp_path / "tandem")(x), logits, rtol=1e-5, atol=1e-5)
+    # and back: HF -> Tandem -> HF holds the same tensors, bit for bit
+    convert.to_hf(tmp_path / "tandem", tmp_path / "hf2", with_tokenizer=False)
+    assert ("lm_head.weight" in json.loads((tmp_path / "hf2" / "model.safetensors.index.json").read_text())
+            ["weight_map"]) is not tied
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    for (name, a), (_, b) in zip(hf.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# -- Tandem -> Hugging Face --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> Path:
+    """A Tandem checkpoint after 3 training steps (with optimizer state) of the small odd model."""
+    run = tmp_path_factory.mktemp("trained")
+    train_in_process([*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run}", "train.max_steps=3",
+                      "checkpoint.interval=3"])
+    return run / "checkpoints" / "step_000003"
+
+
+def test_to_hf_from_pretrained_gives_tandem_loss_and_logits(trained, data_dir, tmp_path):
+    convert.to_hf(trained, tmp_path / "hf", max_shard_size="60KB")  # tokenizer found via the recorded data dir
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
+            "tokenizer_config.json"} <= set(files)
+    assert sum(f.startswith("model-") for f in files) > 1
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x, y = eval_tokens(data_dir)
+    loss, logits = hf_loss(hf, x, y)
+    assert loss == pytest.approx(tandem_eval(data_dir, trained, tmp_path / "run"), rel=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, tandem_model(trained)(x), rtol=1e-5, atol=1e-5)
+    # the tokenizer travels: the data dir's SentencePiece model, with the config LlamaTokenizer reads
+    # (loading it through transformers >= 5 needs protobuf, which this environment lacks)
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (data_dir / "tokenizer.model").read_bytes()
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "LlamaTokenizer" and (tok_cfg["bos_token"], tok_cfg["eos_token"]) == ("<s>", "</s>")
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (1, 2)
+
+
+def test_round_trip_tandem_hf_tandem_is_bit_identical(trained, tmp_path):
+    convert.to_hf(trained, tmp_path / "hf")
+    convert.from_hf(tmp_path / "hf", tmp_path / "back")
+    before, after = tensors_of(trained), tensors_of(tmp_path / "back")
+    model_keys = {k for k in before if k.startswith("model/")}
+    assert model_keys == set(after)
+    for k in model_keys:
+        assert torch.equal(before[k], after[k]), k
+    # bf16 export is the fp32 weights rounded once
+    convert.to_hf(trained, tmp_path / "hf16", dtype="bf16")
+    convert.from_hf(tmp_path / "hf16", tmp_path / "back16")
+    w = "model/layers.1.attention.wk.weight"
+    assert torch.equal(tensors_of(tmp_path / "back16")[w], before[w].bfloat16().float())
+
+
+# -- layouts: a checkpoint saved sharded, as tp=2 x pp=2 ranks save it --------------------------
+def _split(name: str, full: torch.Tensor, tp_rank: int) -> ShardMeta:
+    """Megatron's split for tp=2: column-parallel on dim 0, row-parallel (wo, w2) on dim 1, norms whole."""
+    dim = 1 if name.endswith(("wo.weight", "w2.weight")) else 0 if full.ndim == 2 else None
+    if dim is None:
+        return ShardMeta.full(full.shape)
+    n = full.shape[dim] // 2
+    off, shp = [0, 0], list(full.shape)
+    off[dim], shp[dim] = tp_rank * n, n
+    return ShardMeta(tuple(full.shape), tuple(off), tuple(shp))
+
+
+def _save_as_tp2_pp2(rank, world, src: str, root: str):
+    """Rank (pp, tp) of a 2x2 mesh saves its stage's layers' tp slices (3 layers: 2 + 1)."""
+    pp, tp = divmod(rank, 2)
+    full = tensors_of(Path(src))
+    cfg = ModelConfig.from_dict(ckpt.read_manifest(src)["model_config"])
+    stage = Llama(cfg, layers=(0, 2) if pp == 0 else (2, 3), kernels="torch")
+    entries = []
+    for name, _ in stage.named_parameters():
+        for key in (f"model/{name}", f"optim/exp_avg/{name}", f"optim/exp_avg_sq/{name}"):
+            meta = _split(name, full[key], tp)
+            entries.append(ckpt.Entry(key, full[key][meta.global_slices()].clone(), ShardMeta(
+                meta.global_shape, meta.offset, meta.shape)))
+    ckpt.save(root, 3, entries, model_config=cfg.to_dict(), layout={"tp": 2, "pp": 2, "dp": 1},
+              train_state={"step": 3})
+
+
+@pytest.fixture(scope="module")
+def sharded(trained, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sharded")
+    run_distributed(_save_as_tp2_pp2, world_size=4, args=(str(trained), str(root)))
+    return root / "step_000003"
+
+
+def test_sharded_checkpoint_converts_like_the_serial_one(trained, sharded, tmp_path):
+    m = ckpt.read_manifest(sharded)
+    assert len(m["files"]) == 4 and len(m["tensors"]["model/layers.0.attention.wq.weight"]["slices"]) == 2
+    convert.to_hf(sharded, tmp_path / "a", with_tokenizer=False)
+    convert.to_hf(trained, tmp_path / "b", with_tokenizer=False)
+    for f in (tmp_path / "a").iterdir():  # the very same bytes, whatever layout saved the weights
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+
+
+def test_consolidate_reshard_inspect_verify(trained, sharded, tmp_path):
+    convert.consolidate(sharded, tmp_path / "one")
+    assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["consolidated_00000.safetensors"]
+    ref = tensors_of(trained)
+    one = tensors_of(tmp_path / "one")
+    assert set(one) == set(ref) and all(torch.equal(one[k], ref[k]) for k in ref)  # optimizer state too
+    assert all(len(i["slices"]) == 1 for i in ckpt.read_manifest(tmp_path / "one")["tensors"].values())
+
+    convert.reshard(tmp_path / "one", tmp_path / "re", tp=2, pp=2)
+    m = ckpt.read_manifest(tmp_path / "re")
+    assert sorted(m["files"]) == [f"pp{p:02d}_tp{t:02d}.safetensors" for p in range(2) for t in range(2)]
+    # pp rank 1, tp rank 1 holds layer 2's second half of wq (rows 24..48), in its own file
+    (s,) = [s for s in m["tensors"]["model/layers.2.attention.wq.weight"]["slices"] if s["offset"] == [24, 0]]
+    assert s["file"] == "pp01_tp01.safetensors" and s["shape"] == [24, 48]
+    re = tensors_of(tmp_path / "re")
+    assert all(torch.equal(re[k], ref[k]) for k in ref)
+    for d in (trained, sharded, tmp_path / "one", tmp_path / "re"):
+        assert len(convert.verify(d)) == 2
+
+    info = convert.inspect(sharded)
+    assert info["step"] == 3 and info["layout"]["tp"] == 2 and info["model_config"]["n_layers"] == 3
+    row = next(r for r in info["tensors"] if r["key"] == "model/layers.0.feed_forward.w2.weight")
+    assert row["shape"] == [48, 72] and row["dtype"] == "float32" and row["slices"] == 2
+    text = convert.format_inspect(info)
+    assert "model/layers.0.feed_forward.w2.weight" in text and "(48, 72)" in text
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.fixture
+def hf_dir(tmp_path) -> Path:
+    random_hf_llama(tmp_path / "hf", tied=False)
+    return tmp_path / "hf"
+
+
+def test_not_a_llama(hf_dir, tmp_path):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral",
+                                                    "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="only Llama"):
+        convert.from_hf(hf_dir, tmp_path / "out")
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+                                                    "rope_parameters": None}))
+    with pytest.raises(CheckpointError, match="rope type 'llama3'"):
+        convert.from_hf(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_missing_index_or_shard(hf_dir, tmp_path):
+    index = hf_dir / "model.safetensors.index.json"
+    shard = json.loads(index.read_text())["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (hf_dir / shard).rename(tmp_path / shard)
+    with pytest.raises(CheckpointError, match=f"missing the shard {shard}"):
+        convert.from_hf(hf_dir, tmp_path / "out")
+    (tmp_path / shard).rename(hf_dir / shard)
+    index.unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors.index.json"):
+        convert.from_hf(hf_dir, tmp_path / "out")
+
+
+def test_shape_mismatch_names_the_tensor(hf_dir, tmp_path):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 3}))
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(16, 48\)"):
+        convert.from_hf(hf_dir, tmp_path / "out")
+
+
+def test_checksum_failure_and_existing_destination(hf_dir, tmp_path):
+    convert.from_hf(hf_dir, tmp_path / "t")
+    with pytest.raises(CheckpointError, match="already exists; choose another path or pass --force"):
+        convert.from_hf(hf_dir, tmp_path / "t")
+    convert.from_hf(hf_dir, tmp_path / "t", force=True)
+    with pytest.raises(CheckpointError, match="no tokenizer .* pass --tokenizer"):
+        convert.to_hf(tmp_path / "t", tmp_path / "out")
+    (f,) = (tmp_path / "t").glob("*.safetensors")
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{f.name} does not match its checksum"):
+        convert.to_hf(tmp_path / "t", tmp_path / "out", with_tokenizer=False)
+    with pytest.raises(CheckpointError, match="failed verification"):
+        convert.verify(tmp_path / "t")
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line(hf_dir, tmp_path, capsys):
+    from scripts.convert_checkpoint import main
+
+    assert main(["from-hf", str(hf_dir), str(tmp_path / "t")]) == 0
+    assert main(["verify", str(tmp_path / "t")]) == 0
+    assert main(["inspect", str(tmp_path / "t")]) == 0
+    assert "model/layers.2.feed_forward.w3.weight" in capsys.readouterr().out
+    assert main(["from-hf", str(hf_dir), str(tmp_path / "t")]) == 2
+    assert "already exists" in capsys.readouterr().err
