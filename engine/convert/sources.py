@@ -14,7 +14,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine.checkpoint import CheckpointError
 from engine.convert.names import from_hf_name, model_config_from_hf, param_shapes
-from engine.convert.stream import dtype_from_name, read_header, read_region
+from engine.convert.stream import dtype_from_name, read_header, read_into, read_tensor
 from models.config import ModelConfig
 
 
@@ -53,7 +53,7 @@ class TandemSource:
                 continue
             src = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, s["offset"]))
             dst = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, offset))
-            out[dst] = read_region(self.path / s["file"], key, src)
+            read_into(self.path / s["file"], key, src, out[dst])
             covered += int(torch.Size([hi - lo for lo, hi in box]).numel())
         if covered != out.numel():
             raise CheckpointError(f"checkpoint {str(self.path)!r}: the slices of {key!r} cover {covered} of the "
@@ -147,4 +147,4 @@ class HFSource:
 
     def read(self, name: str) -> torch.Tensor:
         fname, hf_name = self.names[name]
-        return read_region(self.path / fname, hf_name)
+        return read_tensor(self.path / fname, hf_name)

@@ -7,12 +7,14 @@ header giving each tensor's dtype, shape and byte range, then the raw bytes in t
 header needs only shapes and dtypes, we write it first and then each tensor as it is assembled,
 hashing the bytes as they go out so the checksum costs no second read.
 
-Reading uses ``safe_open(...).get_slice`` (a memory map), opened per read: pages of a map that stays
-open count towards the resident set, so a long-lived handle on every file would let the peak grow
-to the model size.
+Reading goes straight from the file into the destination tensor (``readinto``) whenever the region
+is one run of bytes, which it is for whole tensors and row blocks; other regions use
+``safe_open(...).get_slice``, opened per read. A memory map would do too, but the pages it touches
+count towards the resident set while it is open, doubling a tensor's footprint.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -89,12 +91,63 @@ def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
     return specs, meta
 
 
-def read_region(path: Path, name: str, box: tuple[slice, ...] | None = None) -> torch.Tensor:
-    """Tensor ``name`` of file ``path``, or only the region ``box`` of it (slices per dim)."""
-    with safe_open(path, framework="pt") as f:
-        if box is None:
-            return f.get_tensor(name)
-        return f.get_slice(name)[box]
+@functools.lru_cache(maxsize=1024)
+def _header_cached(path: str, mtime_ns: int, size: int) -> tuple[dict, int]:
+    """Each tensor's (dtype, shape, absolute byte range) in ``path``; keyed by mtime and size too, so a
+    rewritten file is read afresh."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (_DTYPES[v["dtype"]], tuple(v["shape"]), v["data_offsets"][0] + 8 + n) for k, v in header.items()}, n
+
+
+def _contiguous(box: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
+    """Whether region ``box`` of a row-major tensor is one run of bytes: every dim after the last
+    partial one is whole, every dim before it has extent one."""
+    extents = [s.stop - s.start for s in box]
+    partial = [i for i, (e, n) in enumerate(zip(extents, shape)) if e != n]
+    return not partial or all(e == 1 for e in extents[:partial[-1]])
+
+
+def read_into(path: Path, name: str, box: tuple[slice, ...] | None, out: torch.Tensor) -> None:
+    """Copy region ``box`` (the whole tensor when None) of tensor ``name`` in ``path`` into ``out``.
+
+    A region that is one run of bytes (a whole tensor, a block of rows) is read straight from the
+    file with ``readinto`` — into ``out`` itself when it is contiguous and of the stored dtype, so the
+    region is never in memory twice. Other regions go through ``safe_open(...).get_slice``.
+    """
+    st = os.stat(path)
+    tensors, _ = _header_cached(str(path), st.st_mtime_ns, st.st_size)
+    dtype, shape, start = tensors[name]
+    box = box if box is not None else tuple(slice(0, n) for n in shape)
+    if not _contiguous(box, shape):
+        with safe_open(path, framework="pt") as f:
+            out.copy_(f.get_slice(name)[box])
+        return
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    first = sum(s.start * st_ for s, st_ in zip(box, strides))
+    direct = out.is_contiguous() and out.dtype == dtype
+    buf = out if direct else torch.empty(out.shape, dtype=dtype)
+    view = buf.reshape(-1).view(torch.uint8).numpy()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start + first * buf.element_size())
+        got = f.readinto(view)
+    if got != view.nbytes:
+        raise CheckpointError(f"{str(path)!r} ends inside tensor {name!r}; the file is truncated — copy it again")
+    if not direct:
+        out.copy_(buf)
+
+
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """Tensor ``name`` of file ``path``, read once into fresh memory."""
+    st = os.stat(path)
+    dtype, shape, _ = _header_cached(str(path), st.st_mtime_ns, st.st_size)[0][name]
+    out = torch.empty(shape, dtype=dtype)
+    read_into(path, name, None, out)
+    return out
 
 
 class StreamWriter:
