@@ -32,15 +32,15 @@ HF_SHAPE = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_a
                 rope_theta=10000.0)
 
 
-def random_hf_llama(path: Path, *, tied: bool, seed: int = 0) -> "transformers.LlamaForCausalLM":
-    """A random GQA Llama saved in shards with an index. Norm gains are randomized too, so a swapped
+def random_hf_llama(path: Path, *, tied: bool, seed: int = 0, shard: str = "100KB") -> "transformers.LlamaForCausalLM":
+    """A random GQA Llama saved in shards with an index (or one file, with a large ``shard``). Norm gains are randomized too, so a swapped
     input/post-attention norm could not hide behind gains of one."""
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_SHAPE, tie_word_embeddings=tied)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    model.save_pretrained(path, max_shard_size="100KB")
+    model.save_pretrained(path, max_shard_size=shard)
     return model
 
 
@@ -77,8 +77,9 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
 # -- Hugging Face -> Tandem --------------------------------------------------------------------
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_from_hf_eval_equals_transformers(tied, data_dir, tmp_path):
-    hf = random_hf_llama(tmp_path / "hf", tied=tied)
-    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # sharded, through the index
+    hf = random_hf_llama(tmp_path / "hf", tied=tied, shard="10MB" if tied else "100KB")
+    # untied: sharded, read through the index; tied: one model.safetensors without an index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() is not tied
     convert.from_hf(tmp_path / "hf", tmp_path / "tandem")
     x, y = eval_tokens(data_dir)
     expected, logits = hf_loss(hf, x, y)
@@ -183,7 +184,7 @@ def test_sharded_checkpoint_converts_like_the_serial_one(trained, sharded, tmp_p
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
 
 
-def test_consolidate_reshard_inspect_verify(trained, sharded, tmp_path):
+def test_consolidate_reshard_inspect_verify(trained, sharded, data_dir, tmp_path):
     convert.consolidate(sharded, tmp_path / "one")
     assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["consolidated_00000.safetensors"]
     ref = tensors_of(trained)
@@ -201,6 +202,8 @@ def test_consolidate_reshard_inspect_verify(trained, sharded, tmp_path):
     assert all(torch.equal(re[k], ref[k]) for k in ref)
     for d in (trained, sharded, tmp_path / "one", tmp_path / "re"):
         assert len(convert.verify(d)) == 2
+    # the trainer loads the re-sharded checkpoint (checkpoint.load=) and evaluates it like the original
+    assert tandem_eval(data_dir, tmp_path / "re", tmp_path / "r1") == tandem_eval(data_dir, trained, tmp_path / "r2")
 
     info = convert.inspect(sharded)
     assert info["step"] == 3 and info["layout"]["tp"] == 2 and info["model_config"]["n_layers"] == 3
@@ -265,6 +268,23 @@ def test_checksum_failure_and_existing_destination(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match="failed verification"):
         convert.verify(tmp_path / "t")
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_finds_gaps_and_overlaps(sharded, tmp_path):
+    for damage, message in (("gap", "part of the tensor is missing"), ("overlap", "overlap")):
+        d = tmp_path / damage
+        shutil.copytree(sharded, d)
+        m = json.loads((d / "manifest.json").read_text())
+        slices = m["tensors"]["model/layers.1.feed_forward.w1.weight"]["slices"]
+        if damage == "gap":
+            slices.pop()
+        else:
+            slices[1]["offset"] = [slices[1]["offset"][0] - 1, 0]
+        (d / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(CheckpointError, match=rf"'model/layers.1.feed_forward.w1.weight'.*{message}"):
+            convert.verify(d)
+        with pytest.raises(CheckpointError, match="layers.1.feed_forward.w1.weight"):
+            convert.to_hf(d, tmp_path / f"hf_{damage}", with_tokenizer=False)
 
 
 def test_command_line(hf_dir, tmp_path, capsys):

@@ -31,6 +31,11 @@ class TandemSource:
         if verify:
             ckpt.verify_files(self.path, self.manifest, self.manifest["files"])
         self.model_config = ModelConfig.from_dict(self.manifest["model_config"])
+        for key, info in self.tensors.items():
+            problems = slice_problems(key, info)
+            if problems:
+                raise CheckpointError(f"checkpoint {str(self.path)!r} is damaged: {problems[0]}; run "
+                                      f"`convert_checkpoint.py verify` on it for the full list")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key]["global_shape"])
@@ -60,6 +65,25 @@ class TandemSource:
                                   f"{out.numel()} elements needed (gaps or overlaps); it is damaged — run "
                                   f"`convert_checkpoint.py verify` on it")
         return out
+
+
+def slice_problems(key: str, info: dict) -> list[str]:
+    """What is wrong with the slices the manifest lists for ``key``: out of bounds, overlapping,
+    or not covering the global tensor (in-bounds disjoint slices cover it iff their sizes add up)."""
+    gshape = tuple(info["global_shape"])
+    problems, boxes = [], []
+    for s in info["slices"]:
+        off, shp = tuple(s["offset"]), tuple(s["shape"])
+        if len(off) != len(gshape) or any(o < 0 or o + n > g for o, n, g in zip(off, shp, gshape)):
+            problems.append(f"{key!r}: slice {off}+{shp} in {s['file']} lies outside its global shape {gshape}")
+            continue
+        problems += [f"{key!r}: slices {o}+{n} and {off}+{shp} overlap" for o, n in boxes
+                     if ckpt._overlap(off, shp, o, n) is not None]
+        boxes.append((off, shp))
+    held, need = sum(torch.Size(b[1]).numel() for b in boxes), torch.Size(gshape).numel()
+    if held < need and not problems:
+        problems.append(f"{key!r}: its slices hold {held} of {need} elements; part of the tensor is missing")
+    return problems
 
 
 def _load_json(path: Path, what: str) -> dict:

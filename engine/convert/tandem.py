@@ -21,7 +21,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine.checkpoint import CheckpointError
 from engine.convert.stream import StreamWriter, TensorSpec, dtype_name, nbytes, read_header
-from engine.convert.sources import TandemSource
+from engine.convert.sources import TandemSource, slice_problems
 from models.config import ModelConfig
 
 
@@ -249,25 +249,12 @@ def verify(src: str | Path) -> list[str]:
             problems.append(str(e))
     done.append(f"{len(m['files']) - len(problems)} of {len(m['files'])} files match their checksums")
     for key, info in m["tensors"].items():
-        gshape = tuple(info["global_shape"])
-        boxes = []
+        problems += slice_problems(key, info)
         for s in info["slices"]:
-            off, shp = tuple(s["offset"]), tuple(s["shape"])
-            if len(off) != len(gshape) or any(o < 0 or o + n > g for o, n, g in zip(off, shp, gshape)):
-                problems.append(f"{key!r}: slice {off}+{shp} in {s['file']} lies outside its global shape {gshape}")
-                continue
             spec = headers.get(s["file"], {}).get(key)
-            if s["file"] in headers and (spec is None or spec.shape != shp):
-                problems.append(f"{key!r}: {s['file']} does not hold the slice of shape {shp} the manifest lists "
-                                f"(it holds {None if spec is None else spec.shape})")
-            for other in boxes:
-                if ckpt._overlap(off, shp, *other) is not None:
-                    problems.append(f"{key!r}: slices {other[0]}+{other[1]} and {off}+{shp} overlap")
-            boxes.append((off, shp))
-        held = sum(int(torch.Size(b[1]).numel()) for b in boxes)
-        if held < torch.Size(gshape).numel():
-            problems.append(f"{key!r}: its slices hold {held} of {torch.Size(gshape).numel()} elements; part of "
-                            f"the tensor is missing")
+            if s["file"] in headers and (spec is None or spec.shape != tuple(s["shape"])):
+                problems.append(f"{key!r}: {s['file']} does not hold the slice of shape {tuple(s['shape'])} the "
+                                f"manifest lists (it holds {None if spec is None else spec.shape})")
     done.append(f"{len(m['tensors'])} tensors covered exactly once by their slices")
     if problems:
         raise CheckpointError(f"checkpoint {str(path)!r} failed verification ({len(problems)} problem(s)):\n  "
