@@ -294,5 +294,8 @@ def test_command_line(hf_dir, tmp_path, capsys):
     assert main(["verify", str(tmp_path / "t")]) == 0
     assert main(["inspect", str(tmp_path / "t")]) == 0
     assert "model/layers.2.feed_forward.w3.weight" in capsys.readouterr().out
+    assert main(["inspect", str(hf_dir)]) == 0  # a Hugging Face directory too
+    out = capsys.readouterr().out
+    assert "model.layers.2.mlp.up_proj.weight" in out and "n_kv_heads=2" in out
     assert main(["from-hf", str(hf_dir), str(tmp_path / "t")]) == 2
     assert "already exists" in capsys.readouterr().err

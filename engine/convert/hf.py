@@ -132,3 +132,18 @@ def from_hf(src: str | Path, dst: str | Path, *, dtype: str = "fp32", max_file_s
                      model_config=cfg.to_dict(), layout={"tp": 1, "pp": 1, "dp": 1, "converted": "from-hf"},
                      train_state=state, step=0)
     return Path(dst)
+
+
+def inspect_hf(src: str | Path) -> dict:
+    """`inspect` for a Hugging Face directory: the model config it maps to and its tensors."""
+    h = HFSource(src)
+    rows = []
+    for name, (fname, hf_name) in h.names.items():
+        spec = h.files[fname][hf_name]
+        rows.append({"key": hf_name, "shape": list(spec.shape), "dtype": dtype_name(spec.dtype), "slices": 1,
+                     "bytes": spec.nbytes, "tandem_name": name})
+    return {"path": str(h.path), "step": None, "model_config": h.model_config.to_dict(),
+            "layout": {"format": "huggingface", "files": len(h.files)}, "train_state": {}, "tensors": rows,
+            "n_tensors": len(rows), "n_params": sum(torch.Size(r["shape"]).numel() for r in rows),
+            "tensor_bytes": sum(r["bytes"] for r in rows),
+            "files": {f: (h.path / f).stat().st_size for f in h.files}}

@@ -203,7 +203,12 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, layers_per_st
 
 # -- inspect and verify ------------------------------------------------------------------------
 def inspect(src: str | Path) -> dict:
-    """What a checkpoint holds, read from its manifest (no tensor data is read)."""
+    """What a checkpoint holds, read from its manifest (no tensor data is read). A Hugging Face
+    directory is described too, from its config and shard headers."""
+    if not (Path(src) / ckpt.MANIFEST).is_file() and (Path(src) / "config.json").is_file():
+        from engine.convert.hf import inspect_hf
+
+        return inspect_hf(src)
     s = TandemSource(src, verify=False)
     m = s.manifest
     rows, total = [], 0
