@@ -45,8 +45,9 @@ def parser() -> argparse.ArgumentParser:
     c = cmd("reshard", "one file per rank of a target (tp, pp) layout")
     c.add_argument("--tp", type=int, required=True)
     c.add_argument("--pp", type=int, required=True)
+    c.add_argument("--virtual-stages", type=int, default=1, help="model chunks per pp rank (interleaved 1F1B)")
     c.add_argument("--layers-per-stage", type=lambda s: [int(x) for x in s.split(",")],
-                   help="comma-separated layer counts per stage (default: balanced)")
+                   help="comma-separated layer counts per chunk (default: balanced)")
     c = cmd("inspect", "model config, step, layout, tensors", dst=False)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmd("verify", "checksums, full coverage, no overlaps", dst=False)
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
         elif a.command == "consolidate":
             out = convert.consolidate(a.src, a.dst, max_file_bytes=convert.parse_size(a.max_file_size), force=a.force)
         elif a.command == "reshard":
-            out = convert.reshard(a.src, a.dst, tp=a.tp, pp=a.pp, layers_per_stage=a.layers_per_stage, force=a.force)
+            out = convert.reshard(a.src, a.dst, tp=a.tp, pp=a.pp, virtual_stages=a.virtual_stages,
+                                  layers_per_stage=a.layers_per_stage, force=a.force)
         elif a.command == "inspect":
             info = convert.inspect(a.src)
             print(json.dumps(info, indent=1) if a.json else convert.format_inspect(info))

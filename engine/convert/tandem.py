@@ -133,8 +133,8 @@ def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = No
         base, extra = divmod(n_layers, pp)
         layers_per_stage = [base + (1 if i < extra else 0) for i in range(pp)]
     if len(layers_per_stage) != pp or sum(layers_per_stage) != n_layers or min(layers_per_stage) < 1:
-        raise CheckpointError(f"layers per stage {layers_per_stage} must be {pp} positive counts summing to the "
-                              f"model's {n_layers} layers; fix --layers-per-stage or --pp")
+        raise CheckpointError(f"layers per stage {layers_per_stage} must be {pp} positive counts (pp × virtual "
+                              f"stages) summing to the model's {n_layers} layers; fix --layers-per-stage or --pp")
     out, start = [], 0
     for n in layers_per_stage:
         out.append(range(start, start + n))
@@ -144,11 +144,11 @@ def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = No
 
 def tp_region(param: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, tp_rank: int,
               ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """The (offset, shape) of ``param`` tensor-parallel rank ``tp_rank`` holds, or None when the
-    tensor is replicated (norms; k/v projections when tp does not divide the KV heads)."""
+    """The (offset, shape) of ``param`` that tensor-parallel rank ``tp_rank`` holds, as
+    engine/tensor_parallel.py shards it, or None for a replicated tensor (the norms). Attention
+    splits whole heads; when tp is a multiple of the KV heads each rank holds the one KV head its
+    query heads use; vocabularies are split in ceil(V / tp) rows, the last shard short."""
     leaf = param.split(".", 2)[2] if param.startswith("layers.") else param
-    if leaf in ("attention.wk.weight", "attention.wv.weight") and cfg.n_kv_heads % tp:
-        return None
     if leaf in _COLUMN:
         dim = 0
     elif leaf in _ROW:
@@ -156,9 +156,14 @@ def tp_region(param: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, tp_
     else:
         return None
     n = shape[dim]
-    unit = cfg.head_dim if leaf.startswith("attention.") else 1  # attention splits whole heads
-    per = -(-(n // unit) // tp) * unit  # ceil: a vocabulary that tp does not divide leaves the last rank short
-    lo, hi = min(tp_rank * per, n), min((tp_rank + 1) * per, n)
+    if leaf in ("attention.wk.weight", "attention.wv.weight") and cfg.n_kv_heads % tp:
+        if tp % cfg.n_kv_heads:
+            return None  # no layout shards this way; keep it whole
+        lo, hi = (tp_rank // (tp // cfg.n_kv_heads)) * cfg.head_dim, (tp_rank // (tp // cfg.n_kv_heads) + 1) * cfg.head_dim
+    else:
+        unit = cfg.head_dim if leaf.startswith("attention.") else 1
+        per = -(-(n // unit) // tp) * unit  # ceil: a vocabulary tp does not divide leaves the last rank short
+        lo, hi = min(tp_rank * per, n), min((tp_rank + 1) * per, n)
     offset, sub = [0] * len(shape), list(shape)
     offset[dim], sub[dim] = lo, hi - lo
     return tuple(offset), tuple(sub)
@@ -169,21 +174,27 @@ def _param_of(key: str) -> str:
     return key.split("/", 1)[1] if key.startswith("model/") else key.split("/", 2)[2]
 
 
-def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, layers_per_stage: list[int] | None = None,
-            force: bool = False) -> Path:
+def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, virtual_stages: int = 1,
+            layers_per_stage: list[int] | None = None, force: bool = False) -> Path:
     """One file per (pp rank, tp rank) of the target layout holding exactly that rank's slices, so
-    each rank reads its own file (replicated tensors live once, in its stage's tp-rank-0 file)."""
+    each rank reads its own file. A region several tp ranks hold (norms; a KV head shared by ranks)
+    lives once, in the file of the lowest of them."""
     s = TandemSource(src)
     cfg = s.model_config
-    if tp < 1 or pp < 1 or cfg.n_heads % tp:
-        raise CheckpointError(f"--tp {tp} must be positive and divide the model's {cfg.n_heads} heads")
-    stages = stage_layers(cfg.n_layers, pp, layers_per_stage)
+    if tp < 1 or pp < 1 or cfg.n_heads % tp or cfg.ffn_dim % tp:
+        raise CheckpointError(f"--tp {tp} must be positive and divide the model's {cfg.n_heads} heads and "
+                              f"ffn_dim {cfg.ffn_dim}; --pp {pp} must be positive")
+    if virtual_stages < 1:
+        raise CheckpointError(f"--virtual-stages {virtual_stages} must be at least 1")
+    # chunk c of pp * virtual_stages goes to pp rank c % pp (the interleaved schedule's round robin)
+    stages = stage_layers(cfg.n_layers, pp * virtual_stages, layers_per_stage)
     files: dict[str, list[Region]] = {}
+    seen = set()
     for key in s.tensors:
         param = _param_of(key)
         if param.startswith("layers."):
             layer = int(param.split(".")[1])
-            stage = next(i for i, r in enumerate(stages) if layer in r)
+            stage = next(i for i, r in enumerate(stages) if layer in r) % pp
         else:
             stage = 0 if param == "tok_embeddings.weight" else pp - 1
         shape = s.shape(key)
@@ -192,13 +203,14 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, layers_per_st
             if box is None and t > 0:
                 continue
             offset, sub = box if box is not None else ((0,) * len(shape), shape)
-            if 0 in sub:
+            if 0 in sub or (key, offset) in seen:
                 continue
+            seen.add((key, offset))
             files.setdefault(f"pp{stage:02d}_tp{t:02d}.safetensors", []).append(
                 Region(key, shape, offset, sub, s.dtype(key)))
     files = dict(sorted(files.items()))
-    return _rewrite(s, dst, files, force=force, how={"converted": f"reshard tp={tp} pp={pp}", "files_for":
-                                                     {"tp": tp, "pp": pp, "layers": [len(r) for r in stages]}})
+    return _rewrite(s, dst, files, force=force, how={"converted": f"reshard tp={tp} pp={pp}", "files_for": {
+        "tp": tp, "pp": pp, "virtual_stages": virtual_stages, "layers_per_chunk": [len(r) for r in stages]}})
 
 
 # -- inspect and verify ------------------------------------------------------------------------
