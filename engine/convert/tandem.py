@@ -130,6 +130,9 @@ _ROW = ("attention.wo.weight", "feed_forward.w2.weight")  # split on dim 1
 
 def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = None) -> list[range]:
     if layers_per_stage is None:
+        if n_layers < pp:
+            raise CheckpointError(f"the model's {n_layers} layers cannot fill {pp} pipeline chunks (pp × virtual "
+                                  f"stages); lower --pp or --virtual-stages")
         base, extra = divmod(n_layers, pp)
         layers_per_stage = [base + (1 if i < extra else 0) for i in range(pp)]
     if len(layers_per_stage) != pp or sum(layers_per_stage) != n_layers or min(layers_per_stage) < 1:
