@@ -233,13 +233,17 @@ def test_not_a_llama(hf_dir, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
-def test_missing_index_or_shard(hf_dir, tmp_path):
+def test_missing_index_missing_or_truncated_shard(hf_dir, tmp_path):
     index = hf_dir / "model.safetensors.index.json"
     shard = json.loads(index.read_text())["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     (hf_dir / shard).rename(tmp_path / shard)
     with pytest.raises(CheckpointError, match=f"missing the shard {shard}"):
         convert.from_hf(hf_dir, tmp_path / "out")
     (tmp_path / shard).rename(hf_dir / shard)
+    with open(hf_dir / shard, "r+b") as f:  # a download cut short
+        f.truncate((hf_dir / shard).stat().st_size - 100)
+    with pytest.raises(CheckpointError, match=f"{shard}' is truncated"):
+        convert.from_hf(hf_dir, tmp_path / "out")
     index.unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors.index.json"):
         convert.from_hf(hf_dir, tmp_path / "out")

@@ -76,12 +76,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict]:
             if n > 100 * 1024 * 1024:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); it is truncated or "
                               f"corrupt — copy it again from its source") from None
     meta = header.pop("__metadata__", None) or {}
+    end = 8 + n + max((info["data_offsets"][1] for info in header.values()), default=0)
+    if path.stat().st_size < end:
+        raise CheckpointError(f"{str(path)!r} is truncated: {path.stat().st_size} bytes where its header needs "
+                              f"{end}; copy it again from its source")
     specs = {}
     for name, info in header.items():
         if info["dtype"] not in _DTYPES:
