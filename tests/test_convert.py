@@ -3,8 +3,8 @@
 The numerical proofs: a random Hugging Face Llama converted with from-hf gives Tandem's eval the
 same loss as transformers on the same tokens; a trained Tandem checkpoint converted with to-hf
 gives transformers Tandem's logits and loss; round trips are bit-identical; a checkpoint saved
-sharded (as tp=2 × pp=2 ranks save it, by a 4-process gloo world) converts to the very same bytes
-as its consolidated copy.
+sharded by the trainer at tp=2 × pp=2 converts to the very same bytes as its consolidated copy,
+and Tandem's eval at tp=2 × pp=2 of a from-hf checkpoint equals transformers' loss.
 """
 import json
 import shutil
@@ -22,11 +22,12 @@ from engine.data import TokenData
 from models import Llama, ModelConfig
 from models.init import ShardMeta
 from tests.distributed import run_distributed
-from tests.launch import SMALL_MODEL, read_metrics, train_in_process
+from tests.launch import SMALL_MODEL, train_in_process
 
 transformers = pytest.importorskip("transformers")
 
 SEQ, BATCH = 32, 4
+EVAL = [f"train.seq_len={SEQ}", f"train.global_batch_size={BATCH}", "parallel.micro_batch_size=2", "eval.batches=1"]
 HF_SHAPE = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6,
                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, rms_norm_eps=1e-5,
                 rope_theta=10000.0)
@@ -140,54 +141,81 @@ def test_round_trip_tandem_hf_tandem_is_bit_identical(trained, tmp_path):
     assert torch.equal(tensors_of(tmp_path / "back16")[w], before[w].bfloat16().float())
 
 
-# -- layouts: a checkpoint saved sharded, as tp=2 x pp=2 ranks save it --------------------------
-def _split(name: str, full: torch.Tensor, tp_rank: int) -> ShardMeta:
-    """Megatron's split for tp=2: column-parallel on dim 0, row-parallel (wo, w2) on dim 1, norms whole."""
-    dim = 1 if name.endswith(("wo.weight", "w2.weight")) else 0 if full.ndim == 2 else None
-    if dim is None:
-        return ShardMeta.full(full.shape)
-    n = full.shape[dim] // 2
-    off, shp = [0, 0], list(full.shape)
-    off[dim], shp[dim] = tp_rank * n, n
-    return ShardMeta(tuple(full.shape), tuple(off), tuple(shp))
+# -- the real tp=2 × pp=2 layout ---------------------------------------------------------------
+PAR = ["parallel.tp=2", "parallel.pp=2"]
 
 
-def _save_as_tp2_pp2(rank, world, src: str, root: str):
-    """Rank (pp, tp) of a 2x2 mesh saves its stage's layers' tp slices (3 layers: 2 + 1)."""
-    pp, tp = divmod(rank, 2)
-    full = tensors_of(Path(src))
-    cfg = ModelConfig.from_dict(ckpt.read_manifest(src)["model_config"])
-    stage = Llama(cfg, layers=(0, 2) if pp == 0 else (2, 3), kernels="torch")
-    entries = []
-    for name, _ in stage.named_parameters():
-        for key in (f"model/{name}", f"optim/exp_avg/{name}", f"optim/exp_avg_sq/{name}"):
-            meta = _split(name, full[key], tp)
-            entries.append(ckpt.Entry(key, full[key][meta.global_slices()].clone(), ShardMeta(
-                meta.global_shape, meta.offset, meta.shape)))
-    ckpt.save(root, 3, entries, model_config=cfg.to_dict(), layout={"tp": 2, "pp": 2, "dp": 1},
-              train_state={"step": 3})
+def _trainer_runs(rank, world, runs):
+    """The real trainer (engine.trainer.main on a composed config) once per entry, in one world."""
+    from engine.trainer import main
+    from tests.launch import compose
+
+    return {name: main(compose(overrides)) for name, overrides in runs.items()}
 
 
 @pytest.fixture(scope="module")
-def sharded(trained, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sharded")
-    run_distributed(_save_as_tp2_pp2, world_size=4, args=(str(trained), str(root)))
-    return root / "step_000003"
+def tp2pp2(data_dir, tmp_path_factory) -> dict:
+    """One 4-process gloo world runs the trainer at tp=2 × pp=2: 3 training steps (saving a checkpoint),
+    then eval_only of that checkpoint and of a random HF Llama converted with from-hf."""
+    root = tmp_path_factory.mktemp("tp2pp2")
+    hf = random_hf_llama(root / "hf", tied=False, seed=1)
+    convert.from_hf(root / "hf", root / "from_hf")
+    trained = root / "train" / "checkpoints" / "step_000003"
+    ev = [f"data.dir={data_dir}", "train.eval_only=true", *EVAL, *PAR]
+    runs = {"train": [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={root / 'train'}", "train.max_steps=3",
+                      "checkpoint.interval=3", *PAR],
+            "eval_trained": [f"run_dir={root / 'eval_trained'}", f"checkpoint.load={trained}", *ev],
+            "eval_hf": [f"run_dir={root / 'eval_hf'}", f"checkpoint.load={root / 'from_hf'}", *ev]}
+    out = run_distributed(_trainer_runs, world_size=4, args=(runs,))[0]
+    return {"hf": hf, "from_hf": root / "from_hf", "trained": trained,
+            "eval_trained": out["eval_trained"][0]["eval_loss"], "eval_hf": out["eval_hf"][0]["eval_loss"]}
 
 
-def test_sharded_checkpoint_converts_like_the_serial_one(trained, sharded, tmp_path):
+@pytest.fixture(scope="module")
+def sharded(tp2pp2) -> Path:
+    """The checkpoint the trainer saved at tp=2 x pp=2 (model and optimizer state, four rank files)."""
+    return tp2pp2["trained"]
+
+
+def test_from_hf_evaluates_at_tp2_pp2_like_transformers(tp2pp2, data_dir):
+    x, y = eval_tokens(data_dir)
+    assert tp2pp2["eval_hf"] == pytest.approx(hf_loss(tp2pp2["hf"], x, y)[0], rel=1e-5)
+
+
+def test_tp2_pp2_trained_checkpoint_to_hf(tp2pp2, data_dir, tmp_path):
+    convert.to_hf(tp2pp2["trained"], tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x, y = eval_tokens(data_dir)
+    loss, logits = hf_loss(hf, x, y)
+    assert loss == pytest.approx(tp2pp2["eval_trained"], rel=1e-5)  # Tandem's eval at tp=2 x pp=2
+    with torch.no_grad():
+        torch.testing.assert_close(logits, tandem_model(tp2pp2["trained"])(x), rtol=1e-5, atol=1e-5)
+
+
+# -- consolidate, reshard, inspect, verify on the tp=2 × pp=2 checkpoint ----------------------
+def test_sharded_checkpoint_converts_like_its_consolidated_copy(sharded, tmp_path):
     m = ckpt.read_manifest(sharded)
-    assert len(m["files"]) == 4 and len(m["tensors"]["model/layers.0.attention.wq.weight"]["slices"]) == 2
+    assert m["layout"]["tp"] == 2 and m["layout"]["pp"] == 2 and len(m["files"]) == 4
+    assert len(m["tensors"]["model/layers.0.attention.wq.weight"]["slices"]) == 2
+    convert.consolidate(sharded, tmp_path / "one")
     convert.to_hf(sharded, tmp_path / "a", with_tokenizer=False)
-    convert.to_hf(trained, tmp_path / "b", with_tokenizer=False)
+    convert.to_hf(tmp_path / "one", tmp_path / "b", with_tokenizer=False)
     for f in (tmp_path / "a").iterdir():  # the very same bytes, whatever layout saved the weights
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+    # reshard --tp 2 --pp 2 lays the consolidated copy out exactly as the tp=2 x pp=2 ranks saved it
+    convert.reshard(tmp_path / "one", tmp_path / "re", tp=2, pp=2)
+
+    def regions(path):
+        return {(k, tuple(s["offset"]), tuple(s["shape"])) for k, i in ckpt.read_manifest(path)["tensors"].items()
+                for s in i["slices"]}
+
+    assert regions(tmp_path / "re") == regions(sharded)
 
 
-def test_consolidate_reshard_inspect_verify(trained, sharded, data_dir, tmp_path):
+def test_consolidate_reshard_inspect_verify(sharded, data_dir, tmp_path):
     convert.consolidate(sharded, tmp_path / "one")
     assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["consolidated_00000.safetensors"]
-    ref = tensors_of(trained)
+    ref = tensors_of(sharded)
     one = tensors_of(tmp_path / "one")
     assert set(one) == set(ref) and all(torch.equal(one[k], ref[k]) for k in ref)  # optimizer state too
     assert all(len(i["slices"]) == 1 for i in ckpt.read_manifest(tmp_path / "one")["tensors"].values())
@@ -200,10 +228,10 @@ def test_consolidate_reshard_inspect_verify(trained, sharded, data_dir, tmp_path
     assert s["file"] == "pp01_tp01.safetensors" and s["shape"] == [24, 48]
     re = tensors_of(tmp_path / "re")
     assert all(torch.equal(re[k], ref[k]) for k in ref)
-    for d in (trained, sharded, tmp_path / "one", tmp_path / "re"):
+    for d in (sharded, tmp_path / "one", tmp_path / "re"):
         assert len(convert.verify(d)) == 2
     # the trainer loads the re-sharded checkpoint (checkpoint.load=) and evaluates it like the original
-    assert tandem_eval(data_dir, tmp_path / "re", tmp_path / "r1") == tandem_eval(data_dir, trained, tmp_path / "r2")
+    assert tandem_eval(data_dir, tmp_path / "re", tmp_path / "r1") == tandem_eval(data_dir, sharded, tmp_path / "r2")
 
     info = convert.inspect(sharded)
     assert info["step"] == 3 and info["layout"]["tp"] == 2 and info["model_config"]["n_layers"] == 3
