@@ -289,7 +289,9 @@ def _enter_output_hook(group, sequence_parallel):
 
 
 def parallelize(model: nn.Module, mesh: Mesh, *, sequence_parallel: bool = False) -> nn.Module:
-    """Shard a (meta-device) `Llama` over ``mesh.tp_group`` in place; see the module docstring."""
+    """Shard a (meta-device) `Llama` or pipeline-stage chunk over ``mesh.tp_group`` in place; see the
+    module docstring. Afterwards ``model.logits(h)`` returns this rank's vocabulary shard of the
+    logits (padding columns included, zero); ``model(x, y)`` returns the full mean loss on every rank."""
     mcfg: ModelConfig = model.cfg
     tp, rank, group = mesh.tp, mesh.tp_rank, mesh.tp_group
     validate_tp(mcfg, tp)
@@ -338,10 +340,10 @@ def parallelize(model: nn.Module, mesh: Mesh, *, sequence_parallel: bool = False
     return model
 
 
-def _named_sync_params(chunk: nn.Module):
-    for mod_name, module in chunk.named_modules():
+def _sync_params(chunk: nn.Module):
+    for module in chunk.modules():
         for attr, kind in getattr(module, "tp_grad_sync", {}).items():
-            yield f"{mod_name}.{attr}", module, getattr(module, attr), kind
+            yield module, getattr(module, attr), kind
 
 
 def sync_tp_grads(chunks: list[nn.Module], mesh: Mesh) -> None:
@@ -356,7 +358,7 @@ def sync_tp_grads(chunks: list[nn.Module], mesh: Mesh) -> None:
         return
     partial, kv = [], []
     for c in chunks:
-        for name, module, p, kind in _named_sync_params(c):
+        for module, p, kind in _sync_params(c):
             if p.grad is None:
                 continue
             (partial if kind == "partial" else kv).append((module, p))

@@ -60,6 +60,36 @@ def _run_cases(rank, world, cases):
     return out
 
 
+def _runtime_errors(rank, world):
+    """Bad runner input is a clear error before any communication."""
+    from engine.mesh import build_mesh
+    from engine.pipeline import PipelineRunner, build_stage_chunks
+    from models import ModelConfig, init_weights
+
+    mesh = build_mesh(pp=world)
+    cfg = ModelConfig(**BASE, n_layers=4)
+    chunks = [init_weights(c, seed=0, n_layers=4, device="cpu") for c in build_stage_chunks(cfg, mesh)]
+    messages = []
+    for kwargs in ({"schedule": "1f1b", "n_microbatches": 2, "virtual_stages": 2},
+                   {"schedule": "interleaved_1f1b", "n_microbatches": 3, "virtual_stages": 2},
+                   {"schedule": "looped", "n_microbatches": 2}):
+        try:
+            PipelineRunner(chunks, mesh, hidden_shape=(MB, T, cfg.dim), **kwargs)
+        except ValueError as e:
+            messages.append(str(e))
+    runner = PipelineRunner(chunks, mesh, schedule="1f1b", n_microbatches=2, hidden_shape=(MB, T, cfg.dim))
+    wrong = torch.zeros(3 * MB, T, dtype=torch.long)
+    try:
+        runner.forward_backward(wrong if mesh.is_first_stage else None, wrong if mesh.is_last_stage else None)
+    except ValueError as e:
+        messages.append(str(e))
+    return messages
+
+
+def _memory_and_errors(rank, world, cases):
+    return _run_cases(rank, world, cases), _runtime_errors(rank, world)
+
+
 def _check(results, cases):
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
@@ -106,13 +136,21 @@ MEMORY_CASES = [
 ]
 
 
-def test_activations_are_released_within_the_schedule_bound():
+def test_activations_are_released_within_the_schedule_bound_and_bad_input_is_refused():
     """live_peak counts stage outputs still referenced (weak references), so a buffer the runtime
     forgot to drop would show up here. 1F1B: rank r holds at most pp - r; GPipe holds all m."""
-    results = run_distributed(_run_cases, world_size=2, args=(MEMORY_CASES,))
+    both = run_distributed(_memory_and_errors, world_size=2, args=(MEMORY_CASES,))
+    results = [r for r, _ in both]
     assert [r[0]["live_peak"] for r in results] == [2, 1]
     assert [r[1]["live_peak"] for r in results] == [6, 6]
     assert max(r[2]["live_peak"] for r in results) <= 2
+    # same world: bad runner input is a clear error before any communication
+    for _, messages in both:
+        assert len(messages) == 4
+        assert "1f1b runs one chunk per rank but parallel.virtual_stages=2" in messages[0]
+        assert "micro-batches (3) to be a multiple of pp=2" in messages[1]
+        assert "unknown pipeline schedule 'looped'; known schedules: gpipe, 1f1b, interleaved_1f1b, zb_h1" in messages[2]
+        assert "expects" in messages[3] and "2 micro-batches × 2 rows, got (6, 8)" in messages[3]
 
 
 @pytest.mark.parametrize("args,match", [

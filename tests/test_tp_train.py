@@ -6,8 +6,9 @@ import pytest
 from tests.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
 
 STEPS, SAVE_AT = 10, 5
-# SMALL_MODEL with 8 query heads (head_dim 6) so tp=4 splits it: 2 KV heads replicated on 2 ranks each.
-MODEL = [o for o in SMALL_MODEL if not o.startswith("model.n_heads=")] + ["model.n_heads=8"]
+# SMALL_MODEL with 8 query heads (head_dim 6) so tp=4 splits it: 2 KV heads replicated on 2 ranks each;
+# tied embeddings, so under pipeline parallelism the vocab-parallel embedding and head live on different stages.
+MODEL = [o for o in SMALL_MODEL if not o.startswith("model.n_heads=")] + ["model.n_heads=8", "model.tie_embeddings=true"]
 
 
 def _args(data_dir, run_dir, *extra):
@@ -28,6 +29,15 @@ def tp2_run(data_dir, tmp_path_factory):
 
 def test_tp2_launch_matches_serial(tp2_run, serial_losses):
     assert_losses_match(losses(read_metrics(tp2_run)), serial_losses)
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.dp=2", "optim.zero=1"],
+    ["parallel.pp=2", "parallel.schedule=1f1b"],
+], ids=["tp2_dp2_zero1", "tp2_pp2_1f1b"])
+def test_tp2_combined_with_dp_or_pp_and_sequence_parallel_matches_serial(data_dir, tmp_path, serial_losses, layout):
+    torchrun(4, _args(data_dir, tmp_path, "parallel.tp=2", "parallel.sequence_parallel=true", *layout))
+    assert_losses_match(losses(read_metrics(tmp_path)), serial_losses)
 
 
 def test_tp2_checkpoint_stores_global_tensors(tp2_run):
