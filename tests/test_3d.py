@@ -6,12 +6,14 @@ import pytest
 from tests.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
 
 STEPS = 10
+# tied embeddings: the first and last pipeline stages each hold a (vocab-sharded) copy whose gradients combine
+MODEL = [*SMALL_MODEL, "model.tie_embeddings=true"]
 
 
 @pytest.fixture(scope="module")
 def serial(data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("serial3d")
-    return train_in_process([*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run}", f"train.max_steps={STEPS}"])
+    return train_in_process([*MODEL, f"data.dir={data_dir}", f"run_dir={run}", f"train.max_steps={STEPS}"])
 
 
 def assert_matches_serial(records, serial):
@@ -25,7 +27,7 @@ def assert_matches_serial(records, serial):
 def tp2pp2_run(data_dir, tmp_path_factory):
     """The uninterrupted tp2×pp2 run, saving at step 5 for the resharding tests."""
     run = tmp_path_factory.mktemp("tp2pp2")
-    torchrun(4, [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run}", f"train.max_steps={STEPS}",
+    torchrun(4, [*MODEL, f"data.dir={data_dir}", f"run_dir={run}", f"train.max_steps={STEPS}",
                  "parallel.tp=2", "parallel.pp=2", "optim.zero=0", "parallel.recompute=none",
                  "checkpoint.interval=5", "checkpoint.keep_last=2"])
     return run
@@ -41,7 +43,7 @@ def test_tp2_pp2_matches_serial(tp2pp2_run, serial):
     ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true", "optim.zero=0", "parallel.recompute=full"],
 ], ids=lambda l: ",".join(x.split(".")[-1] for x in l))
 def test_3d_layouts_match_serial(data_dir, tmp_path, serial, layout):
-    torchrun(4, [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}", *layout])
+    torchrun(4, [*MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}", *layout])
     assert_matches_serial(read_metrics(tmp_path), serial)
 
 
@@ -51,7 +53,7 @@ def test_resharding_resume_from_tp2_pp2(data_dir, tmp_path, tp2pp2_run, target):
     src = tp2pp2_run / "checkpoints" / "step_000005"
     ckpt = tmp_path / "from_tp2pp2"
     shutil.copytree(src, ckpt)
-    base = [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
+    base = [*MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
             f"checkpoint.resume={ckpt}"]
     if target == "serial":
         resumed = losses(train_in_process(base))
