@@ -165,6 +165,13 @@ def test_cross_entropy_overwrites_saved_logits_loudly():
         loss.backward()
 
 
+def test_cross_entropy_second_backward_is_a_clear_error():
+    loss = cross_entropy(randn(3, 17) * 1.0, torch.tensor([1, 2, 3], device=DEVICE)) / 4
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
 def test_cross_entropy_all_ignored_is_zero_with_zero_grad():
     logits = randn(4, 9)
     loss = cross_entropy(logits * 1.0, torch.full((4,), -100, device=DEVICE))
