@@ -94,6 +94,21 @@ class EvalSchema:
 
 
 @dataclass
+class PlannerSchema:
+    """scripts/plan_stages.py only: how to cost the model and where to write the plan."""
+
+    device: str = "h100"  # h100 | h200 | a100 | cpu (engine/planner.py DEVICES)
+    profile: bool = False  # time the real layers on this machine instead of the analytic model
+    profile_reps: int = 5
+    profile_threads: Optional[int] = 1  # threads per rank in the planned run (torchrun on a CPU uses 1)
+    mem_budget_gb: Optional[float] = None  # per device; default: the device's memory
+    schedules: list[str] = field(default_factory=lambda: ["1f1b", "interleaved_1f1b", "zb_h1"])
+    virtual_stages: list[int] = field(default_factory=lambda: [2])  # tried with interleaved schedules
+    micro_batch_sizes: Optional[list[int]] = None  # default: every divisor of the per-dp batch
+    out: Optional[str] = None  # <dir>/plan/<name>.yaml, loaded by `train.py --config-dir <dir> +plan=<name>`
+
+
+@dataclass
 class Config:
     model: ModelSchema = field(default_factory=ModelSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
@@ -106,6 +121,7 @@ class Config:
     precision: str = "fp32"
     kernels: str = "auto"
     plan: Any = None  # a stage plan written by scripts/plan_stages.py (informational)
+    planner: PlannerSchema = field(default_factory=PlannerSchema)
 
 
 def register_configs() -> None:

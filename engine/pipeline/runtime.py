@@ -1,0 +1,259 @@
+"""Executes one pp rank's action list on its model chunks.
+
+* p2p: consecutive SF/RF/SB/RB actions go out as one `batch_isend_irecv`; receives are waited on
+  at once, sends only before the next batch is posted (or at the end of the step), so a rank never
+  idles on its own sends. Each message carries a tag naming (micro-batch, stage, direction), so
+  the two ends need not post in the same order (gloo matches by tag). Peers are the pp ranks with
+  this rank's dp and tp coordinates, so the runtime composes with tensor and data parallelism.
+* Memory: a stage's input and output for a micro-batch are kept from its F until its backward
+  (B, or I for the graph) and dropped then; `live_peak` records the most that were alive at once.
+* Loss: each micro-batch's loss is scaled by 1/m before backward, so the accumulated gradients
+  equal the serial step's over the whole batch.
+* Zero-bubble (I/W): every `nn.Linear` in the chunks runs through `_DeferredWeightGrad`, whose
+  backward returns only the input gradient while an I runs and stashes (input, output-gradient);
+  the W action turns the stash into the weight gradient. Other parameters (norms, embeddings)
+  get their (cheap) gradients during I.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from engine.mesh import Mesh
+from engine.pipeline.schedules import Action, build_schedule, check_schedule_args, p2p_batches, validate_schedule
+
+
+class WeightGradStore:
+    """(weight, input, output-gradient) triples deferred by I, keyed by (micro-batch, stage)."""
+
+    def __init__(self):
+        self.capturing: tuple[int, int] | None = None
+        self.pending: dict[tuple[int, int], list] = {}
+
+    @contextlib.contextmanager
+    def capture(self, key):
+        self.capturing = key
+        self.pending.setdefault(key, [])
+        try:
+            yield
+        finally:
+            self.capturing = None
+
+    @torch.no_grad()
+    def flush(self, key) -> None:
+        for weight, x, g in self.pending.pop(key, []):
+            dw = g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype)
+            if weight.grad is None:
+                weight.grad = dw
+            else:
+                weight.grad.add_(dw)
+
+
+class _DeferredWeightGrad(torch.autograd.Function):
+    """y = x Wᵀ whose weight gradient can be postponed to a later W action."""
+
+    @staticmethod
+    def forward(ctx, x, weight, store):
+        ctx.save_for_backward(x, weight)
+        ctx.store = store
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad.matmul(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None
+        store = ctx.store
+        if store.capturing is not None:
+            store.pending[store.capturing].append((weight, x, grad))
+            return grad_x, None, None
+        grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _linear_forward(module: nn.Linear, store: WeightGradStore, x):
+    y = _DeferredWeightGrad.apply(x, module.weight, store)
+    return y if module.bias is None else y + module.bias
+
+
+class PipelineRunner:
+    """Runs a step's micro-batches through this rank's chunks following the named schedule."""
+
+    def __init__(self, chunks: Sequence[nn.Module], mesh: Mesh, *, schedule: str, n_microbatches: int,
+                 virtual_stages: int = 1, hidden_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32):
+        check_schedule_args(schedule, mesh.pp, n_microbatches, virtual_stages)
+        if len(chunks) != virtual_stages:
+            raise ValueError(f"got {len(chunks)} model chunks for virtual_stages={virtual_stages}; "
+                             f"build them with build_stage_chunks(..., virtual_stages={virtual_stages})")
+        self.chunks = list(chunks)
+        self.mesh = mesh
+        self.pp, self.v, self.m = mesh.pp, virtual_stages, n_microbatches
+        self.n_stages = self.pp * self.v
+        self.hidden_shape = tuple(hidden_shape)
+        self.dtype = dtype
+        self.schedule = schedule
+        all_actions = build_schedule(schedule, self.pp, n_microbatches, virtual_stages)
+        validate_schedule(all_actions, self.pp, n_microbatches, virtual_stages)
+        self.actions = all_actions[mesh.pp_rank]
+        fwd_only = build_schedule("gpipe", self.pp, n_microbatches, virtual_stages)[mesh.pp_rank]
+        self.forward_actions = [a for a in fwd_only if a.kind in ("F", "SF", "RF")]
+        self.store = WeightGradStore()
+        if any(a.kind == "W" for a in self.actions):
+            for chunk in self.chunks:
+                for mod in chunk.modules():
+                    if isinstance(mod, nn.Linear):
+                        mod.forward = partial(_linear_forward, mod, self.store)
+        self.timings: list[tuple[str, float, float]] = []
+        self.live_peak = 0
+        self.current_action: str | None = None
+
+    # ------------------------------------------------------------------------------------- helpers
+    def _chunk(self, stage: int) -> nn.Module:
+        return self.chunks[stage // self.pp]
+
+    def _peer(self, a: Action) -> int:
+        return self.mesh.pp_global_rank(a.peer_stage % self.pp)
+
+    def _tag(self, a: Action) -> int:
+        """Both ends of a message compute the same tag: (micro-batch, sending stage, direction)."""
+        sender = a.stage if a.kind[0] == "S" else a.peer_stage
+        return (a.mb * self.n_stages + sender) * 2 + (a.kind[1] == "B")
+
+    def _count_live(self) -> None:
+        """Activations really alive: a stage output some reference still holds, or inputs and
+        output-gradients an I left for its W."""
+        live = {k for k, r in self._refs.items() if r() is not None} | set(self.store.pending)
+        self._refs = {k: r for k, r in self._refs.items() if r() is not None}
+        self.live_peak = max(self.live_peak, len(live))
+
+    # ------------------------------------------------------------------------------------- step
+    def forward_backward(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *, backward: bool = True):
+        """One step. ``inputs`` (m·mb, T) tokens on the first stage, ``targets`` on the last, None
+        elsewhere. Returns the mean loss over the micro-batches on the last stage, else None."""
+        mesh, mb = self.mesh, self.hidden_shape[0]
+        if mesh.is_first_stage:
+            self._x = self._split(inputs, "inputs")
+        if mesh.is_last_stage:
+            self._y = self._split(targets, "targets")
+        self._acts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (mb, stage) -> (in, out)
+        self._recv: dict[Action, torch.Tensor] = {}
+        self._grads: dict[tuple[int, int], torch.Tensor] = {}   # (mb, stage) -> gradient of the stage's input
+        self._sends: list = []
+        self._refs: dict[tuple[int, int], weakref.ref] = {}
+        self._loss = torch.zeros((), device=mesh.device)
+        self.timings = []
+        t0 = time.perf_counter()
+        actions = self.actions if backward else self.forward_actions
+        with contextlib.nullcontext() if backward else torch.no_grad():
+            for item in p2p_batches(actions):
+                start = time.perf_counter()
+                # what a rank that times out reports it was waiting on (see engine.trainer.main)
+                self.current_action = str(item) if isinstance(item, Action) else " ".join(str(a) for a in item)
+                if isinstance(item, Action):
+                    getattr(self, f"_run_{item.kind}")(item)
+                    self._count_live()
+                    label = str(item)
+                else:
+                    self._communicate(item)
+                    label = " ".join(str(a) for a in item)
+                self.timings.append((label, start - t0, time.perf_counter() - t0))
+        self._wait_sends()
+        leftovers = [k for k in self._acts] + list(self.store.pending)
+        self._acts = {}
+        if backward and leftovers:
+            raise RuntimeError(f"pipeline step ended with activations still held for {leftovers}")
+        return self._loss / self.m if mesh.is_last_stage else None
+
+    def _split(self, t: torch.Tensor | None, what: str) -> list[torch.Tensor]:
+        mb = self.hidden_shape[0]
+        if t is None or t.shape[0] != self.m * mb:
+            got = None if t is None else tuple(t.shape)
+            raise ValueError(f"pipeline stage expects {what} of {self.m} micro-batches × {mb} rows, got {got}")
+        return list(t.split(mb))
+
+    # ------------------------------------------------------------------------------------- p2p
+    def _communicate(self, batch: list[Action]) -> None:
+        self._wait_sends()
+        ops, recvs = [], []
+        for a in batch:
+            if a.kind == "SF":
+                key = (a.mb, a.stage)
+                tensor = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
+                ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=self._tag(a)))
+            elif a.kind == "SB":
+                tensor = self._grads.pop((a.mb, a.stage))
+                ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=self._tag(a)))
+            else:
+                buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.mesh.device)
+                ops.append(dist.P2POp(dist.irecv, buf, self._peer(a), tag=self._tag(a)))
+                recvs.append((a, buf))
+        works = dist.batch_isend_irecv(ops)
+        for w, op in zip(works, ops):
+            if op.op is dist.isend:
+                self._sends.append((w, op.tensor))    # keeps the tensor alive until sent
+            else:
+                w.wait()
+        for a, buf in recvs:
+            self._recv[a] = buf
+
+    def _wait_sends(self) -> None:
+        for w, _ in self._sends:
+            w.wait()
+        self._sends = []
+
+    # ------------------------------------------------------------------------------------- compute
+    def _stage_input(self, a: Action) -> torch.Tensor:
+        if a.stage == 0:
+            return self._x[a.mb]
+        if (a.stage - 1) % self.pp == a.stage % self.pp:        # previous stage on this rank (pp == 1)
+            key = (a.mb, a.stage - 1)
+            h = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
+        else:
+            h = self._recv.pop(Action("RF", a.mb, a.stage))
+        return h.requires_grad_(torch.is_grad_enabled())
+
+    def _run_F(self, a: Action) -> None:
+        x = self._stage_input(a)
+        chunk = self._chunk(a.stage)
+        if a.stage == self.n_stages - 1:
+            loss = chunk(x, self._y[a.mb])
+            self._loss = self._loss + loss.detach()
+            out = loss / self.m
+            if not torch.is_grad_enabled():
+                return
+        else:
+            out = chunk(x)
+        self._acts[(a.mb, a.stage)] = (x, out)
+        if torch.is_grad_enabled():
+            self._refs[(a.mb, a.stage)] = weakref.ref(out)
+
+    def _backward(self, a: Action) -> None:
+        x, out = self._acts.pop((a.mb, a.stage))
+        if a.stage == self.n_stages - 1:
+            torch.autograd.backward(out)
+        else:
+            if (a.stage + 1) % self.pp == a.stage % self.pp:     # next stage on this rank
+                grad = self._grads.pop((a.mb, a.stage + 1))
+            else:
+                grad = self._recv.pop(Action("RB", a.mb, a.stage))
+            torch.autograd.backward(out, grad)
+        if a.stage > 0:
+            self._grads[(a.mb, a.stage)] = x.grad
+        del x, out
+
+    def _run_B(self, a: Action) -> None:
+        self._backward(a)
+
+    def _run_I(self, a: Action) -> None:
+        with self.store.capture((a.mb, a.stage)):
+            self._backward(a)
+
+    def _run_W(self, a: Action) -> None:
+        self.store.flush((a.mb, a.stage))

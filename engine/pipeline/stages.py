@@ -1,0 +1,96 @@
+"""Cutting the model into pipeline stages, and combining the tied embedding's two copies.
+
+Stage s (global virtual-stage index, 0..pp*v-1) holds a contiguous range of layers and lives on
+pp rank s % pp as that rank's chunk s // pp (round-robin, so the interleaved schedule's
+micro-batches visit every rank v times).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.mesh import Mesh
+from models import Llama, ModelConfig
+
+
+def stage_layer_ranges(n_layers: int, pp: int, virtual_stages: int = 1,
+                       layers_per_stage: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(start, stop) of every stage's layers. Default: an even split, earlier stages taking the
+    remainder (the last stage also carries the output head and the loss)."""
+    n_stages = pp * virtual_stages
+    if layers_per_stage is not None:
+        counts = [int(c) for c in layers_per_stage]
+        if len(counts) != n_stages:
+            raise ValueError(f"parallel.layers_per_stage has {len(counts)} entries but the pipeline has "
+                             f"pp={pp} × virtual_stages={virtual_stages} = {n_stages} stages; give one count per stage")
+        if sum(counts) != n_layers:
+            raise ValueError(f"parallel.layers_per_stage={counts} sums to {sum(counts)}, not the model's "
+                             f"n_layers={n_layers}; make the counts add up to {n_layers}")
+        if min(counts) < 1:
+            raise ValueError(f"parallel.layers_per_stage={counts} gives a stage no layers; every stage needs at least one")
+    else:
+        if n_stages > n_layers:
+            raise ValueError(f"the pipeline has pp={pp} × virtual_stages={virtual_stages} = {n_stages} stages but the "
+                             f"model has only {n_layers} layers; use at most {n_layers} stages")
+        if virtual_stages > 1 and n_layers % n_stages:
+            raise ValueError(f"n_layers={n_layers} does not divide into pp={pp} × virtual_stages={virtual_stages} = "
+                             f"{n_stages} equal chunks; change parallel.virtual_stages or set parallel.layers_per_stage")
+        base, extra = divmod(n_layers, n_stages)
+        counts = [base + (s < extra) for s in range(n_stages)]
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append((start, start + c))
+        start += c
+    return ranges
+
+
+def check_pipeline(*, n_layers: int, pp: int, n_micro: int, schedule: str, virtual_stages: int = 1,
+                   layers_per_stage: Sequence[int] | None = None) -> None:
+    """Every pipeline error the config can cause, raised before any data or model is touched."""
+    from engine.pipeline.schedules import check_schedule_args
+
+    check_schedule_args(schedule, pp, n_micro, virtual_stages)
+    stage_layer_ranges(n_layers, pp, virtual_stages, layers_per_stage)
+
+
+def build_stage_chunks(mcfg: ModelConfig, mesh: Mesh, *, layers_per_stage: Sequence[int] | None = None,
+                       virtual_stages: int = 1, kernels: str = "torch") -> list[Llama]:
+    """This pp rank's model chunks on the meta device, in local order (chunk c = stage c*pp + pp_rank)."""
+    ranges = stage_layer_ranges(mcfg.n_layers, mesh.pp, virtual_stages, layers_per_stage)
+    with torch.device("meta"):
+        return [Llama(mcfg, layers=ranges[c * mesh.pp + mesh.pp_rank], kernels=kernels)
+                for c in range(virtual_stages)]
+
+
+def _tied_copies(chunks: Sequence[nn.Module]) -> list[nn.Parameter]:
+    return [c.tok_embeddings.weight for c in chunks if hasattr(c, "tok_embeddings")]
+
+
+@torch.no_grad()
+def sync_tied_grads(chunks: Sequence[nn.Module], mesh: Mesh) -> None:
+    """With tied embeddings the first stage (embedding) and the last stage (head) each hold a copy
+    of ``tok_embeddings.weight``; both copies must step with the sum of their gradients, as the
+    one shared tensor does in the serial model. One exchange between pp ranks 0 and pp-1 (same
+    dp and tp coordinates); a no-op without tied embeddings or on the other ranks."""
+    if not chunks or not chunks[0].cfg.tie_embeddings:
+        return
+    copies = _tied_copies(chunks)
+    for p in copies:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if mesh.pp == 1 or not (mesh.is_first_stage or mesh.is_last_stage):
+        if len(copies) == 2:           # first and last stage on one rank
+            total = copies[0].grad + copies[1].grad
+            for p in copies:
+                p.grad.copy_(total)
+        return
+    (mine,) = copies
+    peer = mesh.pp_global_rank(mesh.pp - 1 if mesh.is_first_stage else 0)
+    theirs = torch.empty_like(mine.grad)
+    ops = [dist.P2POp(dist.isend, mine.grad, peer), dist.P2POp(dist.irecv, theirs, peer)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    mine.grad.add_(theirs)

@@ -1,0 +1,462 @@
+"""Stage-partition planner: an exact search over contiguous partitions, on `engine.cost_model`.
+
+Given a model, a mesh (tp, pp, dp), a global batch and a device, it chooses how many layers each
+pipeline stage holds, the schedule and the micro-batch size, so that the simulated step time is
+smallest and every stage's peak memory (parameters, gradients and optimizer state, plus the
+activations the schedule keeps in flight on that stage) fits the device.
+
+* `best_partition` — exact dynamic programming over contiguous partitions: first the smallest
+  bottleneck stage time under the memory limit, then, among partitions with that bottleneck, the
+  smallest peak memory fraction, then the most even stage times.
+* `plan` — for every schedule, virtual-stage count and micro-batch size: schedule → in-flight
+  activations per rank → partition → simulated step time (`engine.pipeline.simulate`); the even
+  split is always simulated too, so a plan is never worse than it under the model.
+* `format_plan`, `plan_yaml`, `write_plan`, `plan_from_config` — the report, the Hydra override
+  file and the entry point behind scripts/plan_stages.py.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field, replace
+
+from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setup,  # noqa: F401 (re-exported)
+                               get_device, profile_items)
+
+
+# -- stages -------------------------------------------------------------------------------------------
+def stage_items(items: list[Item], bounds: tuple[int, int], n_stages: int, stage: int, tied: bool) -> list[Item]:
+    """The items virtual stage ``stage`` holds for layers [start, stop): the embedding on the first,
+    the head on the last (and its own embedding copy there with tied embeddings)."""
+    start, stop = bounds
+    held = items[1 + start:1 + stop]
+    if stage == 0:
+        held = [items[0]] + held
+    if stage == n_stages - 1:
+        head = items[-1]
+        if not tied:  # untied: the head has its own V×d projection; tied: it reuses the (copied) table
+            held = held + [head]
+        else:
+            held = held + [replace(head, params=head.params if stage != 0 else head.params - items[0].params)]
+    return held
+
+
+def stage_time(held: list[Item]) -> float:
+    return sum(i.fwd_s + i.bwd_s for i in held)
+
+
+def stage_memory(held: list[Item], in_flight: float, bytes_per_param: float) -> float:
+    return sum(i.params for i in held) * bytes_per_param + in_flight * sum(i.act_bytes for i in held)
+
+
+def even_split(n_layers: int, n_stages: int) -> list[int]:
+    base, extra = divmod(n_layers, n_stages)
+    return [base + (1 if s < extra else 0) for s in range(n_stages)]
+
+
+def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):
+    """(time, memory bytes) of every (stage, first layer, stop layer) a partition may use."""
+    L = len(items) - 2
+    out = {}
+    for s in range(n_stages):
+        for i in range(s, L - (n_stages - 1 - s)):
+            for j in range(i + 1, L - (n_stages - 1 - s) + 1):
+                held = stage_items(items, (i, j), n_stages, s, tied)
+                out[(s, i, j)] = (stage_time(held), stage_memory(held, in_flight[s], bytes_per_param))
+    return out
+
+
+def _dp(costs, n_stages: int, L: int, score, combine, admissible):
+    """Exact DP over contiguous partitions of L layers into n_stages stages of ≥ 1 layer.
+    best[s][j] is the best combined score of stages 0..s covering layers [0, j)."""
+    INF = math.inf
+    best = [[INF] * (L + 1) for _ in range(n_stages)]
+    arg = [[None] * (L + 1) for _ in range(n_stages)]
+    for s in range(n_stages):
+        for j in range(s + 1, L - (n_stages - 1 - s) + 1):
+            for i in ([0] if s == 0 else range(s, j)):
+                c = costs[(s, i, j)]
+                if not admissible(c):
+                    continue
+                prev = 0.0 if s == 0 else best[s - 1][i]
+                if prev == INF:
+                    continue
+                v = combine(prev, score(c))
+                if v < best[s][j]:
+                    best[s][j], arg[s][j] = v, i
+    if best[-1][L] == INF:
+        return None, None
+    cuts, j = [], L
+    for s in range(n_stages - 1, -1, -1):
+        i = arg[s][j]
+        cuts.append(j - i)
+        j = i
+    return best[-1][L], cuts[::-1]
+
+
+def best_partition(items: list[Item], n_stages: int, *, in_flight: list[float], bytes_per_param: float,
+                   mem_limit: float, tied: bool = False) -> list[int] | None:
+    """Layers per stage minimizing, exactly and in this order: the bottleneck stage time, then the
+    largest memory fraction, then the sum of squared stage times; each stage ≥ 1 layer and within
+    ``mem_limit`` bytes. ``in_flight[s]``: micro-batches of activations stage s holds at its peak.
+    Returns None when no partition fits. Dynamic programming, O(stages × layers²)."""
+    L = len(items) - 2
+    if n_stages > L:
+        return None
+    costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied)
+    fits = lambda c: c[1] <= mem_limit  # noqa: E731
+    bottleneck, _ = _dp(costs, n_stages, L, lambda c: c[0], max, fits)
+    if bottleneck is None:
+        return None
+    tol = bottleneck * (1 + 1e-9)
+    peak_mem, _ = _dp(costs, n_stages, L, lambda c: c[1], max, lambda c: fits(c) and c[0] <= tol)
+    _, cuts = _dp(costs, n_stages, L, lambda c: c[0] ** 2, lambda a, b: a + b,
+                  lambda c: fits(c) and c[0] <= tol and c[1] <= peak_mem * (1 + 1e-9))
+    return cuts
+
+
+def min_memory(items: list[Item], n_stages: int, *, in_flight: list[float], bytes_per_param: float,
+               tied: bool = False) -> float:
+    """The smallest achievable peak stage memory (bytes) over all partitions: for infeasible reports."""
+    costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied)
+    peak, _ = _dp(costs, n_stages, len(items) - 2, lambda c: c[1], max, lambda c: True)
+    return math.inf if peak is None else peak
+
+
+# -- schedules and the simulator ----------------------------------------------------------------------
+def in_flight_counts(actions_per_rank) -> list[dict[int, int]]:
+    """Per rank, {virtual stage: micro-batches of activations held} at the moment the rank holds the
+    most in total: +1 at a forward, -1 once its backward (B, or W for split backwards) has run.
+    Depends only on each rank's action order, not on timing."""
+    peaks = []
+    for acts in actions_per_rank:
+        live: dict[int, int] = {}
+        total = best_total = 0
+        at_best: dict[int, int] = {}
+        for a in acts:
+            if a.kind not in ("F", "B", "W"):
+                continue
+            step = 1 if a.kind == "F" else -1
+            live[a.stage] = live.get(a.stage, 0) + step
+            total += step
+            if total > best_total:
+                best_total, at_best = total, {k: v for k, v in live.items() if v}
+        peaks.append(at_best)
+    return peaks
+
+
+# -- the plan ------------------------------------------------------------------------------------------
+@dataclass
+class StageReport:
+    rank: int
+    chunks: list[tuple[int, int]]  # (virtual stage, layers) on this rank
+    layer_ranges: list[tuple[int, int]]
+    params: int
+    peak_mem: float
+    fwd_s: float  # per micro-batch, all chunks of the rank
+    bwd_s: float
+
+
+@dataclass
+class Plan:
+    schedule: str
+    virtual_stages: int
+    micro_batch_size: int
+    n_micro: int
+    layers_per_stage: list[int]
+    step_time_s: float
+    bubble: float
+    stages: list[StageReport]
+    tokens_per_s: float
+    mfu: float | None
+    even_step_time_s: float | None  # the even split under the same schedule, or None if it does not fit
+    device: str = ""
+    considered: list[tuple] = field(default_factory=list)  # (schedule, v, mb, step time or reason)
+
+    def overrides(self) -> dict:
+        return {"parallel": {"layers_per_stage": list(self.layers_per_stage), "schedule": self.schedule,
+                             "virtual_stages": self.virtual_stages, "micro_batch_size": self.micro_batch_size}}
+
+
+class Infeasible(ValueError):
+    pass
+
+
+@dataclass
+class Candidate:
+    schedule: str
+    v: int
+    mb: int
+    n_micro: int
+    actions: list
+    peaks: list  # per rank: {virtual stage: count}
+
+
+def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts: list[int], simulate,
+              p2p_time: float, bytes_per_param: float):
+    """Simulated step time, bubble and per-rank reports of a partition."""
+    p, v, S = setup.pp, cand.v, setup.pp * cand.v
+    starts = [sum(cuts[:k]) for k in range(S)]
+    held = [stage_items(items, (starts[k], starts[k] + cuts[k]), S, k, setup.mcfg.tie_embeddings) for k in range(S)]
+    times = {}
+    for k in range(S):
+        times[k] = {"F": sum(i.fwd_s for i in held[k]), "B": sum(i.bwd_s for i in held[k]),
+                    "I": sum(i.bwd_input_s for i in held[k]), "W": sum(i.bwd_weight_s for i in held[k])}
+
+    def cost(rank, a):
+        return times[a.stage].get(a.kind, 0.0)
+
+    res = simulate(cand.actions, cost, p2p_time=p2p_time)
+    reports = []
+    for r in range(p):
+        ks = [k for k in range(S) if k % p == r]
+        peak = cand.peaks[r]
+        params = sum(i.params for k in ks for i in held[k])
+        mem = params * bytes_per_param + sum(peak.get(k, 0) * sum(i.act_bytes for i in held[k]) for k in ks)
+        reports.append(StageReport(r, [(k, cuts[k]) for k in ks], [(starts[k], starts[k] + cuts[k]) for k in ks],
+                                   params, mem, sum(times[k]["F"] for k in ks), sum(times[k]["B"] for k in ks)))
+    cm = CostModel(setup, device, cand.mb)
+    step = res.makespan + max(cm.optimizer_time(rep.params) for rep in reports)
+    bubble = res.bubble if isinstance(res.bubble, float) else float(statistics.mean(res.bubble))
+    return step, bubble, reports
+
+
+def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: list[int], *, schedule: str,
+                       micro_batch: int, virtual_stages: int = 1, items: list[Item] | None = None):
+    """(predicted step seconds, bubble, per-rank `StageReport`s) of one given partition: what the
+    planner predicts for a layout chosen by hand (the even split, say)."""
+    from engine.pipeline.schedules import build_schedule
+    from engine.pipeline.simulate import simulate
+
+    S = setup.pp * virtual_stages
+    if len(layers_per_stage) != S or sum(layers_per_stage) != setup.mcfg.n_layers or min(layers_per_stage) < 1:
+        raise ValueError(f"layers_per_stage={list(layers_per_stage)} must give each of the {S} stages at least one "
+                         f"layer and sum to n_layers={setup.mcfg.n_layers}")
+    n_micro = setup.global_batch // (setup.dp * micro_batch)
+    cm = CostModel(setup, device, micro_batch)
+    actions = build_schedule(schedule, setup.pp, n_micro, virtual_stages=virtual_stages)
+    cand = Candidate(schedule, virtual_stages, micro_batch, n_micro, actions, in_flight_counts(actions))
+    return _evaluate(setup, device, items or cm.items(), cand, list(layers_per_stage), simulate, cm.p2p_time(),
+                     cm.state_bytes_per_param())
+
+
+def _micro_batch_sizes(setup: Setup, given) -> list[int]:
+    per_dp = setup.global_batch // setup.dp
+    if given:
+        bad = [b for b in given if per_dp % b]
+        if bad:
+            raise ValueError(f"planner.micro_batch_sizes {bad} do not divide the per-dp batch {per_dp} "
+                             f"(train.global_batch_size / dp)")
+        return list(given)
+    return [b for b in range(1, per_dp + 1) if per_dp % b == 0]
+
+
+def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = None,
+         schedules=("1f1b", "interleaved_1f1b", "zb_h1"), virtual_stages=(2,), micro_batch_sizes=None,
+         items_for=None) -> Plan:
+    """The fastest feasible (schedule, virtual stages, micro-batch size, layers per stage).
+
+    ``items_for(mb)`` overrides the analytic per-item costs (profile mode). Raises `Infeasible`
+    naming the smallest memory per device that would work when nothing fits."""
+    from engine.pipeline.schedules import build_schedule
+    from engine.pipeline.simulate import simulate
+
+    budget = (mem_budget_gb if mem_budget_gb is not None else device.mem_gb) * GB
+    limit = budget - device.reserve_gb * GB
+    p, L = setup.pp, setup.mcfg.n_layers
+    best, considered, min_needed, min_at = None, [], math.inf, None
+    for mb in _micro_batch_sizes(setup, micro_batch_sizes):
+        n_micro = setup.global_batch // (setup.dp * mb)
+        cm = CostModel(setup, device, mb)
+        items = items_for(mb) if items_for else cm.items()
+        bpp = cm.state_bytes_per_param()
+        for sched in schedules:
+            for v in (virtual_stages if sched.startswith("interleaved") else (1,)):
+                if p * v > L:
+                    considered.append((sched, v, mb, f"pp×virtual_stages={p * v} exceeds {L} layers"))
+                    continue
+                try:
+                    actions = build_schedule(sched, p, n_micro, virtual_stages=v)
+                except ValueError as e:  # e.g. interleaving needs a multiple of pp micro-batches
+                    considered.append((sched, v, mb, str(e)))
+                    continue
+                cand = Candidate(sched, v, mb, n_micro, actions, in_flight_counts(actions))
+                S = p * v
+                # A rank's activations are shared by its v chunks; the DP sees each chunk's worst share.
+                inflight = [max(cand.peaks[k % p].values(), default=0) if v == 1 else
+                            sum(cand.peaks[k % p].values()) for k in range(S)]
+                tied = setup.mcfg.tie_embeddings
+                cuts = best_partition(items, S, in_flight=inflight, bytes_per_param=bpp, mem_limit=limit / v,
+                                      tied=tied)
+                if cuts is None:
+                    need = v * min_memory(items, S, in_flight=inflight, bytes_per_param=bpp, tied=tied)
+                    if need + device.reserve_gb * GB < min_needed:
+                        min_needed, min_at = need + device.reserve_gb * GB, (sched, v, mb)
+                even = even_split(L, S)
+                options = [c for c in (cuts, even) if c is not None]
+                results = []
+                for c in options:
+                    step, bubble, reps = _evaluate(setup, device, items, cand, c, simulate, cm.p2p_time(), bpp)
+                    peak = max(r.peak_mem for r in reps)
+                    if peak + device.reserve_gb * GB < min_needed:
+                        min_needed, min_at = peak + device.reserve_gb * GB, (sched, v, mb)
+                    if peak <= limit:
+                        results.append((step, c, bubble, reps))
+                if not results:
+                    considered.append((sched, v, mb, "out of memory"))
+                    continue
+                even_step = next((r[0] for r in results if r[1] == even), None)
+                step, c, bubble, reps = min(results, key=lambda r: (r[0], r[1] != cuts))
+                considered.append((sched, v, mb, step))
+                if best is None or step < best.step_time_s * (1 - 1e-9):
+                    tok_s = setup.global_batch * setup.seq_len / step
+                    mfu = (None if device.name == "cpu" else  # no meaningful CPU peak, as in the trainer
+                           tok_s * setup.mcfg.flops_per_token(setup.seq_len) / (device.peak_flops * setup.world))
+                    best = Plan(sched, v, mb, n_micro, c, step, bubble, reps, tok_s, mfu, even_step, device.name)
+    if best is None:
+        need = "" if min_needed == math.inf else (
+            f"; the smallest memory per device that works is {min_needed / GB:.2f} GB (schedule {min_at[0]}, "
+            f"virtual_stages {min_at[1]}, micro_batch_size {min_at[2]}): raise planner.mem_budget_gb to at "
+            f"least that, or turn a knob: parallel.recompute=full, parallel.sequence_parallel=true, optim.zero=1, "
+            f"a larger parallel.tp or parallel.pp")
+        raise Infeasible(f"no schedule, micro-batch size and partition fits {budget / GB:.2f} GB per device "
+                         f"({device.reserve_gb} GB reserved){need}")
+    best.considered = considered
+    return best
+
+
+# -- output --------------------------------------------------------------------------------------------
+def format_plan(pl: Plan, setup: Setup) -> str:
+    fmt_ms = lambda s: f"{1e3 * s:.2f}"  # noqa: E731
+    rows = [("rank", "layers", "params", "peak mem GB", "fwd ms/mb", "bwd ms/mb")]
+    for r in pl.stages:
+        layers = ",".join(f"{a}-{b - 1}" for a, b in r.layer_ranges)
+        rows.append((str(r.rank), f"{layers} ({sum(n for _, n in r.chunks)})", f"{r.params / 1e6:.1f}M",
+                     f"{r.peak_mem / GB:.2f}", fmt_ms(r.fwd_s), fmt_ms(r.bwd_s)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+    even = ("n/a (does not fit)" if pl.even_step_time_s is None else
+            f"{fmt_ms(pl.even_step_time_s)} ms ({pl.even_step_time_s / pl.step_time_s:.3f}x the plan)")
+    mfu = "n/a" if pl.mfu is None else f"{100 * pl.mfu:.1f}%"
+    return "\n".join([
+        f"plan for {setup.mcfg.n_layers} layers, tp={setup.tp} pp={setup.pp} dp={setup.dp}, device {pl.device}, "
+        f"global batch {setup.global_batch} × {setup.seq_len} tokens",
+        f"schedule {pl.schedule}, virtual_stages {pl.virtual_stages}, micro_batch_size {pl.micro_batch_size} "
+        f"({pl.n_micro} micro-batches), layers_per_stage {pl.layers_per_stage}",
+        table,
+        f"predicted step {fmt_ms(pl.step_time_s)} ms, bubble {100 * pl.bubble:.1f}%, "
+        f"{pl.tokens_per_s:,.0f} tokens/s, MFU {mfu}; even split under the same schedule: {even}",
+        "best per schedule: " + _alternatives(pl),
+    ])
+
+
+def _alternatives(pl: Plan) -> str:
+    """The fastest micro-batch size of every schedule tried, or why none ran."""
+    best: dict[tuple, tuple] = {}
+    for sched, v, mb, result in pl.considered:
+        key = (sched, v)
+        if isinstance(result, float) and (key not in best or not isinstance(best[key][1], float)
+                                          or result < best[key][1]):
+            best[key] = (mb, result)
+        best.setdefault(key, (mb, result))
+    parts = []
+    for (sched, v), (mb, result) in best.items():
+        name = sched + (f"(v={v})" if v > 1 else "")
+        parts.append(f"{name} {1e3 * result:.2f} ms at micro_batch_size {mb}" if isinstance(result, float)
+                     else f"{name}: {result}")
+    return "; ".join(parts)
+
+
+def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:
+    """A Hydra config-group file (``# @package _global_``) for ``scripts/train.py +plan=<name>``."""
+    import yaml
+
+    body = pl.overrides()
+    # the whole mesh: a launch with another world size fails early instead of running a wrong plan
+    body["parallel"] = {"tp": setup.tp, "pp": setup.pp, "dp": setup.dp, **body["parallel"]}
+    # the micro-batch count (and so the plan) holds for this batch shape only
+    body["train"] = {"global_batch_size": setup.global_batch, "seq_len": setup.seq_len}
+    body["plan"] = {"model": model_name, "device": pl.device, "n_micro": pl.n_micro, "predicted_step_time_s": round(pl.step_time_s, 6),
+                    "bubble": round(pl.bubble, 4), "tokens_per_s": round(pl.tokens_per_s, 1),
+                    "peak_mem_gb": [round(r.peak_mem / GB, 3) for r in pl.stages]}
+    return "# @package _global_\n# written by scripts/plan_stages.py\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+# -- entry point (scripts/plan_stages.py) ---------------------------------------------------------------
+def setup_from_config(cfg) -> Setup:
+    """The `Setup` a training launch with this `engine.config.Config` would run."""
+    p = cfg.parallel
+    return Setup(cfg.model.build(), tp=p.tp, pp=p.pp, dp=p.dp or 1, seq_len=cfg.train.seq_len,
+                 global_batch=cfg.train.global_batch_size, sequence_parallel=p.sequence_parallel,
+                 recompute=p.recompute, zero=cfg.optim.zero)
+
+
+def plan_from_config(cfg) -> tuple[Plan, Setup]:
+    """The plan for a composed `engine.config.Config`; when nothing fits, the error also says which
+    single memory knob (recompute, sequence parallelism, ZeRO-1) would make it fit."""
+    pc = cfg.planner
+    setup = setup_from_config(cfg)
+    device = get_device(pc.device)
+
+    def run(s: Setup) -> Plan:
+        items_for = None
+        if pc.profile:
+            kernels = "torch" if cfg.kernels == "auto" else cfg.kernels
+            items_for = lambda mb: profile_items(s, mb, reps=pc.profile_reps, kernels=kernels,  # noqa: E731
+                                                 threads=pc.profile_threads)
+        return plan(s, device, mem_budget_gb=pc.mem_budget_gb, schedules=tuple(pc.schedules),
+                    virtual_stages=tuple(pc.virtual_stages), micro_batch_sizes=pc.micro_batch_sizes,
+                    items_for=items_for)
+
+    try:
+        pl = run(setup)
+    except Infeasible as e:
+        raise Infeasible(f"{e}. {knob_advice(setup, run)}") from None
+    if pc.profile:
+        pl.device = f"{pc.device} memory, times profiled on this machine"
+    return pl, setup
+
+
+def knob_advice(setup: Setup, run) -> str:
+    """Which one-key change makes an infeasible setup fit, and at what predicted step time."""
+    knobs = [("parallel.recompute=selective", {"recompute": "selective"}),
+             ("parallel.recompute=full", {"recompute": "full"})]
+    if setup.tp > 1:
+        knobs.append(("parallel.sequence_parallel=true", {"sequence_parallel": True}))
+    if setup.dp > 1:
+        knobs.append(("optim.zero=1", {"zero": 1}))
+    fits = []
+    for label, change in knobs:
+        if all(getattr(setup, k) == v for k, v in change.items()):
+            continue
+        try:
+            fits.append(f"{label} ({1e3 * run(replace(setup, **change)).step_time_s:.1f} ms/step)")
+        except Infeasible:
+            pass
+    if fits:
+        return "With this budget these fit: " + ", ".join(fits)
+    return "No single memory knob (recompute, sequence parallelism, ZeRO-1) fits it: raise parallel.tp or parallel.pp"
+
+
+def out_path_usage(out: str) -> tuple[str, str]:
+    """(config dir, plan name) of ``<dir>/plan/<name>.yaml``; any other shape is an error."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.suffix != ".yaml" or path.parent.name != "plan":
+        raise ValueError(f"planner.out={out!r} must look like <dir>/plan/<name>.yaml (Hydra loads config group "
+                         f"'plan' from <dir>), e.g. planner.out=conf/plan/my_plan.yaml")
+    return str(path.parent.parent), path.stem
+
+
+def write_plan(pl: Plan, setup: Setup, out: str, model_name: str) -> str:
+    """Writes the override file and returns the training command that uses it."""
+    from pathlib import Path
+
+    config_dir, name = out_path_usage(out)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan_yaml(pl, setup, model_name))
+    repo_conf = Path(__file__).resolve().parents[1] / "conf"
+    extra = "" if Path(config_dir).resolve() == repo_conf else f"--config-dir {config_dir} "
+    return f"python scripts/train.py {extra}+plan={name} model={model_name} [your other overrides]"

@@ -1,0 +1,216 @@
+"""Tandem's pipeline runtime against torch.distributed.pipelining, in one run, on a gloo world.
+
+    python scripts/bench_pipeline.py [--pp 2] [--micro 8] [--mb 2] [--seq 128] [--dim 256] [--layers 8]
+                                     [--steps 8] [--warmup 2] [--schedules 1f1b,interleaved_1f1b,zb_h1]
+
+For each schedule both engines run the same model chunks (same init, same layer split), the same
+micro-batches and loss, with `pp` gloo processes of one thread each. Peers:
+    1f1b -> Schedule1F1B, interleaved_1f1b -> ScheduleInterleaved1F1B (v=2),
+    zb_h1 -> ScheduleInterleavedZeroBubble with one stage per rank (PyTorch's ZB-H1-style schedule).
+Each schedule runs in a fresh world holding both engines' copies of the model; their steps
+alternate (and which goes first alternates), so machine noise hits both alike. A step lasts as
+long as its slowest rank; the median over timed steps gives tokens/s. Peak memory per rank is the
+peak resident set size during a step (VmHWM, reset through /proc/self/clear_refs) minus the RSS
+just before it, median over steps: activations, gradients and buffers the step adds on top of
+the weights. glibc is told to mmap every allocation >= 64 KiB so freed tensors leave the RSS. The measured bubble of Tandem is
+1 - compute time / (pp × step time) from the runner's per-action timings; the simulated one
+feeds the measured mean per-action durations to engine.pipeline.simulate.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.distributed import run_distributed  # noqa: E402
+
+PEER = {"1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B", "zb_h1": "ScheduleInterleavedZeroBubble"}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _build(args, pp, rank, v):
+    from engine.pipeline import build_stage_chunks
+    from engine.mesh import build_mesh
+    from models import ModelConfig, init_weights
+
+    mesh = build_mesh(pp=pp)
+    cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                      ffn_dim=args.ffn, vocab_size=args.vocab, max_seq_len=args.seq)
+    chunks = build_stage_chunks(cfg, mesh, virtual_stages=v)
+    for c in chunks:
+        init_weights(c, seed=0, n_layers=cfg.n_layers, device="cpu")
+    return mesh, cfg, chunks
+
+
+def _make_step(engine, schedule, args, rank, world):
+    """Build one engine's copy of the model chunks and return (step function, runner or None)."""
+    v = 2 if schedule == "interleaved_1f1b" else 1
+    mesh, cfg, chunks = _build(args, world, rank, v)
+    m, mb, T = args.micro, args.mb, args.seq
+    tokens = torch.randint(0, cfg.vocab_size, (m * mb, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    first, last = mesh.is_first_stage, mesh.is_last_stage
+    if engine == "tandem":
+        from engine.pipeline import PipelineRunner
+
+        runner = PipelineRunner(chunks, mesh, schedule=schedule, n_microbatches=m, virtual_stages=v,
+                                hidden_shape=(mb, T, cfg.dim))
+
+        def step():
+            runner.forward_backward(x if first else None, y if last else None)
+    else:
+        import torch.distributed.pipelining as pipelining
+
+        runner = None
+        stages = [pipelining.PipelineStage(c, stage_index=i * world + rank, num_stages=world * v,
+                                           device=torch.device("cpu")) for i, c in enumerate(chunks)]
+        head = chunks[-1]
+
+        def loss_fn(logits, target):
+            return head.loss_fn(logits, target)       # the same loss op Tandem's last stage runs
+
+        cls = getattr(pipelining, PEER[schedule])
+        sched = cls(stages[0] if cls is pipelining.Schedule1F1B else stages, n_microbatches=m, loss_fn=loss_fn)
+
+        def step():
+            if first:
+                sched.step(x)
+            elif last:
+                sched.step(target=y, losses=[])
+            else:
+                sched.step()
+
+    def step_and_clear():
+        step()
+        for c in chunks:
+            c.zero_grad(set_to_none=True)
+    return step_and_clear, runner
+
+
+def _worker(rank, world, schedule, args):
+    """Both engines in one world, steps alternating (which goes first alternates too), so machine
+    noise hits both alike. Each step: peak RSS above the RSS just before it."""
+    torch.manual_seed(0)
+    engines = {e: _make_step(e, schedule, args, rank, world) for e in ("torch", "tandem")}
+    out = {e: {"times": [], "peak_mib": [], "compute": []} for e in engines}
+    order = ["torch", "tandem"]
+    for i in range(args.warmup + args.steps):
+        for engine in (order if i % 2 == 0 else order[::-1]):
+            step, runner = engines[engine]
+            gc.collect()
+            torch.distributed.barrier()
+            base = _rss_kib("VmRSS")
+            _reset_peak_rss()
+            t0 = time.perf_counter()
+            step()
+            dt = time.perf_counter() - t0
+            peak = (_rss_kib("VmHWM") - base) / 1024
+            if i >= args.warmup:
+                out[engine]["times"].append(dt)
+                out[engine]["peak_mib"].append(peak)
+                if runner is not None:
+                    out[engine]["compute"].append(_compute_summary(runner.timings))
+    out["actions"] = [str(a) for a in engines["tandem"][1].actions]
+    return out
+
+
+def _compute_summary(timings):
+    """(total compute seconds, {action: seconds}) of one step."""
+    per = {}
+    for label, start, end in timings:
+        if " " not in label and label[0] in "FBIW" and label[1].isdigit():
+            per[label] = end - start
+    return sum(per.values()), per
+
+
+def _simulated_bubble(results, pp):
+    """Simulate the schedule with each rank's measured mean cost per action kind."""
+    from engine.pipeline.schedules import parse_action
+    from engine.pipeline.simulate import simulate
+
+    actions, mean = [], []
+    for r in results:
+        actions.append([parse_action(s) for s in r["actions"]])
+        by_kind: dict[str, list[float]] = {}
+        for _, per in r["tandem"]["compute"]:
+            for label, dt in per.items():
+                by_kind.setdefault(label[0], []).append(dt)
+        mean.append({k: statistics.mean(v) for k, v in by_kind.items()})
+    return simulate(actions, lambda rank, a: mean[rank][a.kind]).bubble
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pp", type=int, default=2)
+    ap.add_argument("--micro", type=int, default=8, help="micro-batches per step")
+    ap.add_argument("--mb", type=int, default=2, help="micro-batch size")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=688)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--schedules", default="1f1b,interleaved_1f1b,zb_h1")
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # glibc: serve every allocation >= 64 KiB by mmap and give it back on free, so the resident set
+    # follows live tensor memory and one engine's freed heap cannot hide the other's peak
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    tokens = args.micro * args.mb * args.seq
+    print(f"pp={args.pp} gloo processes x 1 thread; model dim={args.dim} layers={args.layers} vocab={args.vocab}; "
+          f"{args.micro} micro-batches x {args.mb} x {args.seq} tokens per step; torch {torch.__version__}", flush=True)
+    rows = []
+    for schedule in args.schedules.split(","):
+        results = run_distributed(_worker, world_size=args.pp, args=(schedule, args), timeout=1800)
+        res = {}
+        for engine in ("tandem", "torch"):
+            # a step lasts as long as its slowest rank
+            steps = [max(r[engine]["times"][i] for r in results) for i in range(args.steps)]
+            peaks = [statistics.median(r[engine]["peak_mib"]) for r in results]
+            res[engine] = (tokens / statistics.median(steps), peaks, steps)
+        bubbles = [1 - sum(r["tandem"]["compute"][i][0] for r in results) / (args.pp * res["tandem"][2][i])
+                   for i in range(args.steps)]
+        rows.append((schedule, res, statistics.median(bubbles), _simulated_bubble(results, args.pp)))
+        _print_row(rows[-1])
+    print()
+    print("| schedule (Tandem vs torch) | Tandem tokens/s | torch tokens/s | ratio | Tandem peak MiB per rank | "
+          "torch peak MiB per rank | Tandem bubble measured | simulated |")
+    print("|---|---|---|---|---|---|---|---|")
+    for schedule, res, mb, sb in rows:
+        t, p = res["tandem"], res["torch"]
+        print(f"| {schedule} vs {PEER[schedule]} | {t[0]:.0f} | {p[0]:.0f} | {t[0] / p[0]:.2f}x | "
+              f"{' / '.join(f'{x:.0f}' for x in t[1])} | {' / '.join(f'{x:.0f}' for x in p[1])} | "
+              f"{mb:.1%} | {sb:.1%} |")
+
+
+def _print_row(row):
+    schedule, res, mb, sb = row
+    t, p = res["tandem"], res["torch"]
+    print(f"{schedule:18s} tandem {t[0]:8.0f} tok/s  torch {p[0]:8.0f} tok/s  ratio {t[0] / p[0]:.2f}x  "
+          f"peak MiB tandem {[round(x) for x in t[1]]} torch {[round(x) for x in p[1]]}  "
+          f"bubble measured {mb:.1%} simulated {sb:.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

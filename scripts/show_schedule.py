@@ -1,0 +1,39 @@
+"""Print a pipeline schedule's action lists and its simulated timeline.
+
+    python scripts/show_schedule.py --schedule 1f1b --pp 4 --micro 8 [--virtual 1] [--f 1 --b 2 --w 1] [--width 100]
+
+Costs are per chunk of 1/v of a stage's layers, so schedules with different v compare fairly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.pipeline.schedules import SCHEDULES, build_schedule, format_actions  # noqa: E402
+from engine.pipeline.simulate import simulate, uniform_cost  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
+    ap.add_argument("--pp", type=int, default=4)
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--virtual", type=int, default=1)
+    ap.add_argument("--f", type=float, default=1.0, help="forward cost of a whole stage")
+    ap.add_argument("--b", type=float, default=2.0, help="backward cost of a whole stage (I + W)")
+    ap.add_argument("--w", type=float, default=1.0, help="weight-gradient part of the backward (zb_h1)")
+    ap.add_argument("--width", type=int, default=100)
+    ap.add_argument("--actions", action="store_true", help="also print every rank's action list")
+    a = ap.parse_args()
+    actions = build_schedule(a.schedule, a.pp, a.micro, a.virtual)
+    if a.actions:
+        print(format_actions(actions))
+    v = a.virtual
+    print(simulate(actions, uniform_cost(a.f / v, a.b / v, a.w / v)).chart(a.width))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Pipeline schedules and the simulator: pure Python, no processes."""
+import pytest
+
+from engine.pipeline.schedules import (SCHEDULES, Action, build_schedule, format_actions, parse_action,
+                                       validate_schedule)
+from engine.pipeline.simulate import simulate, uniform_cost
+
+COMBOS = [(name, pp, m, v)
+          for pp in (1, 2, 3, 4, 5)
+          for m in (1, 2, 3, 4, 6, 8, 10)
+          for name, vs in (("gpipe", (1, 2)), ("1f1b", (1,)), ("zb_h1", (1,)), ("interleaved_1f1b", (2, 3)))
+          for v in vs
+          if not (name == "interleaved_1f1b" and m % pp)]
+
+
+@pytest.mark.parametrize("name,pp,m,v", COMBOS)
+def test_every_generator_validates(name, pp, m, v):
+    actions = build_schedule(name, pp, m, v)
+    validate_schedule(actions, pp, m, v)
+    n_compute = sum(a.is_compute for acts in actions for a in acts)
+    assert n_compute == pp * v * m * (3 if name == "zb_h1" else 2)
+    for r, acts in enumerate(actions):
+        assert all(a.stage % pp == r for a in acts)
+    sim = simulate(actions, uniform_cost(1.0, 2.0))
+    assert 0.0 <= sim.bubble < 1.0
+    assert sim.makespan >= (3.0 if name != "zb_h1" else 3.0) * m * v
+
+
+@pytest.mark.parametrize("pp,m", [(2, 2), (2, 5), (3, 4), (4, 4), (4, 8), (4, 13), (5, 7), (8, 16)])
+def test_gpipe_and_1f1b_bubble_closed_form(pp, m):
+    closed = (pp - 1) / (m + pp - 1)
+    for name in ("gpipe", "1f1b"):
+        sim = simulate(build_schedule(name, pp, m), uniform_cost(1.0, 2.0))
+        assert sim.bubble == pytest.approx(closed, abs=1e-12), name
+        assert sim.makespan == pytest.approx(3.0 * (m + pp - 1))
+
+
+@pytest.mark.parametrize("pp,m,v", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (4, 16, 2), (3, 9, 3), (8, 16, 2)])
+def test_interleaved_bubble_is_one_vth(pp, m, v):
+    """Megatron's closed form: bubble (p-1)/(v·m + p - 1), i.e. 1F1B's bubble time divided by v."""
+    sim = simulate(build_schedule("interleaved_1f1b", pp, m, v), uniform_cost(1.0, 2.0))
+    assert sim.bubble == pytest.approx((pp - 1) / (v * m + pp - 1), abs=1e-12)
+    # a chunk is 1/v of a stage: same work per rank as 1F1B, 1/v of its idle time
+    sim = simulate(build_schedule("interleaved_1f1b", pp, m, v), uniform_cost(1.0 / v, 2.0 / v))
+    one_f_one_b = simulate(build_schedule("1f1b", pp, m), uniform_cost(1.0, 2.0))
+    assert sum(sim.busy) == pytest.approx(sum(one_f_one_b.busy))
+    idle, idle_1f1b = sim.makespan * pp - sum(sim.busy), one_f_one_b.makespan * pp - sum(one_f_one_b.busy)
+    assert idle == pytest.approx(idle_1f1b / v)
+
+
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (4, 16), (5, 10), (8, 32)])
+def test_zb_h1_bubble_is_a_third_of_1f1b(pp, m):
+    """With F = I = W = 1 (so B = 2): makespan 3m + p - 1, bubble (p-1)/(3m+p-1)."""
+    cost = uniform_cost(1.0, 2.0, w=1.0)
+    zb = simulate(build_schedule("zb_h1", pp, m), cost)
+    base = simulate(build_schedule("1f1b", pp, m), cost)
+    assert zb.makespan == pytest.approx(3 * m + pp - 1)
+    assert zb.bubble == pytest.approx((pp - 1) / (3 * m + pp - 1))
+    bubble_time, base_time = zb.bubble * zb.makespan * pp, base.bubble * base.makespan * pp
+    assert bubble_time == pytest.approx(base_time / 3)
+
+
+@pytest.mark.parametrize("pp,m", [(2, 3), (4, 8), (4, 3), (5, 12)])
+def test_peak_in_flight_on_first_stage(pp, m):
+    cost = uniform_cost(1.0, 2.0)
+    assert simulate(build_schedule("gpipe", pp, m), cost).peak_activations[0] == m
+    f1b = simulate(build_schedule("1f1b", pp, m), cost).peak_activations
+    assert f1b[0] == min(pp, m)
+    assert f1b == [min(pp - r, m) for r in range(pp)]
+    assert max(simulate(build_schedule("zb_h1", pp, m), cost).peak_activations) <= pp
+
+
+def test_unequal_costs_and_p2p_time_lengthen_the_makespan():
+    actions = build_schedule("1f1b", 3, 6)
+    slow_last = simulate(actions, lambda r, a: (2.0 if r == 2 else 1.0) * (1 if a.kind == "F" else 2))
+    even = simulate(actions, uniform_cost())
+    assert slow_last.makespan > even.makespan
+    assert simulate(actions, uniform_cost(), p2p_time=0.5).makespan > even.makespan
+    assert slow_last.busy[2] == pytest.approx(2 * slow_last.busy[0])
+
+
+def test_action_text_round_trips_and_prints_compactly():
+    a = Action("F", 3, 1)
+    assert str(a) == "F3c1" and parse_action("F3c1") == a
+    assert parse_action("SB12c7") == Action("SB", 12, 7)
+    assert Action("SF", 2, 0).partner() == Action("RF", 2, 1)
+    text = format_actions(build_schedule("1f1b", 2, 2))
+    assert text.splitlines()[0].startswith("rank 0: F0c0 SF0c0")
+    with pytest.raises(ValueError, match="unknown action kind"):
+        Action("X", 0, 0)
+
+
+def test_chart_draws_every_rank():
+    sim = simulate(build_schedule("1f1b", 4, 8), uniform_cost())
+    chart = sim.chart(width=66)
+    lines = chart.splitlines()
+    assert len(lines) == 5 and all(len(line) == len("rank 0 |") + 66 + 1 for line in lines[:4])
+    assert "B0" in lines[3] and lines[3].startswith("rank 3 |" + "." * 6)
+
+
+def test_validator_rejects_incomplete_and_misordered_lists():
+    good = build_schedule("1f1b", 2, 2)
+    missing = [list(good[0]), [a for a in good[1] if a != Action("B", 1, 1)]]
+    with pytest.raises(ValueError, match="missing B1c1"):
+        validate_schedule(missing, 2, 2)
+    unmatched = [list(good[0]), [a for a in good[1] if a != Action("SB", 0, 1)]]
+    with pytest.raises(ValueError, match="no matching SB0c1"):
+        validate_schedule(unmatched, 2, 2)
+    wrong_rank = [list(good[0]) + [Action("F", 0, 1)], list(good[1])]
+    with pytest.raises(ValueError, match="lives on rank 1"):
+        validate_schedule(wrong_rank, 2, 2)
+    backward_first = [list(good[0]), list(good[1])]
+    i, j = backward_first[1].index(Action("F", 0, 1)), backward_first[1].index(Action("B", 0, 1))
+    backward_first[1][i], backward_first[1][j] = backward_first[1][j], backward_first[1][i]
+    with pytest.raises(ValueError, match="B0c1 runs before F0c1"):
+        validate_schedule(backward_first, 2, 2)
+
+
+def test_validator_finds_deadlock():
+    # rank 0 waits for the gradient before sending the activation the gradient depends on
+    deadlock = [[Action("RB", 0, 0), Action("F", 0, 0), Action("SF", 0, 0), Action("B", 0, 0)],
+                [Action("RF", 0, 1), Action("F", 0, 1), Action("B", 0, 1), Action("SB", 0, 1)]]
+    with pytest.raises(ValueError, match="deadlocks: rank 0 waits in batch \\[RB0c0\\]"):
+        validate_schedule(deadlock, 2, 1)
+
+
+@pytest.mark.parametrize("args,match", [
+    (("pipedream", 2, 4, 1), "unknown pipeline schedule 'pipedream'; known schedules: gpipe, 1f1b"),
+    (("interleaved_1f1b", 2, 3, 2), "multiple of pp=2"),
+    (("interleaved_1f1b", 2, 4, 1), "virtual_stages >= 2"),
+    (("1f1b", 2, 4, 2), "use interleaved_1f1b"),
+    (("zb_h1", 2, 0, 1), "must all be >= 1"),
+])
+def test_bad_arguments_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        build_schedule(*args)
+
+
+def test_schedules_registry_lists_the_four():
+    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1"}
