@@ -178,9 +178,17 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("cross_entropy: a second backward through the Triton cross-entropy (retain_graph): "
+                               "its stored gradient was scaled in place by the first; use kernels=torch for that")
+        ctx.consumed = True
         grad = ctx.saved_tensors[0].detach()
-        # the loss is a scalar, so g is one number; 1.0 (the usual case) needs no pass over the logits
-        grad = grad if bool(g == 1) else grad * g.to(grad.dtype)
+        # The loss is a scalar, so g is one number: 1.0 (plain backward) needs no pass over the logits;
+        # otherwise (a loss scaled by 1/micro-batches) scale in place rather than allocate a logits-sized copy.
+        # A Python float keeps the factor in float32 (a bf16 copy of 1/3 would be off by 0.4%).
+        scale = g.item()
+        if scale != 1.0:
+            grad.mul_(scale)
         return grad.view(ctx.shape), None, None, None
 
 

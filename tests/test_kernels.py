@@ -165,6 +165,13 @@ def test_cross_entropy_overwrites_saved_logits_loudly():
         loss.backward()
 
 
+def test_cross_entropy_second_backward_is_a_clear_error():
+    loss = cross_entropy(randn(3, 17) * 1.0, torch.tensor([1, 2, 3], device=DEVICE)) / 4
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
 def test_cross_entropy_all_ignored_is_zero_with_zero_grad():
     logits = randn(4, 9)
     loss = cross_entropy(logits * 1.0, torch.full((4,), -100, device=DEVICE))
@@ -189,11 +196,41 @@ def _vocab_full_problem(dtype):
     return full, targets
 
 
+MODEL_CFG = dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=72, vocab_size=97, max_seq_len=16)
+
+
+def _model_batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, 97, (2, 8), generator=g), torch.randint(0, 97, (2, 8), generator=g)
+
+
+def _tp_model_with_triton_kernels(world_size):
+    """TP (sequence parallel, vocab 97 padded to 98) with kernels=triton: loss and each gradient
+    shard with where it sits in the global tensor."""
+    from engine.mesh import build_mesh
+    from engine.tensor_parallel import parallelize, sync_tp_grads
+    from models import Llama, ModelConfig, init_weights
+    from models.init import iter_params
+
+    cfg = ModelConfig(**MODEL_CFG)
+    mesh = build_mesh(tp=world_size)
+    with torch.device("meta"):
+        model = Llama(cfg, kernels="triton")
+    parallelize(model, mesh, sequence_parallel=True)
+    init_weights(model, seed=0, n_layers=cfg.n_layers, device="cpu")
+    x, y = _model_batch()
+    loss = model(x, y)
+    loss.backward()
+    sync_tp_grads([model], mesh)
+    return loss.item(), {n: (p.grad[m.local_slices()].numpy(), m.global_slices(), m.global_shape)
+                         for n, p, m in iter_params(model)}
+
+
 def _vocab_parallel_worker(rank, world_size):
     import torch.distributed as dist
 
     group = dist.new_group(list(range(world_size)))
-    results = {}
+    results = {"tp_model": _tp_model_with_triton_kernels(world_size)}
     for dtype in DTYPES:
         full, targets = _vocab_full_problem(dtype)
         v_local = full.shape[-1] // world_size  # 45 ids per rank
@@ -207,10 +244,16 @@ def _vocab_parallel_worker(rank, world_size):
     return results
 
 
-def test_vocab_parallel_cross_entropy_equals_full_vocabulary():
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One 2-rank gloo world runs every tensor-parallel case (spawning is the slow part)."""
+    return run_distributed(_vocab_parallel_worker, world_size=2)
+
+
+def test_vocab_parallel_cross_entropy_equals_full_vocabulary(two_ranks):
     """Each of 2 gloo ranks holds half the vocabulary; loss and the concatenated gradient equal the
     full-vocabulary loss and gradient (also for the torch reference of the vocab-parallel loss)."""
-    results = run_distributed(_vocab_parallel_worker, world_size=2)
+    results = two_ranks
     for dtype in DTYPES:
         full, targets = _vocab_full_problem(dtype)
         full.requires_grad_()
@@ -245,6 +288,28 @@ def test_model_with_triton_kernels_equals_torch_kernels(dtype):
     assert grads_t.keys() == grads_r.keys() and len(grads_t) == 2 * 9 + 3
     for name in grads_r:
         assert_same([grads_t[name]], [grads_r[name]], dtype)
+
+
+def test_tensor_parallel_model_with_triton_kernels_equals_serial_torch_model(two_ranks):
+    from models import Llama, ModelConfig, init_weights
+
+    cfg = ModelConfig(**MODEL_CFG)
+    with torch.device("meta"):
+        serial = Llama(cfg, kernels="torch")
+    init_weights(serial, seed=0, n_layers=cfg.n_layers, device="cpu")
+    x, y = _model_batch()
+    loss = serial(x, y)
+    loss.backward()
+    for rank_loss, _ in (r["tp_model"] for r in two_ranks):
+        assert rank_loss == pytest.approx(loss.item(), rel=1e-5)
+    for name, p in serial.named_parameters():
+        got = torch.full(p.shape, float("nan"))
+        for _, grads in (r["tp_model"] for r in two_ranks):
+            local, where, global_shape = grads[name]
+            assert tuple(global_shape) == tuple(p.shape), name
+            got[where] = torch.from_numpy(local)
+        assert not got.isnan().any(), f"{name}: the shards do not cover the global tensor"
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_get_ops_selects_the_triton_path():
