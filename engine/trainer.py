@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -167,6 +168,10 @@ class Trainer:
         self.mcfg = resolve_model_config(cfg, self.resume_from or self.load_from)
         if cfg.train.seq_len > self.mcfg.max_seq_len:
             raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
+        if mesh.tp > 1:  # before any data or model work: a shape tp cannot split is a launch error
+            from engine.tensor_parallel import validate_tp
+
+            validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
         if mesh.pp > 1:
             from engine.pipeline import check_pipeline
 
@@ -181,6 +186,7 @@ class Trainer:
         self.optimizer = Optimizer(self.refs, mesh, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                    weight_decay=o.weight_decay, zero=o.zero)
         self.step = 0
+        self.phase = "setup"
         self.log = MetricsLog(self.run_dir / "metrics.jsonl" if mesh.rank == 0 else None)
         self.peak_flops, self.peak_label = device_peak_flops(mesh.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16"
@@ -189,6 +195,14 @@ class Trainer:
             self._restore(self.resume_from, with_optimizer=True)
         elif self.load_from is not None:
             self._restore(self.load_from, with_optimizer=False)
+
+    def where(self) -> str:
+        """What this rank is doing now, for the report of a timed-out or failed rank: the pipeline
+        action it waits on when inside the schedule, else the phase of the step."""
+        action = getattr(self.executor, "current_action", None)
+        if self.phase == "forward/backward" and action is not None:
+            return f"pipeline action {action} of the {self.cfg.parallel.schedule} schedule"
+        return self.phase
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _model_entries(self):
@@ -248,14 +262,20 @@ class Trainer:
         t0 = time.perf_counter()
         inputs, targets = self.data.train_batch(self.step, seed=cfg.train.seed, batch_size=cfg.train.global_batch_size,
                                                 seq_len=cfg.train.seq_len)
+        self.phase = "forward/backward"
         loss = self._run(inputs, targets, backward=True)
+        self.phase = "gradient synchronization (dp all-reduce, tp and tied-embedding sums)"
         sync_grads(self.chunks, self.mesh, self.dp_reducer)
+        self.phase = "gradient-norm all-reduce"
         grad_norm = clip_grad_norm(self.refs, cfg.optim.clip_grad)
         lr = lr_at(self.step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                    min_lr_ratio=cfg.optim.min_lr_ratio)
+        self.phase = "optimizer step (ZeRO broadcast)"
         self.optimizer.step(lr)
         self.optimizer.zero_grad()
+        self.phase = "loss all-reduce"
         loss_value, stop = self._global_mean(loss, stop_requested)
+        self.phase = "between steps"
         if self.mesh.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -342,6 +362,14 @@ def main(cfg: Config) -> list[dict]:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         (trainer.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     try:
-        return trainer.run()
-    finally:
-        dist.barrier()
+        records = trainer.run()
+    except BaseException as e:
+        # A hang surfaces here as a collective/p2p timeout (parallel.timeout_s). Say where this rank was,
+        # then fail: torchrun sees a non-zero exit and stops the other ranks.
+        m = trainer.mesh
+        print(f"\nrank {m.rank} (pp {m.pp_rank}, dp {m.dp_rank}, tp {m.tp_rank}) failed in step {trainer.step + 1} "
+              f"while waiting on {trainer.where()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr, flush=True)
+        raise
+    dist.barrier()
+    return records

@@ -1,16 +1,18 @@
 """Tandem's pipeline runtime against torch.distributed.pipelining, in one run, on a gloo world.
 
     python scripts/bench_pipeline.py [--pp 2] [--micro 8] [--mb 2] [--seq 128] [--dim 256] [--layers 8]
-                                     [--steps 8] [--schedules 1f1b,interleaved_1f1b,zb_h1] [--repeats 2]
+                                     [--steps 8] [--warmup 2] [--schedules 1f1b,interleaved_1f1b,zb_h1]
 
 For each schedule both engines run the same model chunks (same init, same layer split), the same
 micro-batches and loss, with `pp` gloo processes of one thread each. Peers:
     1f1b -> Schedule1F1B, interleaved_1f1b -> ScheduleInterleaved1F1B (v=2),
     zb_h1 -> ScheduleInterleavedZeroBubble with one stage per rank (PyTorch's ZB-H1-style schedule).
-Each (engine, schedule) runs in a fresh world, alternating engines, `--repeats` times; the
-median step time over all timed steps gives tokens/s. Peak memory per rank is the peak resident
-set size (VmHWM, reset through /proc/self/clear_refs after the model is built) minus the RSS at
-that point: what the steps add on top of the weights. The measured bubble of Tandem is
+Each schedule runs in a fresh world holding both engines' copies of the model; their steps
+alternate (and which goes first alternates), so machine noise hits both alike. A step lasts as
+long as its slowest rank; the median over timed steps gives tokens/s. Peak memory per rank is the
+peak resident set size during a step (VmHWM, reset through /proc/self/clear_refs) minus the RSS
+just before it, median over steps: activations, gradients and buffers the step adds on top of
+the weights. glibc is told to mmap every allocation >= 64 KiB so freed tensors leave the RSS. The measured bubble of Tandem is
 1 - compute time / (pp × step time) from the runner's per-action timings; the simulated one
 feeds the measured mean per-action durations to engine.pipeline.simulate.
 """
@@ -58,15 +60,14 @@ def _build(args, pp, rank, v):
     return mesh, cfg, chunks
 
 
-def _worker(rank, world, engine, schedule, args):
-    torch.manual_seed(0)
+def _make_step(engine, schedule, args, rank, world):
+    """Build one engine's copy of the model chunks and return (step function, runner or None)."""
     v = 2 if schedule == "interleaved_1f1b" else 1
     mesh, cfg, chunks = _build(args, world, rank, v)
     m, mb, T = args.micro, args.mb, args.seq
     tokens = torch.randint(0, cfg.vocab_size, (m * mb, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
     first, last = mesh.is_first_stage, mesh.is_last_stage
-    compute_times = []
     if engine == "tandem":
         from engine.pipeline import PipelineRunner
 
@@ -78,45 +79,57 @@ def _worker(rank, world, engine, schedule, args):
     else:
         import torch.distributed.pipelining as pipelining
 
-        n_stages = world * v
-        stages = [pipelining.PipelineStage(c, stage_index=i * world + rank, num_stages=n_stages,
+        runner = None
+        stages = [pipelining.PipelineStage(c, stage_index=i * world + rank, num_stages=world * v,
                                            device=torch.device("cpu")) for i, c in enumerate(chunks)]
         head = chunks[-1]
 
         def loss_fn(logits, target):
-            return head.loss_fn(logits, target)
+            return head.loss_fn(logits, target)       # the same loss op Tandem's last stage runs
 
         cls = getattr(pipelining, PEER[schedule])
         sched = cls(stages[0] if cls is pipelining.Schedule1F1B else stages, n_microbatches=m, loss_fn=loss_fn)
 
         def step():
-            if first and last:
-                sched.step(x, target=y)
-            elif first:
+            if first:
                 sched.step(x)
             elif last:
                 sched.step(target=y, losses=[])
             else:
                 sched.step()
 
-    gc.collect()
-    base = _rss_kib("VmRSS")
-    _reset_peak_rss()
-    times = []
-    for i in range(args.warmup + args.steps):
-        torch.distributed.barrier()
-        t0 = time.perf_counter()
+    def step_and_clear():
         step()
-        dt = time.perf_counter() - t0
         for c in chunks:
             c.zero_grad(set_to_none=True)
-        if i >= args.warmup:
-            times.append(dt)
-            if engine == "tandem":
-                compute_times.append(_compute_summary(runner.timings))
-    peak_mib = (_rss_kib("VmHWM") - base) / 1024
-    return {"times": times, "peak_mib": peak_mib, "compute": compute_times,
-            "actions": [str(a) for a in runner.actions] if engine == "tandem" else None}
+    return step_and_clear, runner
+
+
+def _worker(rank, world, schedule, args):
+    """Both engines in one world, steps alternating (which goes first alternates too), so machine
+    noise hits both alike. Each step: peak RSS above the RSS just before it."""
+    torch.manual_seed(0)
+    engines = {e: _make_step(e, schedule, args, rank, world) for e in ("torch", "tandem")}
+    out = {e: {"times": [], "peak_mib": [], "compute": []} for e in engines}
+    order = ["torch", "tandem"]
+    for i in range(args.warmup + args.steps):
+        for engine in (order if i % 2 == 0 else order[::-1]):
+            step, runner = engines[engine]
+            gc.collect()
+            torch.distributed.barrier()
+            base = _rss_kib("VmRSS")
+            _reset_peak_rss()
+            t0 = time.perf_counter()
+            step()
+            dt = time.perf_counter() - t0
+            peak = (_rss_kib("VmHWM") - base) / 1024
+            if i >= args.warmup:
+                out[engine]["times"].append(dt)
+                out[engine]["peak_mib"].append(peak)
+                if runner is not None:
+                    out[engine]["compute"].append(_compute_summary(runner.timings))
+    out["actions"] = [str(a) for a in engines["tandem"][1].actions]
+    return out
 
 
 def _compute_summary(timings):
@@ -137,7 +150,7 @@ def _simulated_bubble(results, pp):
     for r in results:
         actions.append([parse_action(s) for s in r["actions"]])
         by_kind: dict[str, list[float]] = {}
-        for _, per in r["compute"]:
+        for _, per in r["tandem"]["compute"]:
             for label, dt in per.items():
                 by_kind.setdefault(label[0], []).append(dt)
         mean.append({k: statistics.mean(v) for k, v in by_kind.items()})
@@ -157,31 +170,28 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--schedules", default="1f1b,interleaved_1f1b,zb_h1")
+    ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # glibc: serve every allocation >= 64 KiB by mmap and give it back on free, so the resident set
+    # follows live tensor memory and one engine's freed heap cannot hide the other's peak
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     tokens = args.micro * args.mb * args.seq
     print(f"pp={args.pp} gloo processes x 1 thread; model dim={args.dim} layers={args.layers} vocab={args.vocab}; "
           f"{args.micro} micro-batches x {args.mb} x {args.seq} tokens per step; torch {torch.__version__}", flush=True)
     rows = []
     for schedule in args.schedules.split(","):
-        runs = {"tandem": [], "torch": []}
-        for _ in range(args.repeats):
-            for engine in ("torch", "tandem"):
-                runs[engine].append(run_distributed(_worker, world_size=args.pp, args=(engine, schedule, args),
-                                                    timeout=1200))
+        results = run_distributed(_worker, world_size=args.pp, args=(schedule, args), timeout=1800)
         res = {}
-        for engine, reps in runs.items():
-            step_s = statistics.median(t for rep in reps for t in rep[0]["times"])
-            peaks = [max(rep[r]["peak_mib"] for rep in reps) for r in range(args.pp)]
-            res[engine] = (tokens / step_s, peaks, step_s)
-        last = runs["tandem"][-1]
-        step_s = res["tandem"][2]
-        compute = [statistics.mean(c for c, _ in r["compute"]) for r in last]
-        measured_bubble = 1 - sum(compute) / (args.pp * step_s)
-        rows.append((schedule, res, measured_bubble, _simulated_bubble(last, args.pp)))
+        for engine in ("tandem", "torch"):
+            # a step lasts as long as its slowest rank
+            steps = [max(r[engine]["times"][i] for r in results) for i in range(args.steps)]
+            peaks = [statistics.median(r[engine]["peak_mib"]) for r in results]
+            res[engine] = (tokens / statistics.median(steps), peaks, steps)
+        bubbles = [1 - sum(r["tandem"]["compute"][i][0] for r in results) / (args.pp * res["tandem"][2][i])
+                   for i in range(args.steps)]
+        rows.append((schedule, res, statistics.median(bubbles), _simulated_bubble(results, args.pp)))
         _print_row(rows[-1])
     print()
     print("| schedule (Tandem vs torch) | Tandem tokens/s | torch tokens/s | ratio | Tandem peak MiB per rank | "

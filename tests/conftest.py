@@ -1,8 +1,16 @@
+import os
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. Triton reads this
+# when a kernel is defined (at the first import of kernels/ or models/), so it is set here, before any
+# test module is imported; spawned test processes inherit it. With CUDA the kernels are compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TEST_VOCAB = 512
 

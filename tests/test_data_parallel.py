@@ -85,13 +85,14 @@ def test_sigterm_on_one_rank_saves_and_exits_zero_then_resume_is_exact(data_dir,
 
 
 def test_two_nodes_on_localhost(data_dir, tmp_path):
-    """Two torchrun "nodes" (one process each) joined by a static rendezvous on 127.0.0.1."""
+    """Two torchrun "nodes" (one process each) joined by a static rendezvous on 127.0.0.1, one pipeline
+    stage per node: the layout a cluster uses (tp inside a node, pp across nodes)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
          "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "scripts/train.py",
-         *SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", "train.max_steps=6", "parallel.dp=2"],
+         *SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", "train.max_steps=6", "parallel.pp=2"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)

@@ -112,6 +112,7 @@ class PipelineRunner:
                         mod.forward = partial(_linear_forward, mod, self.store)
         self.timings: list[tuple[str, float, float]] = []
         self.live_peak = 0
+        self.current_action: str | None = None
 
     # ------------------------------------------------------------------------------------- helpers
     def _chunk(self, stage: int) -> nn.Module:
@@ -153,6 +154,8 @@ class PipelineRunner:
         with contextlib.nullcontext() if backward else torch.no_grad():
             for item in p2p_batches(actions):
                 start = time.perf_counter()
+                # what a rank that times out reports it was waiting on (see engine.trainer.main)
+                self.current_action = str(item) if isinstance(item, Action) else " ".join(str(a) for a in item)
                 if isinstance(item, Action):
                     getattr(self, f"_run_{item.kind}")(item)
                     self._count_live()

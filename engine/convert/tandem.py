@@ -1,0 +1,282 @@
+"""Tandem-to-Tandem tools: consolidate, re-shard, inspect, verify — and the streaming writer the
+Hugging Face import shares.
+
+Every output is planned first (which file holds which region of which tensor, in what dtype),
+then written region by region: a region is assembled from the source's overlapping slices and
+streamed into its file, so peak memory is one region (at most the largest tensor), never a file
+and never the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine.checkpoint import CheckpointError
+from engine.convert.stream import StreamWriter, TensorSpec, dtype_name, nbytes, read_header
+from engine.convert.sources import TandemSource, slice_problems
+from models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Region:
+    """Region ``(offset, shape)`` of global tensor ``key`` (shape ``global_shape``), stored as ``dtype``."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def full(cls, key, shape, dtype) -> "Region":
+        shape = tuple(shape)
+        return cls(key, shape, (0,) * len(shape), shape, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.shape, self.dtype)
+
+
+@contextlib.contextmanager
+def staged_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
+    """Yield ``DST.tmp`` to write into; rename it to ``DST`` only when the body completes."""
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise CheckpointError(f"destination {str(dst)!r} already exists; choose another path or pass --force "
+                              f"to replace it")
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted conversion
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    os.replace(tmp, dst)
+
+
+def pack(regions: list[Region], max_bytes: int | None) -> list[list[Region]]:
+    """Greedy packing in order: a new file starts when the next region would push this one past
+    ``max_bytes`` (a region larger than the limit gets a file of its own)."""
+    files: list[list[Region]] = [[]]
+    size = 0
+    for r in regions:
+        if files[-1] and max_bytes and size + r.nbytes > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(r)
+        size += r.nbytes
+    return [f for f in files if f]
+
+
+def write_tandem(dst: Path, files: dict[str, list[Region]], read: Callable[[Region], torch.Tensor], *,
+                 model_config: dict, layout: dict, train_state: dict, step: int) -> None:
+    """Write a Tandem checkpoint into ``dst`` (an existing empty directory), file by file."""
+    records = []
+    for fname, regions in files.items():
+        specs = [TensorSpec(r.key, r.shape, r.dtype) for r in regions]
+        meta = {r.key: json.dumps({"global_shape": list(r.global_shape), "offset": list(r.offset)}) for r in regions}
+        w = StreamWriter(dst / fname, specs, meta)
+        for r in regions:
+            w.write(r.key, read(r))
+        sha, size = w.close()
+        records.append({"file": fname, "sha256": sha, "bytes": size, "tensors": [
+            {"key": r.key, "global_shape": list(r.global_shape), "offset": list(r.offset), "shape": list(r.shape),
+             "dtype": dtype_name(r.dtype)} for r in regions]})
+    ckpt._write_manifest(dst, records, step=step, model_config=model_config, layout=layout, train_state=train_state)
+
+
+def _copy_extras(src: TandemSource, dst: Path) -> None:
+    """A tokenizer recorded in the checkpoint directory travels with it."""
+    tok = src.manifest.get("train_state", {}).get("tokenizer")
+    if tok and (src.path / tok).is_file():
+        shutil.copy(src.path / tok, dst / tok)
+
+
+def _rewrite(src: TandemSource, dst: str | Path, files: dict[str, list[Region]], *, force: bool, how: dict) -> Path:
+    m = src.manifest
+    layout = {**m.get("layout", {}), **how}
+    with staged_output(dst, force=force) as tmp:
+        write_tandem(tmp, files, lambda r: src.read(r.key, r.offset, r.shape), model_config=m["model_config"],
+                     layout=layout, train_state=m.get("train_state", {}), step=m.get("step", 0))
+        _copy_extras(src, tmp)
+    return Path(dst)
+
+
+def consolidate(src: str | Path, dst: str | Path, *, max_file_bytes: int | None = None, force: bool = False) -> Path:
+    """Full tensors (model and optimizer state) in one file, or several of at most ``max_file_bytes``."""
+    s = TandemSource(src)
+    regions = [Region.full(k, s.shape(k), s.dtype(k)) for k in s.tensors]
+    packed = pack(regions, max_file_bytes)
+    files = {f"consolidated_{i:05d}.safetensors": f for i, f in enumerate(packed)}
+    return _rewrite(s, dst, files, force=force, how={"converted": "consolidate"})
+
+
+# -- re-sharding for a target (tp, pp) layout --------------------------------------------------
+_COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
+           "feed_forward.w3.weight", "tok_embeddings.weight", "output.weight")  # split on dim 0
+_ROW = ("attention.wo.weight", "feed_forward.w2.weight")  # split on dim 1
+
+
+def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = None) -> list[range]:
+    if layers_per_stage is None:
+        if n_layers < pp:
+            raise CheckpointError(f"the model's {n_layers} layers cannot fill {pp} pipeline chunks (pp × virtual "
+                                  f"stages); lower --pp or --virtual-stages")
+        base, extra = divmod(n_layers, pp)
+        layers_per_stage = [base + (1 if i < extra else 0) for i in range(pp)]
+    if len(layers_per_stage) != pp or sum(layers_per_stage) != n_layers or min(layers_per_stage) < 1:
+        raise CheckpointError(f"layers per stage {layers_per_stage} must be {pp} positive counts (pp × virtual "
+                              f"stages) summing to the model's {n_layers} layers; fix --layers-per-stage or --pp")
+    out, start = [], 0
+    for n in layers_per_stage:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def tp_region(param: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, tp_rank: int,
+              ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The (offset, shape) of ``param`` that tensor-parallel rank ``tp_rank`` holds, as
+    engine/tensor_parallel.py shards it, or None for a replicated tensor (the norms). Attention
+    splits whole heads; when tp is a multiple of the KV heads each rank holds the one KV head its
+    query heads use; vocabularies are split in ceil(V / tp) rows, the last shard short."""
+    leaf = param.split(".", 2)[2] if param.startswith("layers.") else param
+    if leaf in _COLUMN:
+        dim = 0
+    elif leaf in _ROW:
+        dim = 1
+    else:
+        return None
+    n = shape[dim]
+    if leaf in ("attention.wk.weight", "attention.wv.weight") and cfg.n_kv_heads % tp:
+        if tp % cfg.n_kv_heads:
+            return None  # no layout shards this way; keep it whole
+        lo, hi = (tp_rank // (tp // cfg.n_kv_heads)) * cfg.head_dim, (tp_rank // (tp // cfg.n_kv_heads) + 1) * cfg.head_dim
+    else:
+        unit = cfg.head_dim if leaf.startswith("attention.") else 1
+        per = -(-(n // unit) // tp) * unit  # ceil: a vocabulary tp does not divide leaves the last rank short
+        lo, hi = min(tp_rank * per, n), min((tp_rank + 1) * per, n)
+    offset, sub = [0] * len(shape), list(shape)
+    offset[dim], sub[dim] = lo, hi - lo
+    return tuple(offset), tuple(sub)
+
+
+def _param_of(key: str) -> str:
+    """``model/<p>`` and ``optim/<state>/<p>`` -> ``<p>``."""
+    return key.split("/", 1)[1] if key.startswith("model/") else key.split("/", 2)[2]
+
+
+def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, virtual_stages: int = 1,
+            layers_per_stage: list[int] | None = None, force: bool = False) -> Path:
+    """One file per (pp rank, tp rank) of the target layout holding exactly that rank's slices, so
+    each rank reads its own file. A region several tp ranks hold (norms; a KV head shared by ranks)
+    lives once, in the file of the lowest of them."""
+    s = TandemSource(src)
+    cfg = s.model_config
+    if tp < 1 or pp < 1 or cfg.n_heads % tp or cfg.ffn_dim % tp:
+        raise CheckpointError(f"--tp {tp} must be positive and divide the model's {cfg.n_heads} heads and "
+                              f"ffn_dim {cfg.ffn_dim}; --pp {pp} must be positive")
+    if virtual_stages < 1:
+        raise CheckpointError(f"--virtual-stages {virtual_stages} must be at least 1")
+    # chunk c of pp * virtual_stages goes to pp rank c % pp (the interleaved schedule's round robin)
+    stages = stage_layers(cfg.n_layers, pp * virtual_stages, layers_per_stage)
+    files: dict[str, list[Region]] = {}
+    seen = set()
+    for key in s.tensors:
+        param = _param_of(key)
+        if param.startswith("layers."):
+            layer = int(param.split(".")[1])
+            stage = next(i for i, r in enumerate(stages) if layer in r) % pp
+        else:
+            stage = 0 if param == "tok_embeddings.weight" else pp - 1
+        shape = s.shape(key)
+        for t in range(tp):
+            box = tp_region(param, shape, cfg, tp, t)
+            if box is None and t > 0:
+                continue
+            offset, sub = box if box is not None else ((0,) * len(shape), shape)
+            if 0 in sub or (key, offset) in seen:
+                continue
+            seen.add((key, offset))
+            files.setdefault(f"pp{stage:02d}_tp{t:02d}.safetensors", []).append(
+                Region(key, shape, offset, sub, s.dtype(key)))
+    files = dict(sorted(files.items()))
+    return _rewrite(s, dst, files, force=force, how={"converted": f"reshard tp={tp} pp={pp}", "files_for": {
+        "tp": tp, "pp": pp, "virtual_stages": virtual_stages, "layers_per_chunk": [len(r) for r in stages]}})
+
+
+# -- inspect and verify ------------------------------------------------------------------------
+def inspect(src: str | Path) -> dict:
+    """What a checkpoint holds, read from its manifest (no tensor data is read). A Hugging Face
+    directory is described too, from its config and shard headers."""
+    if not (Path(src) / ckpt.MANIFEST).is_file() and (Path(src) / "config.json").is_file():
+        from engine.convert.hf import inspect_hf
+
+        return inspect_hf(src)
+    s = TandemSource(src, verify=False)
+    m = s.manifest
+    rows, total = [], 0
+    for key, info in s.tensors.items():
+        b = nbytes(info["global_shape"], s.dtype(key))
+        total += b
+        rows.append({"key": key, "shape": info["global_shape"], "dtype": info["dtype"],
+                     "slices": len(info["slices"]), "bytes": b})
+    n_params = sum(torch.Size(r["shape"]).numel() for r in rows if r["key"].startswith("model/"))
+    return {"path": str(s.path), "step": m.get("step"), "model_config": m["model_config"],
+            "layout": m.get("layout", {}), "train_state": m.get("train_state", {}), "tensors": rows,
+            "n_tensors": len(rows), "n_params": n_params, "tensor_bytes": total,
+            "files": {f: i["bytes"] for f, i in m["files"].items()}}
+
+
+def format_inspect(info: dict) -> str:
+    lines = [f"checkpoint {info['path']}", f"step {info['step']}",
+             "model " + ", ".join(f"{k}={v}" for k, v in info["model_config"].items()),
+             "layout " + ", ".join(f"{k}={v}" for k, v in info["layout"].items()),
+             f"{info['n_tensors']} tensors, {info['n_params']:,} model parameters, "
+             f"{info['tensor_bytes'] / 2**20:.2f} MiB in {len(info['files'])} file(s)", ""]
+    width = max(len(r["key"]) for r in info["tensors"])
+    lines.append(f"{'tensor':<{width}}  {'shape':<16} {'dtype':<9} {'slices':>6} {'bytes':>12}")
+    for r in info["tensors"]:
+        lines.append(f"{r['key']:<{width}}  {str(tuple(r['shape'])):<16} {r['dtype']:<9} {r['slices']:>6} "
+                     f"{r['bytes']:>12,}")
+    return "\n".join(lines)
+
+
+def verify(src: str | Path) -> list[str]:
+    """Check a checkpoint completely: every file's checksum, every file header against the
+    manifest, every global tensor covered exactly once by its slices. Returns the checks made;
+    raises `CheckpointError` listing every problem found."""
+    path = Path(src)
+    m = ckpt.read_manifest(path)
+    problems, done = [], []
+    headers = {}
+    for fname in m["files"]:
+        try:
+            ckpt.verify_files(path, m, [fname])
+            headers[fname] = read_header(path / fname)[0]
+        except CheckpointError as e:
+            problems.append(str(e))
+    done.append(f"{len(m['files']) - len(problems)} of {len(m['files'])} files match their checksums")
+    for key, info in m["tensors"].items():
+        problems += slice_problems(key, info)
+        for s in info["slices"]:
+            spec = headers.get(s["file"], {}).get(key)
+            if s["file"] in headers and (spec is None or spec.shape != tuple(s["shape"])):
+                problems.append(f"{key!r}: {s['file']} does not hold the slice of shape {tuple(s['shape'])} the "
+                                f"manifest lists (it holds {None if spec is None else spec.shape})")
+    done.append(f"{len(m['tensors'])} tensors covered exactly once by their slices")
+    if problems:
+        raise CheckpointError(f"checkpoint {str(path)!r} failed verification ({len(problems)} problem(s)):\n  "
+                              + "\n  ".join(problems))
+    return done

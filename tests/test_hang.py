@@ -1,0 +1,61 @@
+"""A hung rank makes the job fail loudly: the waiting ranks time out after ``parallel.timeout_s``, say
+which step and which action they were waiting on, and the job exits non-zero."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.launch import ROOT, SMALL_MODEL, free_port
+from tests.test_data_parallel import _worker_pids
+
+
+def _rank_of(pid: int) -> int:
+    env = dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
+    return int(env[b"RANK"])
+
+
+def _launch_and_freeze_one_rank(run, overrides, nproc):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "scripts/train.py",
+           *overrides, f"run_dir={run}"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.1)
+    workers = _worker_pids(run)
+    assert len(workers) == nproc, workers
+    frozen = next(pid for pid in workers if _rank_of(pid) == nproc - 1)  # the report is asserted on rank 0
+    os.kill(frozen, signal.SIGSTOP)  # alive but silent: the hang a dead NIC or a stuck kernel looks like
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "failed in step" in line:
+                break
+    finally:
+        os.kill(frozen, signal.SIGCONT)  # let torchrun's SIGTERM reach it
+    rest, _ = proc.communicate(timeout=120)
+    return proc.returncode, "".join(out) + rest
+
+
+def test_hung_rank_times_out_names_its_wait_and_exits_nonzero(data_dir, tmp_path):
+    code, out = _launch_and_freeze_one_rank(
+        tmp_path, [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=100000", "parallel.dp=2",
+                   "parallel.timeout_s=8"], nproc=2)
+    assert code != 0, out[-3000:]
+    line = next(l for l in out.splitlines() if "failed in step" in l)
+    assert "rank 0 (pp 0, dp 0, tp 0)" in line and "while waiting on" in line and "Timed out" in line, line
+
+
+def test_hung_pipeline_stage_names_the_schedule_action(data_dir, tmp_path):
+    code, out = _launch_and_freeze_one_rank(
+        tmp_path, [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=100000", "parallel.pp=2",
+                   "parallel.timeout_s=8"], nproc=2)
+    assert code != 0, out[-3000:]
+    line = next(l for l in out.splitlines() if "failed in step" in l)
+    # the first stage waits on a gradient from the frozen last stage (or on the loss all-reduce after it)
+    assert "rank 0 (pp 0, dp 0, tp 0)" in line and "Timed out" in line, line
+    assert "pipeline action" in line and "of the 1f1b schedule" in line, line

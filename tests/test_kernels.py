@@ -1,0 +1,295 @@
+"""Triton kernels against their plain-torch references, forward and backward.
+
+On a CPU-only machine the kernels run through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton), which is slow, so shapes are tiny and odd:
+hidden 123, 5 x 37 rows, head_dim 24, vocabulary 91. With CUDA the same tests run compiled on the GPU.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import TORCH_OPS, get_ops, rope_cos_sin
+from kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.rotary import apply_rotary, apply_rotary_reference
+from kernels.swiglu import swiglu, swiglu_reference
+from tests.distributed import run_distributed
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+# bfloat16 keeps 8 bits of mantissa: the two paths round once each, so they may differ by an ulp (and
+# Triton's interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest). The absolute
+# tolerance is relative to the tensor's largest value, so sums with cancellation (dw) are judged fairly.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def randn(*shape, dtype=torch.float32, grad=True):
+    return torch.randn(*shape, device=DEVICE).to(dtype).requires_grad_(grad)
+
+
+def fwd_bwd(fn, inputs, *args, **kwargs):
+    """Output(s) of fn, and the gradients of a fixed random projection of them w.r.t. ``inputs``."""
+    out = fn(*inputs, *args, **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g, device=DEVICE)).sum() for o in outs)
+    return outs, torch.autograd.grad(loss, inputs)
+
+
+def assert_same(got, want, dtype):
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+        scale = max(1.0, b.float().abs().max().item())
+        torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype]["atol"] * scale, rtol=TOL[dtype]["rtol"])
+
+
+# ---- RMSNorm ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_matches_reference(dtype, residual):
+    torch.manual_seed(0)
+    x = randn(5, 37, 123, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(123, device=DEVICE)).requires_grad_()
+    inputs = [x, w] + ([randn(5, 37, 123, dtype=dtype)] if residual else [])
+
+    def call(impl):
+        return lambda x, w, *r: impl(x, w, 1e-5, residual=r[0] if r else None)
+
+    got_out, got_grad = fwd_bwd(call(rms_norm), inputs)
+    want_out, want_grad = fwd_bwd(call(rms_norm_reference), inputs)
+    assert_same(got_out, want_out, dtype)
+    assert_same(got_grad, want_grad, dtype)
+
+
+def test_rms_norm_non_contiguous_rows_and_expanded_grad():
+    torch.manual_seed(0)
+    base = randn(7, 200, grad=False)
+    x = base[1:6, 3:126].requires_grad_()  # (5, 123), row stride 200: read in place, no copy
+    w = randn(123)
+    got = rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(got, rms_norm_reference(x, w, 1e-6), **TOL[torch.float32])
+    gx, gw = torch.autograd.grad(got.sum(), [x, w])  # dy is an expanded (stride 0) tensor
+    rx, rw = torch.autograd.grad(rms_norm_reference(x, w, 1e-6).sum(), [x, w])
+    assert_same([gx, gw], [rx, rw], torch.float32)
+
+
+# ---- SwiGLU ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 37), (3, 5, 123)])
+def test_swiglu_matches_reference(dtype, shape):
+    torch.manual_seed(0)
+    inputs = [randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)]
+    got = fwd_bwd(swiglu, inputs)
+    want = fwd_bwd(swiglu_reference, inputs)
+    assert_same(got[0] + got[1], want[0] + want[1], dtype)
+
+
+def test_swiglu_non_contiguous():
+    torch.manual_seed(0)
+    gate_up = randn(5, 2 * 37, grad=False)
+    gate, up = gate_up[:, :37].requires_grad_(), gate_up.t().contiguous().t()[:, 37:].requires_grad_()
+    got = fwd_bwd(swiglu, [gate, up])
+    want = fwd_bwd(swiglu_reference, [gate, up])
+    assert_same(got[0] + got[1], want[0] + want[1], torch.float32)
+
+
+# ---- rotary ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rotary_matches_reference(dtype, contiguous):
+    torch.manual_seed(0)
+    B, T, H, D = 2, 5, 3, 24
+    if contiguous:
+        x = randn(B, T, H, D, dtype=dtype)
+    else:  # a (B, H, T, D) tensor seen as (B, T, H, D), as after a transpose
+        x = randn(B, H, T, D, dtype=dtype, grad=False).transpose(1, 2).requires_grad_()
+    cos, sin = rope_cos_sin(T, D, 10000.0, device=DEVICE)
+    got = fwd_bwd(apply_rotary, [x], cos, sin)
+    want = fwd_bwd(apply_rotary_reference, [x], cos, sin)
+    assert_same(got[0] + got[1], want[0] + want[1], dtype)
+
+
+def test_rotary_backward_with_unequal_halves_of_sin():
+    """The backward is the transpose, not the inverse rotation: check it for general cos/sin tables."""
+    torch.manual_seed(0)
+    x = randn(1, 3, 2, 6)
+    cos, sin = randn(3, 6, grad=False), randn(3, 6, grad=False)
+    got = fwd_bwd(apply_rotary, [x], cos, sin)
+    want = fwd_bwd(apply_rotary_reference, [x], cos, sin)
+    assert_same(got[0] + got[1], want[0] + want[1], torch.float32)
+
+
+# ---- cross-entropy ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_cross_entropy_matches_reference(dtype, ignore_index):
+    torch.manual_seed(0)
+    logits = randn(5, 37, 91, dtype=dtype)
+    targets = torch.randint(0, 91, (5, 37), device=DEVICE)
+    targets[0, :11] = ignore_index
+    targets[3, 4] = ignore_index
+
+    def call(impl):  # scaled by 2.5: the backward must multiply by the incoming gradient
+        return lambda lg: 2.5 * impl(lg * 1.0, targets, ignore_index=ignore_index)  # non-leaf: in place
+
+    got = fwd_bwd(call(cross_entropy), [logits])
+    want = fwd_bwd(call(cross_entropy_reference), [logits])
+    assert got[0][0].dtype == torch.float32
+    assert_same(got[0] + got[1], want[0] + want[1], dtype)
+
+
+def test_cross_entropy_leaf_and_strided_logits_are_left_intact():
+    torch.manual_seed(0)
+    wide = randn(4, 7, 100, grad=False)
+    for logits in (wide[..., :91].clone().requires_grad_(), wide[..., :91].requires_grad_()):
+        before = logits.detach().clone()
+        targets = torch.randint(0, 91, (4, 7), device=DEVICE)
+        loss = cross_entropy(logits, targets)
+        (grad,) = torch.autograd.grad(loss, [logits])
+        assert torch.equal(logits.detach(), before)
+        want = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 91), targets.reshape(-1)), [logits])[0]
+        torch.testing.assert_close(grad, want, **TOL[torch.float32])
+
+
+def test_cross_entropy_overwrites_saved_logits_loudly():
+    """The gradient is written into the logits' storage; an op that saved them for its backward must
+    fail in autograd rather than silently read the gradient."""
+    x = randn(3, 17)
+    logits = x.exp()  # exp saves its output
+    loss = cross_entropy(logits, torch.tensor([1, 2, 3], device=DEVICE))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_cross_entropy_all_ignored_is_zero_with_zero_grad():
+    logits = randn(4, 9)
+    loss = cross_entropy(logits * 1.0, torch.full((4,), -100, device=DEVICE))
+    (grad,) = torch.autograd.grad(loss, [logits])
+    assert loss.item() == 0.0 and not grad.any()
+
+
+def test_cross_entropy_without_grad_keeps_logits():
+    logits = randn(6, 33, grad=False)
+    before = logits.clone()
+    targets = torch.randint(0, 33, (6,), device=DEVICE)
+    loss = cross_entropy(logits, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets))
+    assert torch.equal(logits, before)
+
+
+def _vocab_full_problem(dtype):
+    torch.manual_seed(0)  # the same full logits and targets on every rank and in the parent
+    full = torch.randn(5, 37, 90).to(dtype)
+    targets = torch.randint(0, 90, (5, 37))
+    targets[1, :9] = -100
+    return full, targets
+
+
+def _vocab_parallel_worker(rank, world_size):
+    import torch.distributed as dist
+
+    group = dist.new_group(list(range(world_size)))
+    results = {}
+    for dtype in DTYPES:
+        full, targets = _vocab_full_problem(dtype)
+        v_local = full.shape[-1] // world_size  # 45 ids per rank
+        shard = full[..., rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
+        for name, impl in (("triton", cross_entropy), ("reference", cross_entropy_reference)):
+            loss = impl(shard * 1.0, targets, tp_group=group)
+            (grad,) = torch.autograd.grad(loss, [shard])
+            # numpy (bf16 -> fp32 is exact): torch tensors would travel through shared memory that this
+            # process releases when it exits, possibly before the parent has read them
+            results[dtype, name] = (loss.item(), grad.float().numpy(), grad.dtype)
+    return results
+
+
+def test_vocab_parallel_cross_entropy_equals_full_vocabulary():
+    """Each of 2 gloo ranks holds half the vocabulary; loss and the concatenated gradient equal the
+    full-vocabulary loss and gradient (also for the torch reference of the vocab-parallel loss)."""
+    results = run_distributed(_vocab_parallel_worker, world_size=2)
+    for dtype in DTYPES:
+        full, targets = _vocab_full_problem(dtype)
+        full.requires_grad_()
+        want_loss = F.cross_entropy(full.float().reshape(-1, 90), targets.reshape(-1))
+        (want_grad,) = torch.autograd.grad(want_loss, [full])
+        for name in ("triton", "reference"):
+            for r in results:
+                assert r[dtype, name][0] == pytest.approx(want_loss.item(), rel=1e-5) and r[dtype, name][2] == dtype
+            grad = torch.cat([torch.from_numpy(r[dtype, name][1]) for r in results], dim=-1).to(dtype)
+            assert_same([grad], [want_grad], dtype)
+
+
+# ---- the model with kernels=triton -----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_with_triton_kernels_equals_torch_kernels(dtype):
+    from models import Llama, ModelConfig, init_weights
+
+    cfg = ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=72, vocab_size=97, max_seq_len=16)
+    x = torch.randint(0, cfg.vocab_size, (2, 9), device=DEVICE)
+    y = torch.randint(0, cfg.vocab_size, (2, 9), device=DEVICE)
+    results = []
+    for kernels in ("triton", "torch"):
+        with torch.device("meta"):
+            model = Llama(cfg, kernels=kernels)
+        model = init_weights(model, seed=0, n_layers=cfg.n_layers, device=DEVICE).to(dtype)
+        loss = model(x, y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_t, grads_t), (loss_r, grads_r) = results
+    assert loss_t.item() == pytest.approx(loss_r.item(), rel=1e-5 if dtype == torch.float32 else 1e-2)
+    assert grads_t.keys() == grads_r.keys() and len(grads_t) == 2 * 9 + 3
+    for name in grads_r:
+        assert_same([grads_t[name]], [grads_r[name]], dtype)
+
+
+def test_get_ops_selects_the_triton_path():
+    ops = get_ops("triton")
+    assert ops.rms_norm is rms_norm and ops.cross_entropy is cross_entropy
+    assert get_ops("torch") is TORCH_OPS
+    assert get_ops("auto") is (ops if torch.cuda.is_available() else TORCH_OPS)
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: rms_norm(randn(4, 8), randn(7), 1e-5), ValueError, "does not match the last dim"),
+    (lambda: rms_norm(torch.ones(4, 8, dtype=torch.int64, device=DEVICE), randn(8), 1e-5), TypeError, "float32"),
+    (lambda: rms_norm(randn(4, 8), randn(8), 1e-5, residual=randn(4, 8, dtype=torch.bfloat16)), ValueError,
+     "residual"),
+    (lambda: swiglu(randn(4, 8), randn(4, 9)), ValueError, "same shape"),
+    (lambda: apply_rotary(randn(1, 3, 2, 5), *rope_cos_sin(3, 6, 1e4, device=DEVICE)), ValueError, "even"),
+    (lambda: apply_rotary(randn(1, 3, 2, 6), *rope_cos_sin(4, 6, 1e4, device=DEVICE)), ValueError, "rope_cos_sin"),
+    (lambda: apply_rotary(randn(3, 2, 6), *rope_cos_sin(3, 6, 1e4, device=DEVICE)), ValueError, "batch, seq"),
+    (lambda: cross_entropy(randn(4, 9), torch.tensor([1.0, 2, 3, 4], device=DEVICE)), TypeError, "int64"),
+    (lambda: cross_entropy(randn(4, 9), torch.tensor([1, 2, 3], device=DEVICE)), ValueError, "trailing vocabulary"),
+    (lambda: cross_entropy(randn(4, 9), torch.tensor([1, 2, 9, -100], device=DEVICE)), ValueError,
+     r"outside \[0, 9\).*vocab_size"),
+])
+def test_bad_input_raises_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_cpu_tensors_without_the_interpreter_are_a_clear_error(monkeypatch):
+    import kernels._triton as kt
+
+    monkeypatch.setattr(kt, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="kernels=torch"):
+        swiglu(torch.ones(2, 3), torch.ones(2, 3))
+
+
+def test_training_launch_with_triton_kernels_follows_the_torch_run(data_dir, tmp_path):
+    """The `kernels=triton` config switch end to end: same losses as `kernels=torch` (AdamW steps)."""
+    from tests.launch import SMALL_MODEL, assert_losses_match, losses, train_in_process
+
+    # one micro-batch of 2 x 16 tokens per step: the interpreter is slow
+    small = [*SMALL_MODEL, "train.seq_len=16", "train.global_batch_size=2", "train.max_steps=2"]
+    runs = {k: losses(train_in_process([*small, f"data.dir={data_dir}", f"run_dir={tmp_path / k}", f"kernels={k}"]))
+            for k in ("triton", "torch")}
+    assert len(runs["torch"]) == 2
+    assert_losses_match(runs["triton"], runs["torch"], rel=1e-5)
