@@ -17,7 +17,6 @@ activations the schedule keeps in flight on that stage) fits the device.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field, replace
 
 from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setup,  # noqa: F401 (re-exported)
@@ -217,8 +216,7 @@ def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts:
                                    params, mem, sum(times[k]["F"] for k in ks), sum(times[k]["B"] for k in ks)))
     cm = CostModel(setup, device, cand.mb)
     step = res.makespan + max(cm.optimizer_time(rep.params) for rep in reports)
-    bubble = res.bubble if isinstance(res.bubble, float) else float(statistics.mean(res.bubble))
-    return step, bubble, reports
+    return step, res.bubble, reports
 
 
 def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: list[int], *, schedule: str,
