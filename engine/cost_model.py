@@ -181,6 +181,12 @@ class CostModel:
     def p2p_time(self) -> float:
         return self.dev.p2p_latency_s + self.p2p_bytes() / self.dev.pp_bw
 
+    def dp_sync_time(self, params: int) -> float:
+        """Averaging fp32 gradients over dp once per step (a ring all-reduce, or ZeRO-1's
+        reduce-scatter + all-gather: the same volume) on the network, counted as not overlapped."""
+        dp = self.s.dp
+        return 0.0 if dp == 1 else 2 * (dp - 1) / dp * params * 4 / self.dev.pp_bw
+
     def optimizer_time(self, params: int) -> float:
         """AdamW over this rank's parameters: memory bound (read/write param, grad, two moments)."""
         return params * self.state_bytes_per_param() * 2 / self.dev.hbm_bw

@@ -215,7 +215,7 @@ def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts:
         reports.append(StageReport(r, [(k, cuts[k]) for k in ks], [(starts[k], starts[k] + cuts[k]) for k in ks],
                                    params, mem, sum(times[k]["F"] for k in ks), sum(times[k]["B"] for k in ks)))
     cm = CostModel(setup, device, cand.mb)
-    step = res.makespan + max(cm.optimizer_time(rep.params) for rep in reports)
+    step = res.makespan + max(cm.dp_sync_time(rep.params) + cm.optimizer_time(rep.params) for rep in reports)
     return step, res.bubble, reports
 
 

@@ -39,6 +39,7 @@ def test_memory_knobs_move_the_cost_model_the_right_way():
     assert sp.layer().act_bytes < plain.layer().act_bytes and sp.p2p_bytes() == plain.p2p_bytes() / 4
     assert cost(zero=1).state_bytes_per_param() == 4 + 4 + 8 / 8 < plain.state_bytes_per_param() == 16
     assert cost(tp=8).layer().params < plain.layer().params
+    assert cost(dp=1).dp_sync_time(10**9) == 0 < plain.dp_sync_time(10**9)
 
 
 def test_tied_embeddings_last_stage_keeps_its_copy():
