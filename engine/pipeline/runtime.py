@@ -64,13 +64,17 @@ class _DeferredWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, store):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x)
+        # the Parameter itself, not a saved copy: under activation checkpointing saved tensors come
+        # back as new tensor objects, and the deferred gradient must land on the real parameter
+        ctx.weight = weight
         ctx.store = store
         return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
         grad_x = grad.matmul(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None
         store = ctx.store
         if store.capturing is not None:
