@@ -23,6 +23,7 @@ from models import Llama, ModelConfig
 from models.init import ShardMeta
 from tests.distributed import run_distributed
 from tests.launch import SMALL_MODEL, train_in_process
+from tests.trainer_world import run_trainers
 
 transformers = pytest.importorskip("transformers")
 
@@ -145,14 +146,6 @@ def test_round_trip_tandem_hf_tandem_is_bit_identical(trained, tmp_path):
 PAR = ["parallel.tp=2", "parallel.pp=2"]
 
 
-def _trainer_runs(rank, world, runs):
-    """The real trainer (engine.trainer.main on a composed config) once per entry, in one world."""
-    from engine.trainer import main
-    from tests.launch import compose
-
-    return {name: main(compose(overrides)) for name, overrides in runs.items()}
-
-
 @pytest.fixture(scope="module")
 def tp2pp2(data_dir, tmp_path_factory) -> dict:
     """One 4-process gloo world runs the trainer at tp=2 × pp=2: 3 training steps (saving a checkpoint),
@@ -166,7 +159,7 @@ def tp2pp2(data_dir, tmp_path_factory) -> dict:
                       "checkpoint.interval=3", *PAR],
             "eval_trained": [f"run_dir={root / 'eval_trained'}", f"checkpoint.load={trained}", *ev],
             "eval_hf": [f"run_dir={root / 'eval_hf'}", f"checkpoint.load={root / 'from_hf'}", *ev]}
-    out = run_distributed(_trainer_runs, world_size=4, args=(runs,))[0]
+    out = run_distributed(run_trainers, world_size=4, args=(runs,))[0]
     return {"hf": hf, "from_hf": root / "from_hf", "trained": trained,
             "eval_trained": out["eval_trained"][0]["eval_loss"], "eval_hf": out["eval_hf"][0]["eval_loss"]}
 

@@ -39,7 +39,7 @@ def _batch(vocab):
 
 def _gather_global(named_local: dict, group) -> dict:
     """{name: (local tensor, ShardMeta)} on each rank -> {name: global tensor} assembled on every
-    rank, asserting every element of every global tensor is covered."""
+    rank, asserting every element of every global tensor is covered and replicas agree."""
     mine = {n: (t.detach()[m.local_slices()].clone(), m) for n, (t, m) in named_local.items()}
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
@@ -49,8 +49,11 @@ def _gather_global(named_local: dict, group) -> dict:
             if n not in out:
                 out[n] = torch.zeros(m.global_shape)
                 covered[n] = torch.zeros(m.global_shape, dtype=torch.bool)
-            out[n][m.global_slices()] = t
-            covered[n][m.global_slices()] = True
+            region = m.global_slices()
+            if covered[n][region].any():  # a replicated region (norms, shared KV heads): replicas must agree
+                torch.testing.assert_close(out[n][region], t, **TOL, msg=lambda e: f"{n} replicas differ: {e}")
+            out[n][region] = t
+            covered[n][region] = True
     for n, c in covered.items():
         assert bool(c.all()), f"{n}: the shards do not cover the global tensor"
     return out

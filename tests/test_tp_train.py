@@ -36,8 +36,9 @@ def test_tp2_launch_matches_serial(tp2_run, serial_losses):
     ["parallel.pp=2", "parallel.schedule=1f1b"],
 ], ids=["tp2_dp2_zero1", "tp2_pp2_1f1b"])
 def test_tp2_combined_with_dp_or_pp_and_sequence_parallel_matches_serial(data_dir, tmp_path, serial_losses, layout):
-    torchrun(4, _args(data_dir, tmp_path, "parallel.tp=2", "parallel.sequence_parallel=true", *layout))
-    assert_losses_match(losses(read_metrics(tmp_path)), serial_losses)
+    # the first 4 steps of the same 10-step schedule keep this test cheap
+    torchrun(4, _args(data_dir, tmp_path, "parallel.tp=2", "parallel.sequence_parallel=true", "train.stop_at=4", *layout))
+    assert_losses_match(losses(read_metrics(tmp_path)), serial_losses[:4])
 
 
 def test_tp2_checkpoint_stores_global_tensors(tp2_run):

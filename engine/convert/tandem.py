@@ -147,10 +147,11 @@ def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = No
 
 def tp_region(param: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, tp_rank: int,
               ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """The (offset, shape) of ``param`` that tensor-parallel rank ``tp_rank`` holds, as
-    engine/tensor_parallel.py shards it, or None for a replicated tensor (the norms). Attention
-    splits whole heads; when tp is a multiple of the KV heads each rank holds the one KV head its
-    query heads use; vocabularies are split in ceil(V / tp) rows, the last shard short."""
+    """The (offset, shape) of ``param`` that tensor-parallel rank ``tp_rank`` holds, taken from
+    engine/tensor_parallel.py's own rules (`kv_rows`, `vocab_shard`), or None for a replicated
+    tensor (the norms)."""
+    from engine.tensor_parallel import kv_rows, vocab_shard
+
     leaf = param.split(".", 2)[2] if param.startswith("layers.") else param
     if leaf in _COLUMN:
         dim = 0
@@ -159,16 +160,17 @@ def tp_region(param: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, tp_
     else:
         return None
     n = shape[dim]
-    if leaf in ("attention.wk.weight", "attention.wv.weight") and cfg.n_kv_heads % tp:
-        if tp % cfg.n_kv_heads:
-            return None  # no layout shards this way; keep it whole
-        lo, hi = (tp_rank // (tp // cfg.n_kv_heads)) * cfg.head_dim, (tp_rank // (tp // cfg.n_kv_heads) + 1) * cfg.head_dim
+    if leaf in ("tok_embeddings.weight", "output.weight"):
+        start, _, real = vocab_shard(n, tp, tp_rank)  # ceil(V / tp) rows each, the last shard short
+        lo, rows = min(start, n), real
+    elif leaf in ("attention.wk.weight", "attention.wv.weight"):
+        if cfg.n_kv_heads % tp and tp % cfg.n_kv_heads:
+            return None  # no tp layout shards this; keep it whole
+        lo, rows = kv_rows(cfg, tp, tp_rank)  # ranks sharing a KV head hold the same rows
     else:
-        unit = cfg.head_dim if leaf.startswith("attention.") else 1
-        per = -(-(n // unit) // tp) * unit  # ceil: a vocabulary tp does not divide leaves the last rank short
-        lo, hi = min(tp_rank * per, n), min((tp_rank + 1) * per, n)
+        lo, rows = tp_rank * (n // tp), n // tp
     offset, sub = [0] * len(shape), list(shape)
-    offset[dim], sub[dim] = lo, hi - lo
+    offset[dim], sub[dim] = lo, rows
     return tuple(offset), tuple(sub)
 
 
