@@ -181,6 +181,12 @@ class CostModel:
     def p2p_time(self) -> float:
         return self.dev.p2p_latency_s + self.p2p_bytes() / self.dev.pp_bw
 
+    def dp_sync_time(self, params: int) -> float:
+        """Averaging fp32 gradients over dp once per step (a ring all-reduce, or ZeRO-1's
+        reduce-scatter + all-gather: the same volume) on the network, counted as not overlapped."""
+        dp = self.s.dp
+        return 0.0 if dp == 1 else 2 * (dp - 1) / dp * params * 4 / self.dev.pp_bw
+
     def optimizer_time(self, params: int) -> float:
         """AdamW over this rank's parameters: memory bound (read/write param, grad, two moments)."""
         return params * self.state_bytes_per_param() * 2 / self.dev.hbm_bw
@@ -189,8 +195,10 @@ class CostModel:
 def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str = "torch",
                   threads: int | None = 1) -> list[Item]:
     """Times the real embedding, one real layer and the real head + loss on this machine at the
-    micro-batch shape, forward and backward (fastest of ``reps``), and returns them as `Item`s with the
-    analytic parameter and activation sizes. Backward is split evenly between input and weight.
+    micro-batch shape, forward and backward (fastest of ``reps``, with ``parallel.recompute`` applied
+    as in training), and measures the bytes autograd saves for backward (without recompute; the
+    analytic estimate otherwise). Parameter sizes are analytic. Backward is split evenly between
+    the input and weight halves.
     ``threads``: intra-op threads per rank in the run being planned (torchrun on a CPU: 1)."""
     import torch
 
@@ -217,6 +225,10 @@ def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str, cloc
     m, T = setup.mcfg, setup.seq_len
     torch.manual_seed(0)
     model = Llama(replace(m, n_layers=1), kernels=kernels)
+    if setup.recompute != "none":
+        from engine.trainer import apply_recompute  # time exactly what training runs
+
+        apply_recompute(model, setup.recompute)
     layer = model.layers["0"]
     tokens = torch.randint(0, m.vocab_size, (micro_batch, T))
     hidden = torch.randn(micro_batch, T, m.dim)
@@ -247,14 +259,31 @@ def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str, cloc
         model.zero_grad(set_to_none=True)
         return f, min(times[1:])
 
+    def saved_bytes(run) -> int:
+        """Bytes autograd keeps for backward (distinct storages, parameters excluded)."""
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sum(seen.values())
+
     h_in = hidden.requires_grad_(True)
-    ef, eb = fwd_bwd(lambda: model.tok_embeddings(tokens))
-    lf, lb = fwd_bwd(lambda: layer(h_in))
-    hf, hb = fwd_bwd(lambda: model.loss_fn(model.logits(h_in), tokens))
-    if setup.recompute == "full":
-        lb += lf
+    parts = {"emb": lambda: model.tok_embeddings(tokens), "layer": lambda: layer(h_in),
+             "head": lambda: model.loss_fn(model.logits(h_in), tokens)}
+    times = {k: fwd_bwd(run) for k, run in parts.items()}
     analytic = CostModel(setup, DEVICES["cpu"], micro_batch).items()
-    emb, lay, head = analytic[0], analytic[1], analytic[-1]
-    return ([replace(emb, fwd_s=ef, bwd_input_s=0.0, bwd_weight_s=eb)]
-            + [replace(lay, fwd_s=lf, bwd_input_s=lb / 2, bwd_weight_s=lb / 2)] * m.n_layers
-            + [replace(head, fwd_s=hf, bwd_input_s=hb / 2, bwd_weight_s=hb / 2)])
+    out = []
+    for key, item in (("emb", analytic[0]), ("layer", analytic[1]), ("head", analytic[-1])):
+        f, b = times[key]
+        # Measured activations when nothing is recomputed (checkpointed tensors bypass the hook).
+        act = saved_bytes(parts[key]) if setup.recompute == "none" else item.act_bytes
+        split = (0.0, b) if key == "emb" else (b / 2, b / 2)
+        out.append(replace(item, fwd_s=f, bwd_input_s=split[0], bwd_weight_s=split[1], act_bytes=act))
+    return [out[0]] + [out[1]] * m.n_layers + [out[2]]

@@ -17,7 +17,6 @@ activations the schedule keeps in flight on that stage) fits the device.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field, replace
 
 from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setup,  # noqa: F401 (re-exported)
@@ -55,14 +54,22 @@ def even_split(n_layers: int, n_stages: int) -> list[int]:
 
 
 def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):
-    """(time, memory bytes) of every (stage, first layer, stop layer) a partition may use."""
+    """(time, memory bytes) of every (stage, first layer, stop layer) a partition may use, from
+    prefix sums over the layers plus each stage's extras (embedding, head): O(stages × layers²)."""
     L = len(items) - 2
+    t, p, a = [0.0], [0], [0.0]
+    for it in items[1:-1]:
+        t.append(t[-1] + it.fwd_s + it.bwd_s)
+        p.append(p[-1] + it.params)
+        a.append(a[-1] + it.act_bytes)
     out = {}
     for s in range(n_stages):
+        extra = stage_items(items, (0, 0), n_stages, s, tied)  # what stage s holds besides layers
+        et, ep, ea = stage_time(extra), sum(i.params for i in extra), sum(i.act_bytes for i in extra)
         for i in range(s, L - (n_stages - 1 - s)):
             for j in range(i + 1, L - (n_stages - 1 - s) + 1):
-                held = stage_items(items, (i, j), n_stages, s, tied)
-                out[(s, i, j)] = (stage_time(held), stage_memory(held, in_flight[s], bytes_per_param))
+                out[(s, i, j)] = (t[j] - t[i] + et,
+                                  (p[j] - p[i] + ep) * bytes_per_param + in_flight[s] * (a[j] - a[i] + ea))
     return out
 
 
@@ -216,9 +223,8 @@ def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts:
         reports.append(StageReport(r, [(k, cuts[k]) for k in ks], [(starts[k], starts[k] + cuts[k]) for k in ks],
                                    params, mem, sum(times[k]["F"] for k in ks), sum(times[k]["B"] for k in ks)))
     cm = CostModel(setup, device, cand.mb)
-    step = res.makespan + max(cm.optimizer_time(rep.params) for rep in reports)
-    bubble = res.bubble if isinstance(res.bubble, float) else float(statistics.mean(res.bubble))
-    return step, bubble, reports
+    step = res.makespan + max(cm.dp_sync_time(rep.params) + cm.optimizer_time(rep.params) for rep in reports)
+    return step, res.bubble, reports
 
 
 def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: list[int], *, schedule: str,

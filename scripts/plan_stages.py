@@ -27,6 +27,8 @@ def main(cfg) -> None:
     if cfg.planner.out:
         cmd = write_plan(pl, setup, cfg.planner.out, cfg.model.name)
         print(f"wrote {cfg.planner.out}; train with:\n  {cmd}")
+    else:
+        print("(add planner.out=conf/plan/<name>.yaml to write it for `scripts/train.py +plan=<name>`)")
 
 
 if __name__ == "__main__":

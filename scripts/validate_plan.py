@@ -1,10 +1,10 @@
-"""Planner prediction vs measurement on this CPU: a pp=2 gloo run of an unbalanced model.
+"""Planner prediction vs measurement on this CPU: a pp=2 (or --pp 4) gloo run of an unbalanced model.
 
-    python scripts/validate_plan.py [--layers 8 --dim 256 --vocab 8192 --seq 128 --batch 16 --micro 4 --steps 8]
+    python scripts/validate_plan.py [--pp 2 --layers 8 --dim 256 --vocab 8192 --seq 128 --batch 16 --micro 4 --steps 8]
 
 1. ``planner.profile=true`` in-process: times the real embedding, layer and head (one thread, as each
-   gloo rank runs) and plans pp=2 under 1F1B with that micro-batch size.
-2. Runs the planned partition and the even split for real: two spawned gloo processes, the trainer's
+   gloo rank runs) and plans pp stages under 1F1B with that micro-batch size.
+2. Runs the planned partition and the even split for real: pp spawned gloo processes, the trainer's
    own chunk and PipelineRunner construction, random tokens, ``--steps`` measured steps after warm-up.
 3. Prints, per stage, the predicted vs measured forward+backward time per micro-batch (from the
    runner's per-action timings) with the error, and predicted vs measured step times of both layouts.
@@ -35,7 +35,7 @@ def _config(a, layers_per_stage) -> Config:
     model = ModelSchema(name="tiny", dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
                         ffn_dim=a.ffn, vocab_size=a.vocab, max_seq_len=a.seq)
     return Config(model=model, train=TrainSchema(seq_len=a.seq, global_batch_size=a.batch),
-                  parallel=ParallelSchema(pp=2, micro_batch_size=a.micro, schedule="1f1b",
+                  parallel=ParallelSchema(pp=a.pp, micro_batch_size=a.micro, schedule="1f1b",
                                           layers_per_stage=list(layers_per_stage)), kernels="torch")
 
 
@@ -65,12 +65,12 @@ def _worker(rank, port, a, layouts, queue):
     from engine.mesh import build_mesh
     from engine.trainer import build_chunks, build_executor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(a.pp),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=a.pp)
     try:
-        mesh = build_mesh(tp=1, pp=2, dp=1)
+        mesh = build_mesh(tp=1, pp=a.pp, dp=1)
         n_micro = a.batch // a.micro
         runs = []
         for lps in layouts:
@@ -110,35 +110,35 @@ def _worker(rank, port, a, layouts, queue):
 
 
 def measure(a, layouts) -> list[list[dict]]:
-    """[layout][rank] -> {"step": [s...], "fwd": [s per micro-batch...], "bwd": [...]}."""
+    """[layout][rank] -> {"step": [s...], "fwd": [s per micro-batch...], "bwd": [...], ...}."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, a, layouts, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, a, layouts, queue)) for r in range(a.pp)]
     for p in procs:
         p.start()
     out = dict(queue.get(timeout=900) for _ in procs)
     for p in procs:
         p.join()
-    return [[out[0][i], out[1][i]] for i in range(len(layouts))]
+    return [[out[r][i] for r in range(a.pp)] for i in range(len(layouts))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default in (("layers", 8), ("dim", 256), ("heads", 8), ("kv_heads", 2), ("ffn", 512),
+    for name, default in (("pp", 2), ("layers", 8), ("dim", 256), ("heads", 8), ("kv_heads", 2), ("ffn", 512),
                           ("vocab", 8192), ("seq", 128), ("batch", 16), ("micro", 4), ("steps", 8), ("warmup", 2),
                           ("reps", 7)):
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=default)
     a = ap.parse_args()
     mcfg = ModelConfig(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, ffn_dim=a.ffn,
                        vocab_size=a.vocab, max_seq_len=a.seq)
-    setup = P.Setup(mcfg, pp=2, seq_len=a.seq, global_batch=a.batch)
+    setup = P.Setup(mcfg, pp=a.pp, seq_len=a.seq, global_batch=a.batch)
     cpu = P.get_device("cpu")
     items = P.profile_items(setup, a.micro, reps=a.reps, threads=1)
     pl = P.plan(setup, cpu, schedules=("1f1b",), micro_batch_sizes=[a.micro], items_for=lambda mb: items)
-    even = P.even_split(a.layers, 2)
+    even = P.even_split(a.layers, a.pp)
     print(P.format_plan(pl, setup))
     layouts = [("planned", pl.layers_per_stage), ("even", even)]
     measured = measure(a, [lps for _, lps in layouts])
@@ -152,7 +152,7 @@ def main() -> None:
         replay = replay_step(a, meas)
         meas = [{"wall": min(f + b for f, b in zip(m["fwd"], m["bwd"])), "cpu": min(m["cpu"])} for m in meas]
         rows.append((name, lps, pred_step, meas_step, reports, meas, replay))
-    print(f"\nprediction vs measurement (pp=2, 1f1b, gloo, 1 thread per rank, fastest of {a.steps} steps); "
+    print(f"\nprediction vs measurement (pp={a.pp}, 1f1b, gloo, 1 thread per rank, fastest of {a.steps} steps); "
           f"F+B per micro-batch in ms, measured as CPU time and as wall time (runner.timings)")
     print(f"{'layout':>8} {'stage':>5} {'layers':>6} {'predicted':>9} {'meas cpu':>9} {'error':>7} "
           f"{'meas wall':>9} {'error':>7}")
@@ -185,8 +185,8 @@ def replay_step(a, meas) -> float:
     from engine.pipeline.schedules import build_schedule
     from engine.pipeline.simulate import simulate
 
-    costs = {**meas[0]["action_cpu"], **meas[1]["action_cpu"]}
-    return simulate(build_schedule("1f1b", 2, a.batch // a.micro), lambda r, x: costs.get(str(x), 0.0)).makespan
+    costs = {k: v for m in meas for k, v in m["action_cpu"].items()}
+    return simulate(build_schedule("1f1b", a.pp, a.batch // a.micro), lambda r, x: costs.get(str(x), 0.0)).makespan
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def test_memory_knobs_move_the_cost_model_the_right_way():
     assert sp.layer().act_bytes < plain.layer().act_bytes and sp.p2p_bytes() == plain.p2p_bytes() / 4
     assert cost(zero=1).state_bytes_per_param() == 4 + 4 + 8 / 8 < plain.state_bytes_per_param() == 16
     assert cost(tp=8).layer().params < plain.layer().params
+    assert cost(dp=1).dp_sync_time(10**9) == 0 < plain.dp_sync_time(10**9)
 
 
 def test_tied_embeddings_last_stage_keeps_its_copy():
@@ -143,6 +144,11 @@ def test_profile_mode_times_the_real_layers():
     setup = P.Setup(m, pp=2, seq_len=32, global_batch=4)
     items = P.profile_items(setup, 2, reps=2)
     assert len(items) == 5 and all(i.fwd_s > 0 and i.bwd_s > 0 for i in items)
+    # the analytic activation estimate is close to what autograd really keeps for one layer
+    analytic = P.CostModel(setup, P.get_device("cpu"), 2).layer().act_bytes
+    assert 0.7 < analytic / items[1].act_bytes <= 1.0
+    full = P.profile_items(P.Setup(m, pp=2, seq_len=32, global_batch=4, recompute="full"), 2, reps=2)
+    assert full[1].act_bytes < items[1].act_bytes
     pl = P.plan(setup, P.get_device("cpu"), micro_batch_sizes=[2], schedules=("1f1b",),
                 items_for=lambda mb: items)
     assert sum(pl.layers_per_stage) == 3 and pl.step_time_s > 0

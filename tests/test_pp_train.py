@@ -23,6 +23,7 @@ SCHEDULE_RUNS = {
     "gpipe": ["parallel.schedule=gpipe", "parallel.layers_per_stage=[3,1]"],
     "1f1b": ["parallel.schedule=1f1b"],
     "zb_h1": ["parallel.schedule=zb_h1"],
+    "zb_h1+recompute": ["parallel.schedule=zb_h1", "parallel.recompute=full"],
     "interleaved_1f1b": ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
 }
 

@@ -1,8 +1,10 @@
 """Executes one pp rank's action list on its model chunks.
 
-* p2p: consecutive SF/RF/SB/RB actions go out as one `batch_isend_irecv`; receives are waited on
-  at once, sends only before the next batch is posted (or at the end of the step), so a rank never
-  idles on its own sends. Each message carries a tag naming (micro-batch, stage, direction), so
+* p2p: consecutive SF/RF/SB/RB actions go out as one `batch_isend_irecv`. A receive is waited on
+  only by the compute that consumes it, sends only at the end of the step (finished ones are
+  dropped as batches go by), so a rank idles only when the data it needs next has not arrived. (The
+  validator proves the lists deadlock-free even when every batch waits for all its operations at
+  once; waiting later can only remove waits.) Each message carries a tag naming (micro-batch, stage, direction), so
   the two ends need not post in the same order (gloo matches by tag). Peers are the pp ranks with
   this rank's dp and tp coordinates, so the runtime composes with tensor and data parallelism.
 * Memory: a stage's input and output for a micro-batch are kept from its F until its backward
@@ -62,13 +64,17 @@ class _DeferredWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, store):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x)
+        # the Parameter itself, not a saved copy: under activation checkpointing saved tensors come
+        # back as new tensor objects, and the deferred gradient must land on the real parameter
+        ctx.weight = weight
         ctx.store = store
         return F.linear(x, weight)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
         grad_x = grad.matmul(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None
         store = ctx.store
         if store.capturing is not None:
@@ -143,7 +149,7 @@ class PipelineRunner:
         if mesh.is_last_stage:
             self._y = self._split(targets, "targets")
         self._acts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (mb, stage) -> (in, out)
-        self._recv: dict[Action, torch.Tensor] = {}
+        self._recv: dict[Action, tuple] = {}   # receive -> (work, buffer)
         self._grads: dict[tuple[int, int], torch.Tensor] = {}   # (mb, stage) -> gradient of the stage's input
         self._sends: list = []
         self._refs: dict[tuple[int, int], weakref.ref] = {}
@@ -180,7 +186,7 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------------------------- p2p
     def _communicate(self, batch: list[Action]) -> None:
-        self._wait_sends()
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]   # drop finished sends
         ops, recvs = [], []
         for a in batch:
             if a.kind == "SF":
@@ -198,10 +204,13 @@ class PipelineRunner:
         for w, op in zip(works, ops):
             if op.op is dist.isend:
                 self._sends.append((w, op.tensor))    # keeps the tensor alive until sent
-            else:
-                w.wait()
-        for a, buf in recvs:
-            self._recv[a] = buf
+        for (a, buf), w in zip(recvs, [w for w, op in zip(works, ops) if op.op is not dist.isend]):
+            self._recv[a] = (w, buf)                  # waited on only by the compute that needs it
+
+    def _take(self, recv: Action) -> torch.Tensor:
+        work, buf = self._recv.pop(recv)
+        work.wait()
+        return buf
 
     def _wait_sends(self) -> None:
         for w, _ in self._sends:
@@ -216,7 +225,7 @@ class PipelineRunner:
             key = (a.mb, a.stage - 1)
             h = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
         else:
-            h = self._recv.pop(Action("RF", a.mb, a.stage))
+            h = self._take(Action("RF", a.mb, a.stage))
         return h.requires_grad_(torch.is_grad_enabled())
 
     def _run_F(self, a: Action) -> None:
@@ -242,7 +251,7 @@ class PipelineRunner:
             if (a.stage + 1) % self.pp == a.stage % self.pp:     # next stage on this rank
                 grad = self._grads.pop((a.mb, a.stage + 1))
             else:
-                grad = self._recv.pop(Action("RB", a.mb, a.stage))
+                grad = self._take(Action("RB", a.mb, a.stage))
             torch.autograd.backward(out, grad)
         if a.stage > 0:
             self._grads[(a.mb, a.stage)] = x.grad
