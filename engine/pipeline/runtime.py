@@ -60,32 +60,42 @@ class WeightGradStore:
 
 
 class _DeferredWeightGrad(torch.autograd.Function):
-    """y = x Wᵀ whose weight gradient can be postponed to a later W action."""
+    """y = x Wᵀ whose weight gradient is left to a later W action.
+
+    The weight reaches the function inside a module, not as a tensor argument, so autograd has no
+    edge to it: no AccumulateGrad node runs for it during I (such a node would still fire
+    post-accumulate-grad hooks, with no gradient, and confuse the data-parallel reducer). The
+    weight's gradient is written by `WeightGradStore.flush` (or here, outside an I).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, store):
+    def forward(ctx, x, store, module):
         ctx.save_for_backward(x)
         # the Parameter itself, not a saved copy: under activation checkpointing saved tensors come
         # back as new tensor objects, and the deferred gradient must land on the real parameter
-        ctx.weight = weight
+        ctx.weight = module.weight
         ctx.store = store
-        return F.linear(x, weight)
+        return F.linear(x, module.weight)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        weight = ctx.weight
-        grad_x = grad.matmul(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None
-        store = ctx.store
-        if store.capturing is not None:
-            store.pending[store.capturing].append((weight, x, grad))
-            return grad_x, None, None
-        grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype)
-        return grad_x, grad_w, None
+        weight, store = ctx.weight, ctx.store
+        grad_x = grad.matmul(weight.to(grad.dtype))
+        key = store.capturing
+        if key is None:          # a backward outside an I action: settle the weight gradient now
+            key = ("now",)
+            store.pending[key] = []
+        store.pending[key].append((weight, x, grad))
+        if key == ("now",):
+            store.flush(key)
+        return grad_x, None, None
 
 
 def _linear_forward(module: nn.Linear, store: WeightGradStore, x):
-    y = _DeferredWeightGrad.apply(x, module.weight, store)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.linear(x, module.weight, module.bias)     # nothing to defer
+    y = _DeferredWeightGrad.apply(x, store, module)
     return y if module.bias is None else y + module.bias
 
 
