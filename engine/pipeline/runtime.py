@@ -126,6 +126,8 @@ class PipelineRunner:
                 for mod in chunk.modules():
                     if isinstance(mod, nn.Linear):
                         mod.forward = partial(_linear_forward, mod, self.store)
+        # last step: (action(s), start, end) in seconds from the step's start; a compute action's
+        # start excludes the time it waited for its received input
         self.timings: list[tuple[str, float, float]] = []
         self.live_peak = 0
 
@@ -169,10 +171,12 @@ class PipelineRunner:
         with contextlib.nullcontext() if backward else torch.no_grad():
             for item in p2p_batches(actions):
                 start = time.perf_counter()
+                self._waited = 0.0
                 if isinstance(item, Action):
                     getattr(self, f"_run_{item.kind}")(item)
                     self._count_live()
                     label = str(item)
+                    start += self._waited       # a compute action's span starts when its data arrived
                 else:
                     self._communicate(item)
                     label = " ".join(str(a) for a in item)
@@ -216,7 +220,9 @@ class PipelineRunner:
 
     def _take(self, recv: Action) -> torch.Tensor:
         work, buf = self._recv.pop(recv)
+        t = time.perf_counter()
         work.wait()
+        self._waited += time.perf_counter() - t
         return buf
 
     def _wait_sends(self) -> None:
