@@ -45,6 +45,13 @@ def test_pp2_training_matches_serial_for_every_schedule(data_dir, tmp_path, seri
         assert_losses_match(losses(read_metrics(tmp_path / name)), serial_losses)
 
 
+def test_pp2_dp2_zero_bubble_matches_serial(data_dir, tmp_path, serial_losses):
+    """pp × dp: zb_h1's deferred weight gradients reach the data-parallel average (ZeRO-1 on)."""
+    torchrun(4, [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
+                 "parallel.pp=2", "parallel.dp=2", "parallel.schedule=zb_h1", "optim.zero=1"])
+    assert_losses_match(losses(read_metrics(tmp_path)), serial_losses)
+
+
 def test_checkpoint_from_pp2_resumes_at_pp1_and_pp4(data_dir, tmp_path, serial_losses):
     """Stop a pp=2 run at step 5 (it saves), then finish the remaining steps at pp=1 and at pp=4:
     both continue the serial loss curve."""

@@ -60,32 +60,42 @@ class WeightGradStore:
 
 
 class _DeferredWeightGrad(torch.autograd.Function):
-    """y = x Wᵀ whose weight gradient can be postponed to a later W action."""
+    """y = x Wᵀ whose weight gradient is left to a later W action.
+
+    The weight reaches the function inside a module, not as a tensor argument, so autograd has no
+    edge to it: no AccumulateGrad node runs for it during I (such a node would still fire
+    post-accumulate-grad hooks, with no gradient, and confuse the data-parallel reducer). The
+    weight's gradient is written by `WeightGradStore.flush` (or here, outside an I).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, store):
+    def forward(ctx, x, store, module):
         ctx.save_for_backward(x)
         # the Parameter itself, not a saved copy: under activation checkpointing saved tensors come
         # back as new tensor objects, and the deferred gradient must land on the real parameter
-        ctx.weight = weight
+        ctx.weight = module.weight
         ctx.store = store
-        return F.linear(x, weight)
+        return F.linear(x, module.weight)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        weight = ctx.weight
-        grad_x = grad.matmul(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None
-        store = ctx.store
-        if store.capturing is not None:
-            store.pending[store.capturing].append((weight, x, grad))
-            return grad_x, None, None
-        grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype)
-        return grad_x, grad_w, None
+        weight, store = ctx.weight, ctx.store
+        grad_x = grad.matmul(weight.to(grad.dtype))
+        key = store.capturing
+        if key is None:          # a backward outside an I action: settle the weight gradient now
+            key = ("now",)
+            store.pending[key] = []
+        store.pending[key].append((weight, x, grad))
+        if key == ("now",):
+            store.flush(key)
+        return grad_x, None, None
 
 
 def _linear_forward(module: nn.Linear, store: WeightGradStore, x):
-    y = _DeferredWeightGrad.apply(x, module.weight, store)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.linear(x, module.weight, module.bias)     # nothing to defer
+    y = _DeferredWeightGrad.apply(x, store, module)
     return y if module.bias is None else y + module.bias
 
 
@@ -116,6 +126,8 @@ class PipelineRunner:
                 for mod in chunk.modules():
                     if isinstance(mod, nn.Linear):
                         mod.forward = partial(_linear_forward, mod, self.store)
+        # last step: (action(s), start, end) in seconds from the step's start; a compute action's
+        # start excludes the time it waited for its received input
         self.timings: list[tuple[str, float, float]] = []
         self.live_peak = 0
         self.current_action: str | None = None
@@ -162,10 +174,12 @@ class PipelineRunner:
                 start = time.perf_counter()
                 # what a rank that times out reports it was waiting on (see engine.trainer.main)
                 self.current_action = str(item) if isinstance(item, Action) else " ".join(str(a) for a in item)
+                self._waited = 0.0
                 if isinstance(item, Action):
                     getattr(self, f"_run_{item.kind}")(item)
                     self._count_live()
                     label = str(item)
+                    start += self._waited       # a compute action's span starts when its data arrived
                 else:
                     self._communicate(item)
                     label = " ".join(str(a) for a in item)
@@ -209,10 +223,15 @@ class PipelineRunner:
 
     def _take(self, recv: Action) -> torch.Tensor:
         work, buf = self._recv.pop(recv)
+        t = time.perf_counter()
+        consumer, self.current_action = self.current_action, f"{recv} (for {self.current_action})"
         work.wait()
+        self.current_action = consumer
+        self._waited += time.perf_counter() - t
         return buf
 
     def _wait_sends(self) -> None:
+        self.current_action = "completion of this step's sends"
         for w, _ in self._sends:
             w.wait()
         self._sends = []
