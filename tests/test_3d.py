@@ -40,7 +40,8 @@ def test_tp2_pp2_matches_serial(tp2pp2_run, serial):
 @pytest.mark.parametrize("layout", [
     ["parallel.pp=2", "parallel.dp=2", "optim.zero=1", "parallel.recompute=full"],
     ["parallel.tp=2", "parallel.dp=2", "optim.zero=1", "parallel.recompute=selective"],
-    ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true", "optim.zero=0", "parallel.recompute=full"],
+    ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true", "parallel.schedule=zb_h1", "optim.zero=0",
+     "parallel.recompute=full"],
 ], ids=lambda l: ",".join(x.split(".")[-1] for x in l))
 def test_3d_layouts_match_serial(data_dir, tmp_path, serial, layout):
     torchrun(4, [*MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}", *layout])
