@@ -192,6 +192,25 @@ class CostModel:
         return params * self.state_bytes_per_param() * 2 / self.dev.hbm_bw
 
 
+def saved_tensor_bytes(params, run) -> int:
+    """Bytes autograd saves for backward while ``run()`` executes: distinct storages, the given
+    parameters excluded. Returns after ``run``; the caller frees the graph (backward or drop it)."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
 def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str = "torch",
                   threads: int | None = 1) -> list[Item]:
     """Times the real embedding, one real layer and the real head + loss on this machine at the
@@ -259,21 +278,6 @@ def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str, cloc
         model.zero_grad(set_to_none=True)
         return f, min(times[1:])
 
-    def saved_bytes(run) -> int:
-        """Bytes autograd keeps for backward (distinct storages, parameters excluded)."""
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run()
-        return sum(seen.values())
-
     h_in = hidden.requires_grad_(True)
     parts = {"emb": lambda: model.tok_embeddings(tokens), "layer": lambda: layer(h_in),
              "head": lambda: model.loss_fn(model.logits(h_in), tokens)}
@@ -283,7 +287,7 @@ def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str, cloc
     for key, item in (("emb", analytic[0]), ("layer", analytic[1]), ("head", analytic[-1])):
         f, b = times[key]
         # Measured activations when nothing is recomputed (checkpointed tensors bypass the hook).
-        act = saved_bytes(parts[key]) if setup.recompute == "none" else item.act_bytes
+        act = saved_tensor_bytes(model.parameters(), parts[key]) if setup.recompute == "none" else item.act_bytes
         split = (0.0, b) if key == "emb" else (b / 2, b / 2)
         out.append(replace(item, fwd_s=f, bwd_input_s=split[0], bwd_weight_s=split[1], act_bytes=act))
     return [out[0]] + [out[1]] * m.n_layers + [out[2]]

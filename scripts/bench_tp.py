@@ -20,26 +20,18 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.cost_model import saved_tensor_bytes  # noqa: E402
 from engine.mesh import build_mesh, init_distributed  # noqa: E402
 from engine.tensor_parallel import parallelize, sync_tp_grads  # noqa: E402
 from models import Llama, ModelConfig, init_weights  # noqa: E402
 
 
 def saved_activation_bytes(model, x, y) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x, y)
-    loss.backward()
+    out = {}
+    n = saved_tensor_bytes(model.parameters(), lambda: out.setdefault("loss", model(x, y)))
+    out["loss"].backward()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return n
 
 
 def fwd_bwd_seconds(model, x, y, mesh, iters: int) -> float:
