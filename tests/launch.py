@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +53,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, overrides: list[str], *, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node nproc scripts/train.py overrides` on the CPU (gloo)."""
+def _torchrun_cmd(nproc: int, overrides: list[str]) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
            str(ROOT / "scripts" / "train.py"), *overrides]
+    return cmd, env
+
+
+def torchrun(nproc: int, overrides: list[str], *, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node nproc scripts/train.py overrides` on the CPU (gloo)."""
+    cmd, env = _torchrun_cmd(nproc, overrides)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def worker_pids(run_dir: Path) -> list[int]:
+    """The training processes (not the torchrun launcher) whose command line names ``run_dir``."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(b"scripts/train.py" in c for c in cmd) and f"run_dir={run_dir}".encode() in cmd \
+                and not any(b"torch.distributed.run" in c for c in cmd):
+            pids.append(int(p.name))
+    return sorted(pids)
+
+
+def start_torchrun(nproc: int, run_dir: Path, overrides: list[str], *,
+                   after_steps: int) -> tuple[subprocess.Popen, list[int]]:
+    """Launch training in the background (stdout and stderr merged into ``proc.stdout``) and return once
+    ``after_steps`` steps are logged, with the worker pids."""
+    cmd, env = _torchrun_cmd(nproc, [*overrides, f"run_dir={run_dir}"])
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < after_steps):
+        time.sleep(0.1)
+    workers = worker_pids(run_dir)
+    assert len(workers) == nproc, workers
+    return proc, workers
 
 
 def losses(records: list[dict]) -> list[float]:

@@ -4,13 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.launch import (ROOT, SMALL_MODEL, assert_losses_match, free_port, losses, read_metrics, torchrun,
-                          train_in_process)
+from tests.launch import (ROOT, SMALL_MODEL, assert_losses_match, free_port, losses, read_metrics, start_torchrun,
+                          torchrun, train_in_process)
 
 STEPS = 10
 
@@ -44,33 +42,10 @@ def test_batch_not_divisible_by_micro_times_dp(data_dir, tmp_path):
     assert "global_batch_size=6 is not divisible by parallel.micro_batch_size=2 × dp=2" in proc.stdout + proc.stderr
 
 
-def _worker_pids(run_dir: Path) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        try:
-            cmd = (p / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if any(b"scripts/train.py" in c for c in cmd) and f"run_dir={run_dir}".encode() in cmd \
-                and not any(b"torch.distributed.run" in c for c in cmd):
-            pids.append(int(p.name))
-    return sorted(pids)
-
-
 def test_sigterm_on_one_rank_saves_and_exits_zero_then_resume_is_exact(data_dir, tmp_path):
     run = tmp_path / "run"
     base = [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=100000", "parallel.dp=2"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "scripts/train.py",
-           *base, f"run_dir={run}"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    workers = _worker_pids(run)
-    assert len(workers) == 2, workers
+    proc, workers = start_torchrun(2, run, base, after_steps=3)
     os.kill(workers[-1], signal.SIGTERM)  # one rank only; the other must agree and stop too
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]

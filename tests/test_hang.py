@@ -2,12 +2,8 @@
 which step and which action they were waiting on, and the job exits non-zero."""
 import os
 import signal
-import subprocess
-import sys
-import time
 
-from tests.launch import ROOT, SMALL_MODEL, free_port
-from tests.test_data_parallel import _worker_pids
+from tests.launch import SMALL_MODEL, start_torchrun
 
 
 def _rank_of(pid: int) -> int:
@@ -16,17 +12,7 @@ def _rank_of(pid: int) -> int:
 
 
 def _launch_and_freeze_one_rank(run, overrides, nproc):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "scripts/train.py",
-           *overrides, f"run_dir={run}"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.1)
-    workers = _worker_pids(run)
-    assert len(workers) == nproc, workers
+    proc, workers = start_torchrun(nproc, run, overrides, after_steps=2)
     frozen = next(pid for pid in workers if _rank_of(pid) == nproc - 1)  # the report is asserted on rank 0
     os.kill(frozen, signal.SIGSTOP)  # alive but silent: the hang a dead NIC or a stuck kernel looks like
     out = []
