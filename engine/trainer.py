@@ -148,6 +148,11 @@ def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:
         sync_tied_grads(chunks, mesh)
 
 
+# the phases in which the executor runs its schedule, by `backward`; a rank that times out in one of
+# them reports the schedule action it was on
+_SCHEDULE_PHASES = {True: "forward/backward", False: "evaluation forward"}
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         validate(cfg)
@@ -200,7 +205,7 @@ class Trainer:
         """What this rank is doing now, for the report of a timed-out or failed rank: the pipeline
         action it waits on when inside the schedule, else the phase of the step."""
         action = getattr(self.executor, "current_action", None)
-        if self.phase == "forward/backward" and action is not None:
+        if self.phase in _SCHEDULE_PHASES.values() and action is not None:
             return f"pipeline action {action} of the {self.cfg.parallel.schedule} schedule"
         return self.phase
 
@@ -213,6 +218,7 @@ class Trainer:
         layout = {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "virtual_stages": p.virtual_stages,
                   "layers_per_stage": p.layers_per_stage, "zero": self.cfg.optim.zero}
         state = {"step": self.step, "data_seed": self.cfg.train.seed, "data_dir": str(Path(self.cfg.data.dir).resolve())}
+        self.phase = "checkpoint save"
         with torch.no_grad():
             return ckpt.save(self.ckpt_root, self.step, self._model_entries() + self.optimizer.state_entries(),
                              model_config=self.mcfg.to_dict(), layout=layout, train_state=state,
@@ -237,6 +243,7 @@ class Trainer:
         return x[self.mesh.dp_rank * n:(self.mesh.dp_rank + 1) * n].to(self.mesh.device)
 
     def _run(self, inputs, targets, *, backward: bool):
+        self.phase = _SCHEDULE_PHASES[backward]
         m = self.mesh
         x = self._local_rows(inputs) if m.is_first_stage else None
         y = self._local_rows(targets) if m.is_last_stage else None
@@ -249,6 +256,7 @@ class Trainer:
     def _global_mean(self, loss, stop: bool = False) -> tuple[float, bool]:
         """The loss lives on the last stage's dp × tp ranks: one all-reduce brings the mean to all,
         carrying the stop flag with it."""
+        self.phase = "loss all-reduce"
         m = self.mesh
         buf = torch.zeros(2, dtype=torch.float64, device=m.device)
         if m.is_last_stage and loss is not None:
@@ -262,7 +270,6 @@ class Trainer:
         t0 = time.perf_counter()
         inputs, targets = self.data.train_batch(self.step, seed=cfg.train.seed, batch_size=cfg.train.global_batch_size,
                                                 seq_len=cfg.train.seq_len)
-        self.phase = "forward/backward"
         loss = self._run(inputs, targets, backward=True)
         self.phase = "gradient synchronization (dp all-reduce, tp and tied-embedding sums)"
         sync_grads(self.chunks, self.mesh, self.dp_reducer)
@@ -273,7 +280,6 @@ class Trainer:
         self.phase = "optimizer step (ZeRO broadcast)"
         self.optimizer.step(lr)
         self.optimizer.zero_grad()
-        self.phase = "loss all-reduce"
         loss_value, stop = self._global_mean(loss, stop_requested)
         self.phase = "between steps"
         if self.mesh.device.type == "cuda":
