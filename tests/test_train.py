@@ -126,6 +126,19 @@ def test_load_with_conflicting_model_override(data_dir, tmp_path):
     assert out[0]["eval_loss"] < math.log(512)
 
 
+def test_checkpoint_from_a_different_model_shape_names_the_tensor(data_dir, tmp_path):
+    from models.init import ShardMeta
+
+    path = _one_checkpoint(data_dir, tmp_path) / "step_000004"
+    wq = json.loads((path / "manifest.json").read_text())["tensors"]["model/layers.0.attention.wq.weight"]
+    rows, cols = wq["global_shape"]
+    wider = ShardMeta.full((rows, cols + 1))          # a model with a different dim
+    entry = ckpt.Entry("model/layers.0.attention.wq.weight", torch.empty(rows, cols + 1), wider)
+    with pytest.raises(ckpt.CheckpointError, match=rf"tensor 'model/layers.0.attention.wq.weight' has shape "
+                                                   rf"\({rows}, {cols}\) in checkpoint .* but \({rows}, {cols + 1}\)"):
+        ckpt.load(path, [entry])
+
+
 def test_torchrun_with_one_process_equals_plain_python(data_dir, tmp_path):
     from tests.launch import torchrun
 
