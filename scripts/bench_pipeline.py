@@ -1,20 +1,30 @@
 """Tandem's pipeline runtime against torch.distributed.pipelining, in one run, on a gloo world.
 
     python scripts/bench_pipeline.py [--pp 2] [--micro 8] [--mb 2] [--seq 128] [--dim 256] [--layers 8]
-                                     [--steps 8] [--warmup 2] [--schedules 1f1b,interleaved_1f1b,zb_h1]
+                                     [--layers-per-stage 5,3] [--steps 8] [--warmup 2]
+                                     [--schedules 1f1b,interleaved_1f1b,zb_h1]
 
 For each schedule both engines run the same model chunks (same init, same layer split), the same
 micro-batches and loss, with `pp` gloo processes of one thread each. Peers:
     1f1b -> Schedule1F1B, interleaved_1f1b -> ScheduleInterleaved1F1B (v=2),
     zb_h1 -> ScheduleInterleavedZeroBubble with one stage per rank (PyTorch's ZB-H1-style schedule).
 Each schedule runs in a fresh world holding both engines' copies of the model; their steps
-alternate (and which goes first alternates), so machine noise hits both alike. A step lasts as
-long as its slowest rank; the median over timed steps gives tokens/s. Peak memory per rank is the
-peak resident set size during a step (VmHWM, reset through /proc/self/clear_refs) minus the RSS
-just before it, median over steps: activations, gradients and buffers the step adds on top of
-the weights. glibc is told to mmap every allocation >= 64 KiB so freed tensors leave the RSS. The measured bubble of Tandem is
-1 - compute time / (pp × step time) from the runner's per-action timings; the simulated one
-feeds the measured mean per-action durations to engine.pipeline.simulate.
+alternate (and which goes first alternates), so machine noise hits both alike.
+
+Two worlds per schedule, because measuring memory distorts time:
+* timing: the normal allocator. A step lasts as long as its slowest rank; the median over timed
+  steps gives tokens/s.
+* memory: glibc is told to mmap every allocation >= 64 KiB and give it back on free, so the resident
+  set follows live tensor memory and one engine's freed heap cannot hide the other's peak (this
+  makes every step ~40 % slower, so no time is taken from this world). Peak memory per rank is the
+  peak resident set size during a step (VmHWM, reset through /proc/self/clear_refs) minus the RSS
+  just before it, median over steps: the activations, gradients and buffers a step adds on top of
+  the weights.
+
+The measured bubble of Tandem is 1 - compute time / (pp × step time) from the runner's per-action
+timings; the simulated one feeds the measured mean per-action durations (per rank and kind) to
+engine.pipeline.simulate. "bound" is the tokens/s of that simulation with free p2p: what any
+runtime of the same action lists could reach with these compute costs.
 """
 from __future__ import annotations
 
@@ -54,7 +64,8 @@ def _build(args, pp, rank, v):
     mesh = build_mesh(pp=pp)
     cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
                       ffn_dim=args.ffn, vocab_size=args.vocab, max_seq_len=args.seq)
-    chunks = build_stage_chunks(cfg, mesh, virtual_stages=v)
+    split = args.layers_per_stage if v == 1 else None
+    chunks = build_stage_chunks(cfg, mesh, virtual_stages=v, layers_per_stage=split)
     for c in chunks:
         init_weights(c, seed=0, n_layers=cfg.n_layers, device="cpu")
     return mesh, cfg, chunks
@@ -105,14 +116,16 @@ def _make_step(engine, schedule, args, rank, world):
     return step_and_clear, runner
 
 
-def _worker(rank, world, schedule, args):
+def _worker(rank, world, schedule, args, measure):
     """Both engines in one world, steps alternating (which goes first alternates too), so machine
-    noise hits both alike. Each step: peak RSS above the RSS just before it."""
+    noise hits both alike. ``measure`` is "time" (step seconds and Tandem's per-action timings) or
+    "memory" (each step's peak RSS above the RSS just before it)."""
     torch.manual_seed(0)
     engines = {e: _make_step(e, schedule, args, rank, world) for e in ("torch", "tandem")}
     out = {e: {"times": [], "peak_mib": [], "compute": []} for e in engines}
     order = ["torch", "tandem"]
-    for i in range(args.warmup + args.steps):
+    steps = args.steps if measure == "time" else args.memory_steps
+    for i in range(args.warmup + steps):
         for engine in (order if i % 2 == 0 else order[::-1]):
             step, runner = engines[engine]
             gc.collect()
@@ -141,8 +154,9 @@ def _compute_summary(timings):
     return sum(per.values()), per
 
 
-def _simulated_bubble(results, pp):
-    """Simulate the schedule with each rank's measured mean cost per action kind."""
+def _simulate_measured(results):
+    """Simulate Tandem's lists with each rank's measured mean cost per action kind: (simulated
+    bubble with the measured p2p-free costs, makespan in seconds)."""
     from engine.pipeline.schedules import parse_action
     from engine.pipeline.simulate import simulate
 
@@ -154,7 +168,8 @@ def _simulated_bubble(results, pp):
             for label, dt in per.items():
                 by_kind.setdefault(label[0], []).append(dt)
         mean.append({k: statistics.mean(v) for k, v in by_kind.items()})
-    return simulate(actions, lambda rank, a: mean[rank][a.kind]).bubble
+    sim = simulate(actions, lambda rank, a: mean[rank][a.kind])
+    return sim.bubble, sim.makespan
 
 
 def main() -> None:
@@ -169,46 +184,56 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=688)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per engine")
+    ap.add_argument("--memory-steps", type=int, default=3, help="steps per engine in the memory world")
+    ap.add_argument("--layers-per-stage", type=lambda s: [int(c) for c in s.split(",")], default=None,
+                    help="the same uneven split for both engines, e.g. 5,3 (schedules with one stage per rank)")
     ap.add_argument("--schedules", default="1f1b,interleaved_1f1b,zb_h1")
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # glibc: serve every allocation >= 64 KiB by mmap and give it back on free, so the resident set
-    # follows live tensor memory and one engine's freed heap cannot hide the other's peak
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     tokens = args.micro * args.mb * args.seq
-    print(f"pp={args.pp} gloo processes x 1 thread; model dim={args.dim} layers={args.layers} vocab={args.vocab}; "
-          f"{args.micro} micro-batches x {args.mb} x {args.seq} tokens per step; torch {torch.__version__}", flush=True)
+    split = ",".join(map(str, args.layers_per_stage)) if args.layers_per_stage else "even"
+    print(f"pp={args.pp} gloo processes x 1 thread; model dim={args.dim} layers={args.layers} (split {split}) "
+          f"vocab={args.vocab}; {args.micro} micro-batches x {args.mb} x {args.seq} tokens per step; "
+          f"torch {torch.__version__}", flush=True)
     rows = []
     for schedule in args.schedules.split(","):
-        results = run_distributed(_worker, world_size=args.pp, args=(schedule, args), timeout=1800)
+        timed = run_distributed(_worker, world_size=args.pp, args=(schedule, args, "time"), timeout=1800)
+        # glibc: mmap every allocation >= 64 KiB and give it back on free (read at process start, so
+        # set only around the memory world's spawn)
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        try:
+            mem = run_distributed(_worker, world_size=args.pp, args=(schedule, args, "memory"), timeout=1800)
+        finally:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
         res = {}
         for engine in ("tandem", "torch"):
             # a step lasts as long as its slowest rank
-            steps = [max(r[engine]["times"][i] for r in results) for i in range(args.steps)]
-            peaks = [statistics.median(r[engine]["peak_mib"]) for r in results]
+            steps = [max(r[engine]["times"][i] for r in timed) for i in range(args.steps)]
+            peaks = [statistics.median(r[engine]["peak_mib"]) for r in mem]
             res[engine] = (tokens / statistics.median(steps), peaks, steps)
-        bubbles = [1 - sum(r["tandem"]["compute"][i][0] for r in results) / (args.pp * res["tandem"][2][i])
+        bubbles = [1 - sum(r["tandem"]["compute"][i][0] for r in timed) / (args.pp * res["tandem"][2][i])
                    for i in range(args.steps)]
-        rows.append((schedule, res, statistics.median(bubbles), _simulated_bubble(results, args.pp)))
+        sim_bubble, sim_makespan = _simulate_measured(timed)
+        rows.append((schedule, res, statistics.median(bubbles), sim_bubble, tokens / sim_makespan))
         _print_row(rows[-1])
     print()
-    print("| schedule (Tandem vs torch) | Tandem tokens/s | torch tokens/s | ratio | Tandem peak MiB per rank | "
-          "torch peak MiB per rank | Tandem bubble measured | simulated |")
-    print("|---|---|---|---|---|---|---|---|")
-    for schedule, res, mb, sb in rows:
+    print("| schedule (Tandem vs torch) | Tandem tokens/s | torch tokens/s | ratio | bound tokens/s | "
+          "Tandem peak MiB per rank | torch peak MiB per rank | Tandem bubble measured | simulated |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for schedule, res, mb, sb, bound in rows:
         t, p = res["tandem"], res["torch"]
-        print(f"| {schedule} vs {PEER[schedule]} | {t[0]:.0f} | {p[0]:.0f} | {t[0] / p[0]:.2f}x | "
+        print(f"| {schedule} vs {PEER[schedule]} | {t[0]:.0f} | {p[0]:.0f} | {t[0] / p[0]:.2f}x | {bound:.0f} | "
               f"{' / '.join(f'{x:.0f}' for x in t[1])} | {' / '.join(f'{x:.0f}' for x in p[1])} | "
               f"{mb:.1%} | {sb:.1%} |")
 
 
 def _print_row(row):
-    schedule, res, mb, sb = row
+    schedule, res, mb, sb, bound = row
     t, p = res["tandem"], res["torch"]
     print(f"{schedule:18s} tandem {t[0]:8.0f} tok/s  torch {p[0]:8.0f} tok/s  ratio {t[0] / p[0]:.2f}x  "
-          f"peak MiB tandem {[round(x) for x in t[1]]} torch {[round(x) for x in p[1]]}  "
+          f"bound {bound:.0f} tok/s  peak MiB tandem {[round(x) for x in t[1]]} torch {[round(x) for x in p[1]]}  "
           f"bubble measured {mb:.1%} simulated {sb:.1%}", flush=True)
 
 
