@@ -9,31 +9,27 @@ caller with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
+import shutil
+import tempfile
 import traceback
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
 TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, init_file, fn, args, queue):
     import datetime
 
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        # a file rendezvous: no port to pick, so parallel test worlds cannot race for one
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
         result = fn(rank, world_size, *args)
         queue.put((rank, True, result))
@@ -47,8 +43,9 @@ def _worker(rank, world_size, port, fn, args, queue):
 def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = TIMEOUT_S) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+    tmp = tempfile.mkdtemp(prefix="tandem-dist-")
+    init_file = Path(tmp) / "rendezvous"
+    procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -67,6 +64,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = TIME
             p.join(timeout=5 if errors else timeout)
             if p.is_alive():
                 p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
     if errors:
         raise RuntimeError("distributed test failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
