@@ -139,6 +139,27 @@ def test_checkpoint_from_a_different_model_shape_names_the_tensor(data_dir, tmp_
         ckpt.load(path, [entry])
 
 
+def test_checkpoint_slices_that_overlap_and_leave_a_gap_are_refused(data_dir, tmp_path):
+    """Slices whose sizes add up to the tensor but overlap (so a region is missing) must not load:
+    coverage is checked by geometry, not by counting elements."""
+    from models.init import ShardMeta
+
+    path = _one_checkpoint(data_dir, tmp_path) / "step_000004"
+    manifest = json.loads((path / "manifest.json").read_text())
+    key = "model/layers.0.attention.wq.weight"
+    info = manifest["tensors"][key]
+    rows, cols = info["global_shape"]
+    (whole,) = info["slices"]
+    # rows 0..rows-2 and row 0 again: rows*cols elements in all, but the last row is missing
+    info["slices"] = [{**whole, "offset": [0, 0], "shape": [rows - 1, cols]},
+                      {**whole, "offset": [0, 0], "shape": [1, cols]}]
+    entry = ckpt.Entry(key, torch.empty(rows, cols), ShardMeta.full((rows, cols)))
+    with pytest.raises(ckpt.CheckpointError, match=rf"does not fully cover the region of '{key}'"):
+        ckpt.load(path, [entry], manifest=manifest)
+    info["slices"] = [{**whole, "offset": [0, 0], "shape": [rows - 1, cols]}, whole]   # overlapping, complete
+    ckpt.load(path, [entry], manifest=manifest)
+
+
 def test_torchrun_with_one_process_equals_plain_python(data_dir, tmp_path):
     from tests.launch import torchrun
 
