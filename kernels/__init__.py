@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from kernels.cross_entropy import cross_entropy_reference
+from kernels.cross_entropy import cross_entropy_torch
 from kernels.rms_norm import rms_norm_reference
 from kernels.rotary import apply_rotary_reference, rope_cos_sin
 from kernels.swiglu import swiglu_reference
@@ -24,7 +24,7 @@ class Ops(NamedTuple):
     cross_entropy: Callable
 
 
-TORCH_OPS = Ops(rms_norm_reference, swiglu_reference, apply_rotary_reference, cross_entropy_reference)
+TORCH_OPS = Ops(rms_norm_reference, swiglu_reference, apply_rotary_reference, cross_entropy_torch)
 
 
 def resolve_impl(impl: str) -> str:

@@ -21,55 +21,81 @@ from kernels._triton import as_rows, check_float, check_launchable, num_warps, t
 MAX_BLOCK = 4096  # vocabulary columns per loop step
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Loss over the full vocabulary from this rank's vocabulary shard of the logits.
+class _TorchCrossEntropy(torch.autograd.Function):
+    """The plain-torch path's loss, with the gradient computed in the forward as the Triton kernel
+    does: one exp pass, no saved log-softmax and no softmax recomputed in backward.
 
-    Three small all-reduces over ``group`` (max, sum of exp, target logit), each of one value
-    per token; the logits themselves are never gathered (Megatron-LM, ``vocab_parallel_cross_entropy``).
+    With ``group``, ``logits`` are this rank's vocabulary shard and three small all-reduces (max,
+    sum of exp, target logit; one value per token each) give the full-vocabulary loss without
+    gathering the logits (Megatron-LM, ``vocab_parallel_cross_entropy``). Float32 logits that are an
+    intermediate result (the head's output) are overwritten with the gradient; anything else is
+    copied first. The backward scales a copy, so ``retain_graph`` stays safe.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, group):
-        # logits: (N, V_local); targets: (N,) global vocabulary ids
+        # logits: (..., V_local); targets: (...) global vocabulary ids
         v_local = logits.shape[-1]
-        start = dist.get_rank(group) * v_local
-        x = logits.float()
-        m = x.max(dim=-1).values
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        x = x - m[:, None]
+        ctx.shape = logits.shape
+        targets = targets.reshape(-1)
+        tp = dist.get_world_size(group) if group is not None else 1
+        start = dist.get_rank(group) * v_local if tp > 1 else 0
+        needs_grad = ctx.needs_input_grad[0]
+        in_place = (needs_grad and not logits.is_leaf and logits.dtype == torch.float32
+                    and logits.is_contiguous())
+        # the leaf test is on the caller's tensor: a reshaped view of a leaf is not itself a leaf
+        x = logits.view(-1, v_local) if in_place else logits.reshape(-1, v_local).to(torch.float32, copy=True)
+        m = x.amax(dim=-1)
+        if tp > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         local_t = targets - start
         owned = (local_t >= 0) & (local_t < v_local) & (targets != ignore_index)
         idx = local_t.clamp(0, v_local - 1)
-        tgt = torch.where(owned, x.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(m))
-        e = x.exp()
+        tgt = torch.where(owned, x.gather(1, idx[:, None]).squeeze(1) - m, torch.zeros_like(m))
+        e = x.sub_(m[:, None]).exp_()
         sum_e = e.sum(-1)
-        both = torch.stack([sum_e, tgt])
-        dist.all_reduce(both, group=group)
-        sum_e, tgt = both[0], both[1]
+        if tp > 1:
+            both = torch.stack([sum_e, tgt])
+            dist.all_reduce(both, group=group)
+            sum_e, tgt = both[0], both[1]
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1)
         loss = torch.where(valid, sum_e.log() - tgt, torch.zeros_like(tgt)).sum() / n_valid
-        # softmax - onehot, computed now so no fp32 logits copy is kept beyond this one
-        grad = e.div_(sum_e[:, None])
-        grad[owned.nonzero().squeeze(1), idx[owned]] -= 1.0
-        grad.mul_((valid.float() / n_valid)[:, None])
-        ctx.save_for_backward(grad)
-        ctx.dtype = logits.dtype
+        if needs_grad:
+            # (softmax - onehot) / n_valid for the valid rows, zero for the ignored ones
+            grad = e.div_(sum_e[:, None])
+            rows = owned.nonzero().squeeze(1)
+            grad[rows, idx[rows]] -= 1.0
+            grad.mul_((valid.float() / n_valid)[:, None])
+            if in_place:  # the gradient now lives in the logits' own storage (saved as them, not as a view)
+                torch.autograd.graph.increment_version(logits)
+                grad = logits
+            ctx.save_for_backward(grad if grad.dtype == logits.dtype else grad.to(logits.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return (grad * g).to(ctx.dtype), None, None, None
+        return (grad * g.to(grad.dtype)).view(ctx.shape), None, None, None
+
+
+def cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, tp_group=None):
+    """The ``kernels=torch`` loss: mean cross-entropy over non-ignored targets, gradient computed
+    in the forward. logits: (..., V or V/tp); targets: (...). Float32 logits that require grad and
+    are not a leaf are overwritten with the gradient: do not read them after this call."""
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        tp_group = None
+    return _TorchCrossEntropy.apply(logits, targets, int(ignore_index), tp_group)
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, tp_group=None):
-    """Mean cross-entropy over non-ignored targets. logits: (..., V or V/tp); targets: (...)."""
+    """The plain definition the kernels are checked against: ``F.cross_entropy`` in float32 (with
+    ``tp_group``, the vocab-parallel torch path, as torch has no sharded cross-entropy)."""
     logits2 = logits.reshape(-1, logits.shape[-1])
     targets1 = targets.reshape(-1)
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return F.cross_entropy(logits2.float(), targets1, ignore_index=ignore_index)
-    return _VocabParallelCrossEntropy.apply(logits2, targets1, ignore_index, tp_group)
+    return cross_entropy_torch(logits, targets, ignore_index, tp_group)
 
 
 @triton.jit

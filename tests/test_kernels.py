@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import TORCH_OPS, get_ops, rope_cos_sin
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from kernels.cross_entropy import cross_entropy, cross_entropy_reference, cross_entropy_torch
 from kernels.rms_norm import rms_norm, rms_norm_reference
 from kernels.rotary import apply_rotary, apply_rotary_reference
 from kernels.swiglu import swiglu, swiglu_reference
@@ -140,6 +140,30 @@ def test_cross_entropy_matches_reference(dtype, ignore_index):
     want = fwd_bwd(call(cross_entropy_reference), [logits])
     assert got[0][0].dtype == torch.float32
     assert_same(got[0] + got[1], want[0] + want[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("leaf", [False, True])
+def test_torch_path_cross_entropy_matches_f_cross_entropy(dtype, leaf):
+    """kernels=torch's loss (gradient computed in the forward, in place on intermediate float32
+    logits) against F.cross_entropy: loss, gradient under a scaled loss, ignored rows, a second
+    backward through the same graph, and a leaf left intact."""
+    torch.manual_seed(0)
+    base = randn(5, 37, 91, dtype=dtype)
+    targets = torch.randint(0, 91, (5, 37), device=DEVICE)
+    targets[0, :11] = -100
+    before = base.detach().clone()
+    logits = base if leaf else base * 1.0
+    loss = 2.5 * cross_entropy_torch(logits, targets)
+    (g1,) = torch.autograd.grad(loss, [base], retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, [base])
+    want_loss = 2.5 * F.cross_entropy(before.float().reshape(-1, 91), targets.reshape(-1))
+    (want,) = torch.autograd.grad(2.5 * F.cross_entropy(base.float().reshape(-1, 91), targets.reshape(-1)), [base])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, **TOL[torch.float32])
+    assert_same([g1, g2], [want, want], dtype)
+    assert torch.equal(base.detach(), before)
+    assert not g1.reshape(-1, 91)[:11].any()          # ignored rows get no gradient
 
 
 def test_cross_entropy_leaf_and_strided_logits_are_left_intact():
