@@ -26,8 +26,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.ops = ops
 
-    def forward(self, x):
-        return self.ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x, residual=None):
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` in one fused op.
+
+        Under autocast the sub-layer output ``x`` is bf16 while the residual stream stays float32;
+        the fused kernel wants one dtype, so both go to the promoted one first, which is exactly
+        what ``x + residual`` computes (the upcast is exact and the sum is rounded once)."""
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        if x.dtype != residual.dtype:
+            dtype = torch.promote_types(x.dtype, residual.dtype)
+            x, residual = x.to(dtype), residual.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 class Attention(nn.Module):
@@ -82,8 +92,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg, ops)
 
     def forward(self, x):
-        h = x + self.attention(self.attention_norm(x))
-        return h + self.feed_forward(self.ffn_norm(h))
+        # h = x + attention(...) and ffn_norm(h) in one fused residual RMSNorm (x + a == a + x
+        # exactly, so this is the textbook block bit for bit on the torch path). The block still
+        # takes and returns the plain hidden state: pipeline stages and recompute wrap whole blocks.
+        normed, h = self.ffn_norm(self.attention(self.attention_norm(x)), residual=x)
+        return h + self.feed_forward(normed)
 
 
 class CrossEntropy(nn.Module):

@@ -223,6 +223,30 @@ def _vocab_full_problem(dtype):
 MODEL_CFG = dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=72, vocab_size=97, max_seq_len=16)
 
 
+def count_fused_residual_norms(monkeypatch=None):
+    """Wrap the Triton RMSNorm launchers to count calls that take the fused residual path: forwards
+    given a residual, backwards given the residual stream's own gradient. Returns the live counts."""
+    import kernels.rms_norm as kr
+
+    counts = {"forward": 0, "backward": 0}
+    fwd, bwd = kr.rms_norm_forward, kr.rms_norm_backward
+
+    def counted_forward(x, weight, eps, residual=None):
+        counts["forward"] += residual is not None
+        return fwd(x, weight, eps, residual)
+
+    def counted_backward(dy, s, weight, rstd, ds=None):
+        counts["backward"] += ds is not None
+        return bwd(dy, s, weight, rstd, ds)
+
+    for name, f in (("rms_norm_forward", counted_forward), ("rms_norm_backward", counted_backward)):
+        if monkeypatch is not None:
+            monkeypatch.setattr(kr, name, f)
+        else:  # a spawned rank: the process ends with the test
+            setattr(kr, name, f)
+    return counts
+
+
 def _model_batch():
     g = torch.Generator().manual_seed(3)
     return torch.randint(0, 97, (2, 8), generator=g), torch.randint(0, 97, (2, 8), generator=g)
@@ -243,11 +267,12 @@ def _tp_model_with_triton_kernels(world_size):
     parallelize(model, mesh, sequence_parallel=True)
     init_weights(model, seed=0, n_layers=cfg.n_layers, device="cpu")
     x, y = _model_batch()
+    fused = count_fused_residual_norms()
     loss = model(x, y)
     loss.backward()
     sync_tp_grads([model], mesh)
     return loss.item(), {n: (p.grad[m.local_slices()].numpy(), m.global_slices(), m.global_shape)
-                         for n, p, m in iter_params(model)}
+                         for n, p, m in iter_params(model)}, dict(fused)
 
 
 def _vocab_parallel_worker(rank, world_size):
@@ -293,13 +318,15 @@ def test_vocab_parallel_cross_entropy_equals_full_vocabulary(two_ranks):
 # ---- the model with kernels=triton -----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_model_with_triton_kernels_equals_torch_kernels(dtype):
+def test_model_with_triton_kernels_equals_torch_kernels(dtype, monkeypatch):
+    """Also: every block runs the fused residual RMSNorm kernel, forward and backward."""
     from models import Llama, ModelConfig, init_weights
 
     cfg = ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=72, vocab_size=97, max_seq_len=16)
     x = torch.randint(0, cfg.vocab_size, (2, 9), device=DEVICE)
     y = torch.randint(0, cfg.vocab_size, (2, 9), device=DEVICE)
     results = []
+    fused = count_fused_residual_norms(monkeypatch)
     for kernels in ("triton", "torch"):
         with torch.device("meta"):
             model = Llama(cfg, kernels=kernels)
@@ -307,6 +334,9 @@ def test_model_with_triton_kernels_equals_torch_kernels(dtype):
         loss = model(x, y)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        if kernels == "triton":
+            assert fused == {"forward": cfg.n_layers, "backward": cfg.n_layers}
+    assert fused == {"forward": cfg.n_layers, "backward": cfg.n_layers}  # the torch path never launches
     (loss_t, grads_t), (loss_r, grads_r) = results
     assert loss_t.item() == pytest.approx(loss_r.item(), rel=1e-5 if dtype == torch.float32 else 1e-2)
     assert grads_t.keys() == grads_r.keys() and len(grads_t) == 2 * 9 + 3
@@ -324,16 +354,67 @@ def test_tensor_parallel_model_with_triton_kernels_equals_serial_torch_model(two
     x, y = _model_batch()
     loss = serial(x, y)
     loss.backward()
-    for rank_loss, _ in (r["tp_model"] for r in two_ranks):
+    for rank_loss, _, fused in (r["tp_model"] for r in two_ranks):
         assert rank_loss == pytest.approx(loss.item(), rel=1e-5)
+        # each rank fused the residual add into ffn_norm on its own sequence shard, in every block
+        assert fused == {"forward": cfg.n_layers, "backward": cfg.n_layers}
     for name, p in serial.named_parameters():
         got = torch.full(p.shape, float("nan"))
-        for _, grads in (r["tp_model"] for r in two_ranks):
+        for _, grads, _ in (r["tp_model"] for r in two_ranks):
             local, where, global_shape = grads[name]
             assert tuple(global_shape) == tuple(p.shape), name
             got[where] = torch.from_numpy(local)
         assert not got.isnan().any(), f"{name}: the shards do not cover the global tensor"
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _unfused_block_forward(block, x):
+    """The block as written before the fusion: the textbook pre-norm residual formula."""
+    h = x + block.attention(block.attention_norm(x))
+    return h + block.feed_forward(block.ffn_norm(h))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_block_equals_the_unfused_formula_on_the_torch_path(dtype):
+    """kernels=torch: TransformerBlock (fused residual RMSNorm) is the old formula bit for bit,
+    output and every gradient, so serial runs, checkpoints and the HF comparison are unchanged."""
+    from models import Llama, ModelConfig, init_weights
+
+    cfg = ModelConfig(**MODEL_CFG)
+    with torch.device("meta"):
+        model = Llama(cfg, kernels="torch")
+    block = init_weights(model, seed=0, n_layers=cfg.n_layers, device=DEVICE).to(dtype).layers["1"]
+    x = torch.randn(2, 9, cfg.dim, device=DEVICE).to(dtype)
+    g = torch.randn(2, 9, cfg.dim, device=DEVICE).to(dtype)
+    params = list(block.parameters())
+    results = []
+    for forward in (block, lambda t: _unfused_block_forward(block, t)):
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        results.append((out, *torch.autograd.grad(out, [xi, *params], g)))
+    for new, old in zip(*results, strict=True):
+        assert torch.equal(new, old), (new - old).abs().max()
+
+
+def test_fused_norm_promotes_a_bf16_sublayer_output_to_the_fp32_residual_stream():
+    """Under CUDA autocast the attention output is bf16 and the residual stream float32: the fused
+    path (Triton, which needs one dtype) must give what x + residual and the norm gave before."""
+    from models.llama import RMSNorm
+
+    norms = {k: RMSNorm(123, 1e-5, get_ops(k)).to(DEVICE) for k in ("triton", "torch")}
+    for n in norms.values():
+        with torch.no_grad():
+            n.weight.copy_(torch.linspace(0.5, 1.5, 123))
+    a = randn(5, 123, dtype=torch.bfloat16)
+    r = randn(5, 123)
+    for name, norm in norms.items():
+        got_out, got_grad = fwd_bwd(lambda a, r: norm(a, residual=r), [a, r])
+        want_out, want_grad = fwd_bwd(lambda a, r: (TORCH_OPS.rms_norm(r + a, norm.weight, 1e-5), r + a), [a, r])
+        assert [o.dtype for o in got_out] == [torch.float32, torch.float32], name
+        assert [t.dtype for t in got_grad] == [torch.bfloat16, torch.float32], name
+        assert_same(got_out, want_out, torch.float32)
+        assert_same(got_grad[:1], want_grad[:1], torch.bfloat16)  # near-equal fp32 grads, each rounded to bf16
+        assert_same(got_grad[1:], want_grad[1:], torch.float32)
 
 
 def test_get_ops_selects_the_triton_path():
