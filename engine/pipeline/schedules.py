@@ -236,6 +236,7 @@ def _place_p2p(order: list[list[Action]], pp: int, m: int, v: int) -> list[list[
     recvs_before = [[[] for _ in range(len(acts) + 1)] for acts in order]
     index = {a: (r, i) for r, acts in enumerate(order) for i, a in enumerate(acts)}
     starts = [[times[a][0] for a in acts] for acts in order]
+    sent_at: dict[Action, tuple[float, int, int]] = {}     # receive -> (send time, sender rank, position)
     for a, (r, i) in index.items():
         if a.kind == "F" and a.stage < S - 1:
             msg, consumer = Action("SF", a.mb, a.stage), Action("F", a.mb, a.stage + 1)
@@ -251,23 +252,27 @@ def _place_p2p(order: list[list[Action]], pp: int, m: int, v: int) -> list[list[
         j = next(j for j in range(ic + 1) if j == ic or starts[rc][j] >= t_send)
         sends_after[r][i].append(msg)
         recvs_before[rc][j].append(msg.partner())
+        sent_at[msg.partner()] = (t_send, r, i)
+
+    def key(a: Action):
+        # sends first; receives in the order their sends are posted (send time, then the sender's
+        # list position), so every rank pair's receives come in its sends' order (NCCL matches
+        # by order). Placement is monotone in the send time, so this holds across batches too.
+        return (a.kind[0] != "S",) + (sent_at[a] if a.kind[0] == "R" else ()) + (a.kind, a.stage, a.mb)
+
     out = []
     for r, acts in enumerate(order):
         seq: list[Action] = []
         pending: list[Action] = []
         for i, a in enumerate(acts):
             pending += recvs_before[r][i]
-            seq += sorted(pending, key=_p2p_key)
+            seq += sorted(pending, key=key)
             pending = []
             seq.append(a)
             pending = list(sends_after[r][i])
-        seq += sorted(pending + recvs_before[r][len(acts)], key=_p2p_key)
+        seq += sorted(pending + recvs_before[r][len(acts)], key=key)
         out.append(seq)
     return out
-
-
-def _p2p_key(a: Action):
-    return (a.kind[0] != "S", a.kind, a.stage, a.mb)   # sends first, then receives
 
 
 # ----------------------------------------------------------------------------- validation
