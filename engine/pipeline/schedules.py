@@ -400,10 +400,10 @@ def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[in
 
     Compute actions take cost(rank, action). A p2p batch is posted when its rank reaches it and
     completes p2p_time after the last of its partners has been posted; the partner of the k-th
-    send from one rank to another is the k-th receive posted there from that rank. With `rendezvous` a send
-    waits for its receive like a receive waits for its send (the strict model the validator
-    proves deadlock-free); without it sends are buffered and only receives wait, which is how the
-    runtime behaves (it waits on its sends lazily).
+    send from one rank to another is the k-th receive posted there from that rank. With
+    `rendezvous` a send waits for its receive like a receive waits for its send (the strict model
+    the validator proves deadlock-free); without it sends are buffered and only receives wait,
+    which is how the runtime behaves on gloo (it waits on its sends lazily).
     Returns each rank's timeline [(start, end, action)] and the makespan; raises ValueError naming
     the stuck actions on deadlock.
     """
