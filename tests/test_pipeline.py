@@ -1,5 +1,7 @@
 """Pipeline runtime against the serial model on gloo: loss and every gradient, memory, errors.
 
+Messages go with tag 0 (matched in posting order, as NCCL does); every case checks that.
+
 Several cases run inside one spawned world to keep the process start-up cost down.
 """
 import pytest
@@ -29,8 +31,10 @@ def _run_cases(rank, world, cases):
     from models import ModelConfig, init_weights
 
     mesh = build_mesh(pp=world)
+    posted = _record_p2p_tags()
     out = []
     for case in cases:
+        posted.clear()
         cfg = ModelConfig(**BASE, n_layers=case["n_layers"], tie_embeddings=case.get("tied", False))
         m, v = case["m"], case.get("v", 1)
         tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
@@ -46,6 +50,7 @@ def _run_cases(rank, world, cases):
         with torch.no_grad():
             eval_loss = runner.forward_backward(inputs, targets, backward=False)
         loss = runner.forward_backward(inputs, targets)
+        tags = list(posted)                 # the runner's ops, not sync_tied_grads' exchange
         sync_tied_grads(chunks, mesh)
         worst, names = 0.0, []
         for c in chunks:
@@ -56,8 +61,24 @@ def _run_cases(rank, world, cases):
                 names.append(name)
         out.append({"loss": None if loss is None else float(loss), "eval_loss": None if eval_loss is None else float(eval_loss),
                     "ref_loss": float(ref_loss), "worst": worst, "names": names, "live_peak": runner.live_peak,
-                    "n_serial_params": len(list(serial.named_parameters()))})
+                    "n_serial_params": len(list(serial.named_parameters())), "tags": tags})
     return out
+
+
+def _record_p2p_tags() -> list[int]:
+    """Wrap batch_isend_irecv in this (spawned) process so the tag of every op posted lands in
+    the returned list: the runtime must post tag 0 only, i.e. rely on ordered matching as NCCL does."""
+    import torch.distributed as dist
+
+    posted: list[int] = []
+    post = dist.batch_isend_irecv
+
+    def recording(ops):
+        posted.extend(op.tag for op in ops)
+        return post(ops)
+
+    dist.batch_isend_irecv = recording
+    return posted
 
 
 def _runtime_errors(rank, world):
@@ -103,6 +124,11 @@ def _check(results, cases):
         if case.get("tied"):
             assert held.count("tok_embeddings.weight") == 2
         assert max(r["worst"] for r in per_rank) < 1e-5
+        # tag 0 only (what NCCL effectively sees): a send and a receive per message, each message
+        # once in the training step and activations once more in the forward-only step
+        n_msgs = case["m"] * (len(per_rank) * case.get("v", 1) - 1)
+        tags = [t for r in per_rank for t in r["tags"]]
+        assert len(tags) == 2 * (2 * n_msgs + n_msgs) and set(tags) == {0}, case
 
 
 PP2_CASES = [
@@ -121,6 +147,9 @@ def test_every_schedule_matches_serial_at_pp2():
 
 PP4_CASES = [
     {"schedule": "interleaved_1f1b", "n_layers": 8, "m": 4, "v": 2, "tied": True},
+    # m = 8: rank 2 receives activations of two chunks (micro-batches 3 and 4) in one batch, which
+    # must come in rank 1's send order now that messages carry no tags
+    {"schedule": "interleaved_1f1b", "n_layers": 8, "m": 8, "v": 2},
     {"schedule": "zb_h1", "n_layers": 5, "m": 5, "tied": True},
 ]
 

@@ -1,8 +1,8 @@
 """Pipeline schedules and the simulator: pure Python, no processes."""
 import pytest
 
-from engine.pipeline.schedules import (SCHEDULES, Action, build_schedule, format_actions, parse_action,
-                                       validate_schedule)
+from engine.pipeline.schedules import (SCHEDULES, Action, build_schedule, check_p2p_order, format_actions,
+                                       p2p_streams, parse_action, validate_schedule)
 from engine.pipeline.simulate import simulate, uniform_cost
 
 COMBOS = [(name, pp, m, v)
@@ -114,6 +114,52 @@ def test_validator_rejects_incomplete_and_misordered_lists():
     backward_first[1][i], backward_first[1][j] = backward_first[1][j], backward_first[1][i]
     with pytest.raises(ValueError, match="B0c1 runs before F0c1"):
         validate_schedule(backward_first, 2, 2)
+
+
+# every schedule at pp 1..5, m 1..10, v 1..3 where the schedule allows it (a loop: about 2.5 s)
+SWEEP = [(name, pp, m, v)
+         for pp in range(1, 6)
+         for m in range(1, 11)
+         for name, vs in (("gpipe", (1, 2, 3)), ("1f1b", (1,)), ("zb_h1", (1,)), ("interleaved_1f1b", (2, 3)))
+         for v in vs
+         if not (name == "interleaved_1f1b" and m % pp)]
+
+
+def test_every_rank_pair_receives_in_send_order():
+    """NCCL matches a pair's messages in posting order: message k must be the same on both ends.
+    Also for the forward-only lists the runtime derives from gpipe (evaluation)."""
+    assert len(SWEEP) == 294
+    for name, pp, m, v in SWEEP:
+        actions = build_schedule(name, pp, m, v)
+        validate_schedule(actions, pp, m, v)           # runs check_p2p_order
+        forward_only = [[a for a in acts if a.kind in ("F", "SF", "RF")] for acts in build_schedule("gpipe", pp, m, v)]
+        for lists in (actions, forward_only):
+            check_p2p_order(lists, pp)
+            for (src, dst), (sends, recvs) in p2p_streams(lists, pp).items():
+                assert [(a.mb, a.stage, a.kind[1]) for a in sends] == \
+                       [(a.mb, a.peer_stage, a.kind[1]) for a in recvs], (name, pp, m, v, src, dst)
+        n_msgs = sum(len(s) for s, _ in p2p_streams(actions, pp).values())
+        assert n_msgs == (0 if pp == 1 else 2 * m * (pp * v - 1)), (name, pp, m, v)
+
+
+def test_validator_rejects_sends_in_another_order_than_their_receives():
+    # rank 0 posts micro-batch 1's activation before micro-batch 0's; rank 1 receives 0 first.
+    # Tags would sort this out; NCCL would hand F0c1 micro-batch 1's activation.
+    good = build_schedule("gpipe", 2, 2)
+    swapped = [[Action("F", 0, 0), Action("F", 1, 0), Action("SF", 1, 0), Action("SF", 0, 0)]
+               + good[0][4:], list(good[1])]
+    with pytest.raises(ValueError, match=r"p2p order mismatch from rank 0 to rank 1 at message 0: rank 0 posts "
+                                         r"SF1c0 \(micro-batch 1, activation from stage 0 to stage 1\), but rank 1 "
+                                         r"posts RF0c1, which expects SF0c0 \(micro-batch 0"):
+        validate_schedule(swapped, 2, 2)
+    # the interleaved case the generator once got wrong: two receives of one batch sorted by stage
+    actions = build_schedule("interleaved_1f1b", 4, 8, 2)
+    i, j = actions[2].index(Action("RF", 3, 6)), actions[2].index(Action("RF", 4, 2))
+    assert j == i + 1
+    actions[2][i], actions[2][j] = actions[2][j], actions[2][i]
+    with pytest.raises(ValueError, match=r"from rank 1 to rank 2 at message 7: rank 1 posts SF3c5 .* but rank 2 "
+                                         r"posts RF4c2, which expects SF4c1"):
+        validate_schedule(actions, 4, 8, 2)
 
 
 def test_validator_finds_deadlock():

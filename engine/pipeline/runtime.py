@@ -4,8 +4,11 @@
   only by the compute that consumes it, sends only at the end of the step (finished ones are
   dropped as batches go by), so a rank idles only when the data it needs next has not arrived. (The
   validator proves the lists deadlock-free even when every batch waits for all its operations at
-  once; waiting later can only remove waits.) Each message carries a tag naming (micro-batch, stage, direction), so
-  the two ends need not post in the same order (gloo matches by tag). Peers are the pp ranks with
+  once; waiting later can only remove waits.) Every message goes with tag 0: NCCL ignores tags
+  and matches a rank pair's messages in posting order, and gloo matches same-tag messages of a
+  pair in posting order too, so CPU runs exercise the very matching GPUs do. That is correct
+  because the validator proves, for every ordered rank pair, that the receives are posted in the
+  order of the sends (`schedules.check_p2p_order`). Peers are the pp ranks with
   this rank's dp and tp coordinates, so the runtime composes with tensor and data parallelism.
 * Memory: a stage's input and output for a micro-batch are kept from its F until its backward
   (B, or I for the graph) and dropped then; `live_peak` records the most that were alive at once.
@@ -139,11 +142,6 @@ class PipelineRunner:
     def _peer(self, a: Action) -> int:
         return self.mesh.pp_global_rank(a.peer_stage % self.pp)
 
-    def _tag(self, a: Action) -> int:
-        """Both ends of a message compute the same tag: (micro-batch, sending stage, direction)."""
-        sender = a.stage if a.kind[0] == "S" else a.peer_stage
-        return (a.mb * self.n_stages + sender) * 2 + (a.kind[1] == "B")
-
     def _count_live(self) -> None:
         """Activations really alive: a stage output some reference still holds, or inputs and
         output-gradients an I left for its W."""
@@ -200,19 +198,22 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------------------------- p2p
     def _communicate(self, batch: list[Action]) -> None:
+        # tag 0 for every message: ends are paired by posting order per rank pair, as under NCCL
+        # (validate_schedule proved the orders equal; the forward-only lists are gpipe's minus its
+        # backward messages, the same filter on both ends, so their orders are equal as well)
         self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]   # drop finished sends
         ops, recvs = [], []
         for a in batch:
             if a.kind == "SF":
                 key = (a.mb, a.stage)
                 tensor = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
-                ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=self._tag(a)))
+                ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=0))
             elif a.kind == "SB":
                 tensor = self._grads.pop((a.mb, a.stage))
-                ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=self._tag(a)))
+                ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=0))
             else:
                 buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.mesh.device)
-                ops.append(dist.P2POp(dist.irecv, buf, self._peer(a), tag=self._tag(a)))
+                ops.append(dist.P2POp(dist.irecv, buf, self._peer(a), tag=0))
                 recvs.append((a, buf))
         works = dist.batch_isend_irecv(ops)
         for w, op in zip(works, ops):

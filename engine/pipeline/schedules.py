@@ -13,9 +13,13 @@ https://arxiv.org/abs/2104.04473). Each rank's list holds:
            SF(mb, s) pairs with RF(mb, s + 1), SB(mb, s) pairs with RB(mb, s - 1).
 
 Consecutive p2p actions form one batch that the runtime posts with a single
-`batch_isend_irecv` and then waits on. `validate_schedule` proves a set of lists complete and
-deadlock-free by simulating exactly that with *rendezvous* semantics (a send finishes only once
-its receive is posted), which is stricter than what the runtime needs.
+`batch_isend_irecv` and then waits on. Messages carry no tags (NCCL ignores them): a rank pair's
+messages are matched in posting order, so for every ordered pair (src -> dst) the receives dst
+posts from src must name, one for one, the sends src posts to dst (`check_p2p_order`).
+`validate_schedule` proves a set of lists complete, consistently ordered and deadlock-free by
+simulating exactly that, matching in order, with *rendezvous* semantics (a send finishes only
+once its receive is posted, and a batch only once all its operations are matched, as an NCCL
+group kernel on one stream does), which is stricter than what the gloo runtime needs.
 
 Generators only choose the order of compute actions; `_place_p2p` then inserts the sends right
 after their producer and each receive at the point its rank reaches when the send is posted in a
@@ -236,6 +240,7 @@ def _place_p2p(order: list[list[Action]], pp: int, m: int, v: int) -> list[list[
     recvs_before = [[[] for _ in range(len(acts) + 1)] for acts in order]
     index = {a: (r, i) for r, acts in enumerate(order) for i, a in enumerate(acts)}
     starts = [[times[a][0] for a in acts] for acts in order]
+    sent_at: dict[Action, tuple[float, int, int]] = {}     # receive -> (send time, sender rank, position)
     for a, (r, i) in index.items():
         if a.kind == "F" and a.stage < S - 1:
             msg, consumer = Action("SF", a.mb, a.stage), Action("F", a.mb, a.stage + 1)
@@ -251,23 +256,27 @@ def _place_p2p(order: list[list[Action]], pp: int, m: int, v: int) -> list[list[
         j = next(j for j in range(ic + 1) if j == ic or starts[rc][j] >= t_send)
         sends_after[r][i].append(msg)
         recvs_before[rc][j].append(msg.partner())
+        sent_at[msg.partner()] = (t_send, r, i)
+
+    def key(a: Action):
+        # sends first; receives in the order their sends are posted (send time, then the sender's
+        # list position), so every rank pair's receives come in its sends' order (NCCL matches
+        # by order). Placement is monotone in the send time, so this holds across batches too.
+        return (a.kind[0] != "S",) + (sent_at[a] if a.kind[0] == "R" else ()) + (a.kind, a.stage, a.mb)
+
     out = []
     for r, acts in enumerate(order):
         seq: list[Action] = []
         pending: list[Action] = []
         for i, a in enumerate(acts):
             pending += recvs_before[r][i]
-            seq += sorted(pending, key=_p2p_key)
+            seq += sorted(pending, key=key)
             pending = []
             seq.append(a)
             pending = list(sends_after[r][i])
-        seq += sorted(pending + recvs_before[r][len(acts)], key=_p2p_key)
+        seq += sorted(pending + recvs_before[r][len(acts)], key=key)
         out.append(seq)
     return out
-
-
-def _p2p_key(a: Action):
-    return (a.kind[0] != "S", a.kind, a.stage, a.mb)   # sends first, then receives
 
 
 # ----------------------------------------------------------------------------- validation
@@ -293,7 +302,10 @@ def validate_schedule(actions: Sequence[Sequence[Action]], pp: int, n_micro: int
     the rank that owns the stage; every cross-rank tensor has exactly one send and one receive.
     Ordered: on each rank a receive precedes the compute that consumes it, a send follows the
     compute that produces it, and same-rank dependencies come in order.
-    Deadlock-free: `run_batches` completes under rendezvous semantics.
+    Consistently ordered: for every ordered rank pair the receives come in the order of the sends
+    (`check_p2p_order`), so matching by posting order, as NCCL and the tag-0 runtime do, pairs
+    every receive with the message it names.
+    Deadlock-free: `run_batches` completes under rendezvous semantics with ordered matching.
     """
     S = pp * virtual_stages
     if len(actions) != pp:
@@ -341,7 +353,45 @@ def validate_schedule(actions: Sequence[Sequence[Action]], pp: int, n_micro: int
                 producer = Action("F" if a.kind == "SF" else bwd, a.mb, a.stage)
                 if pos[producer] > pos[a]:
                     raise ValueError(f"rank {r}: {a} is sent before {producer} computes it")
+    check_p2p_order(actions, pp)
     run_batches(actions, pp, lambda r, a: 1.0, 0.0)
+
+
+def _describe(send: Action) -> str:
+    direction = "activation" if send.kind == "SF" else "input gradient"
+    return f"{send} (micro-batch {send.mb}, {direction} from stage {send.stage} to stage {send.peer_stage})"
+
+
+def p2p_streams(actions: Sequence[Sequence[Action]], pp: int) -> dict[tuple[int, int], tuple[list[Action], list[Action]]]:
+    """For every ordered rank pair (src, dst) that exchanges messages: the sends src posts to dst
+    and the receives dst posts from src, each in posting (list) order."""
+    streams: dict[tuple[int, int], tuple[list[Action], list[Action]]] = {}
+    for r, acts in enumerate(actions):
+        for a in acts:
+            if a.kind[0] == "S" and a.is_p2p:
+                streams.setdefault((r, a.peer_stage % pp), ([], []))[0].append(a)
+            elif a.kind[0] == "R":
+                streams.setdefault((a.peer_stage % pp, r), ([], []))[1].append(a)
+    return streams
+
+
+def check_p2p_order(actions: Sequence[Sequence[Action]], pp: int) -> None:
+    """Raise ValueError unless, for every ordered rank pair (src -> dst), the k-th send src posts to
+    dst is the message of the k-th receive dst posts from src (same micro-batch, sending stage and
+    direction). NCCL ignores tags and matches a pair's messages in posting order, and the runtime
+    posts every message with tag 0, so this is what makes each receive get the tensor it expects."""
+    for (src, dst), (sends, recvs) in sorted(p2p_streams(actions, pp).items()):
+        for k in range(max(len(sends), len(recvs))):
+            send = sends[k] if k < len(sends) else None
+            recv = recvs[k] if k < len(recvs) else None
+            if send is not None and recv is not None and recv.partner() == send:
+                continue
+            posted = f"rank {src} posts {_describe(send)}" if send else f"rank {src} posts no send"
+            wanted = (f"rank {dst} posts {recv}, which expects {_describe(recv.partner())}" if recv
+                      else f"rank {dst} posts no receive")
+            raise ValueError(f"p2p order mismatch from rank {src} to rank {dst} at message {k}: {posted}, but "
+                             f"{wanted}. NCCL matches a rank pair's messages in posting order (tags are "
+                             f"ignored), so the receive order must equal the send order")
 
 
 def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[int, Action], float],
@@ -349,15 +399,22 @@ def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[in
     """Event simulation shared by the validator and the simulator.
 
     Compute actions take cost(rank, action). A p2p batch is posted when its rank reaches it and
-    completes p2p_time after the last of its partners has been posted. With `rendezvous` a send
-    waits for its receive like a receive waits for its send (the strict model the validator
-    proves deadlock-free); without it sends are buffered and only receives wait, which is how the
-    runtime behaves (it waits on its sends lazily).
+    completes p2p_time after the last of its partners has been posted; the partner of the k-th
+    send from one rank to another is the k-th receive posted there from that rank. With
+    `rendezvous` a send waits for its receive like a receive waits for its send (the strict model
+    the validator proves deadlock-free); without it sends are buffered and only receives wait,
+    which is how the runtime behaves on gloo (it waits on its sends lazily).
     Returns each rank's timeline [(start, end, action)] and the makespan; raises ValueError naming
     the stuck actions on deadlock.
     """
     batches = [p2p_batches(acts) for acts in actions]
-    owner = {a: r for r, acts in enumerate(actions) for a in acts if a.is_p2p}
+    # ordered matching, as NCCL (and the tag-0 runtime) does: the k-th send from src to dst meets
+    # the k-th receive dst posts from src, whatever messages they name (check_p2p_order proves
+    # they name the same one); an op without a counterpart never completes
+    match: dict[Action, Action] = {}
+    for sends, recvs in p2p_streams(actions, pp).values():
+        for s, r in zip(sends, recvs):
+            match[s], match[r] = r, s
     posted: dict[Action, float] = {}          # p2p action -> time its batch was posted
     pos, clock = [0] * pp, [0.0] * pp
     timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
@@ -374,8 +431,8 @@ def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[in
                 else:
                     for a in item:
                         posted.setdefault(a, clock[r])
-                    partners = [a.partner() for a in item if rendezvous or a.kind[0] == "R"]
-                    if any(p not in posted for p in partners):
+                    partners = [match.get(a) for a in item if rendezvous or a.kind[0] == "R"]
+                    if any(p is None or p not in posted for p in partners):
                         break
                     end = max([clock[r]] + [posted[p] for p in partners]) + p2p_time
                     timeline[r].extend((clock[r], end, a) for a in item)
