@@ -171,8 +171,8 @@ def _tp_zero_bubble_cases(rank, world, cases):
         def traced_W(a):
             before = snap()
             run_W(a)
-            events.append(("W", a.mb, sorted(name_of[id(w)] for w, _, _ in runner.store.pending.get((a.mb, a.stage), [])),
-                           changed(before, snap())))
+            left = sorted(name_of[id(w)] for w, _, _ in runner.store.pending.get((a.mb, a.stage), []))
+            events.append(("W", a.mb, left, changed(before, snap())))
 
         runner._run_I, runner._run_W = traced_I, traced_W
         loss = runner.forward_backward(x if mesh.is_first_stage else None, y if mesh.is_last_stage else None)
