@@ -158,6 +158,12 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x):
         if not self.input_is_mapped:
             x = enter_tp(x, self.group, self.sequence_parallel)
+        return self.matmul(x)
+
+    def matmul(self, x):
+        """x Aᵀ on the mapped (under sequence parallelism: all-gathered) input: the layer's only use of
+        its weight, kept apart from the mappings so the zero-bubble pipeline runtime can swap it per
+        instance for one whose weight gradient is deferred to a W action."""
         return F.linear(x, self.weight)
 
 
@@ -174,7 +180,11 @@ class RowParallelLinear(nn.Module):
         set_shard_meta(self, "weight", ShardMeta((out_features, in_features), (0, offset), (out_features, local)))
 
     def forward(self, x):
-        return exit_tp(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        return exit_tp(self.matmul(x), self.group, self.sequence_parallel)
+
+    def matmul(self, x):
+        """x_r A_rᵀ, this rank's partial sum before the exit mapping (see ColumnParallelLinear.matmul)."""
+        return F.linear(x, self.weight)
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:

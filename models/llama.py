@@ -144,7 +144,12 @@ class Llama(nn.Module):
     def logits(self, h):
         """Final norm and output projection. h: (B, T, dim) -> (B, T, vocab)."""
         h = self.norm(h)
-        return self.output(h) if not self.cfg.tie_embeddings else F.linear(h, self.tok_embeddings.weight)
+        return self.output(h) if not self.cfg.tie_embeddings else self.tied_head(h)
+
+    def tied_head(self, h):
+        """h · tok_embeddings.weightᵀ: the tied output projection, a method of its own so the
+        zero-bubble pipeline runtime can defer its weight gradient on a last stage."""
+        return F.linear(h, self.tok_embeddings.weight)
 
     def forward(self, x, targets=None):
         h = self.tok_embeddings(x) if self.is_first else x

@@ -145,6 +145,81 @@ def test_every_schedule_matches_serial_at_pp2():
     _check(run_distributed(_run_cases, world_size=2, args=(PP2_CASES,)), PP2_CASES)
 
 
+def _tp_zero_bubble_cases(rank, world, cases):
+    """tp=2 × pp=world/2 under zb_h1, each I and W traced: what the I stashed for its W, and which
+    gradients each action changed. Then loss and every gradient, gathered to global shape, against
+    the serial model."""
+    from engine.mesh import build_mesh
+    from engine.pipeline import PipelineRunner, build_stage_chunks, sync_tied_grads
+    from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear, parallelize, sync_tp_grads
+    from engine.trainer import apply_recompute
+    from models import ModelConfig, init_weights
+    from models.init import iter_params
+    from tests.test_tensor_parallel import _gather_global
+
+    mesh = build_mesh(tp=2, pp=world // 2)
+    out = []
+    for case in cases:
+        cfg = ModelConfig(**{**BASE, **case.get("model", {})}, n_layers=case["n_layers"],
+                          tie_embeddings=case.get("tied", False))
+        m, sp = case["m"], case.get("sp", False)
+        tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        serial, ref_loss = _serial(cfg, x, y)
+        (chunk,) = build_stage_chunks(cfg, mesh, layers_per_stage=case.get("layers"))
+        parallelize(chunk, mesh, sequence_parallel=sp)
+        init_weights(chunk, seed=0, n_layers=cfg.n_layers, device="cpu")
+        apply_recompute(chunk, case.get("recompute", "none"))
+        runner = PipelineRunner([chunk], mesh, schedule="zb_h1", n_microbatches=m,
+                                hidden_shape=(MB, T // mesh.tp if sp else T, cfg.dim))
+        params = dict(chunk.named_parameters())
+        name_of = {id(p): n for n, p in params.items()}
+        deferred = {f"{n}.weight" for n, mod in chunk.named_modules()
+                    if isinstance(mod, (ColumnParallelLinear, RowParallelLinear))}
+        if cfg.tie_embeddings and mesh.is_last_stage:
+            deferred.add("tok_embeddings.weight")
+
+        def snap():
+            return {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
+
+        def changed(before, after):
+            return {n for n in before if (before[n] is None) != (after[n] is None)
+                    or (before[n] is not None and not torch.equal(before[n], after[n]))}
+
+        events, run_I, run_W = [], runner._run_I, runner._run_W
+
+        def traced_I(a):
+            before = snap()
+            run_I(a)
+            stash = sorted(name_of[id(w)] for w, _, _ in runner.store.pending[(a.mb, a.stage)])
+            events.append(("I", a.mb, stash, changed(before, snap())))
+
+        def traced_W(a):
+            before = snap()
+            run_W(a)
+            left = sorted(name_of[id(w)] for w, _, _ in runner.store.pending.get((a.mb, a.stage), []))
+            events.append(("W", a.mb, left, changed(before, snap())))
+
+        runner._run_I, runner._run_W = traced_I, traced_W
+        loss = runner.forward_backward(x if mesh.is_first_stage else None, y if mesh.is_last_stage else None)
+        sync_tp_grads([chunk], mesh)
+        sync_tied_grads([chunk], mesh)
+        grads = _gather_global({n: (p.grad, meta) for n, p, meta in iter_params(chunk)}, mesh.tp_group)
+        worst = 0.0
+        for name, g in grads.items():
+            ref = serial.get_parameter(name).grad
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=lambda s: f"{case} {name}: {s}")
+            worst = max(worst, float((g - ref).abs().max()))
+        out.append({"loss": None if loss is None else float(loss), "ref_loss": float(ref_loss), "worst": worst,
+                    "names": sorted(grads), "params": set(params), "deferred": deferred, "events": events,
+                    "n_serial_params": len(list(serial.named_parameters()))})
+    return out
+
+
+def _world4(rank, world, pp4_cases, tp_cases):
+    return _run_cases(rank, world, pp4_cases), _tp_zero_bubble_cases(rank, world, tp_cases)
+
+
 PP4_CASES = [
     {"schedule": "interleaved_1f1b", "n_layers": 8, "m": 4, "v": 2, "tied": True},
     # m = 8: rank 2 receives activations of two chunks (micro-batches 3 and 4) in one batch, which
@@ -152,10 +227,54 @@ PP4_CASES = [
     {"schedule": "interleaved_1f1b", "n_layers": 8, "m": 8, "v": 2},
     {"schedule": "zb_h1", "n_layers": 5, "m": 5, "tied": True},
 ]
+# tp=2 × pp=2 zb_h1 over 3 layers (stages of 2 and 1): GQA with split KV heads and the
+# column-parallel output head; then sequence parallelism with the tied vocab-parallel head, one KV
+# head replicated on both tp ranks, and full recomputation (saved inputs come back recomputed).
+TP_ZB_CASES = [
+    {"n_layers": 3, "m": 4},
+    {"n_layers": 3, "m": 4, "sp": True, "tied": True, "model": {"n_kv_heads": 1}, "recompute": "full"},
+]
 
 
-def test_interleaved_and_zero_bubble_match_serial_at_pp4():
-    _check(run_distributed(_run_cases, world_size=4, args=(PP4_CASES,)), PP4_CASES)
+@pytest.fixture(scope="module")
+def world4():
+    """One 4-process world: pp=4 schedules, then tp=2 × pp=2 zero-bubble."""
+    return run_distributed(_world4, world_size=4, args=(PP4_CASES, TP_ZB_CASES))
+
+
+def test_interleaved_and_zero_bubble_match_serial_at_pp4(world4):
+    _check([pp4 for pp4, _ in world4], PP4_CASES)
+
+
+def test_tp2_pp2_zero_bubble_defers_tensor_parallel_weight_grads(world4):
+    """Each I stashes one entry per column/row-parallel weight (and the tied head's copy) and leaves
+    their .grad as it was, while norms and embedding lookups get theirs; the W writes exactly the
+    deferred ones and empties the stash."""
+    for rank, (_, results) in enumerate(world4):
+        for case, res in zip(TP_ZB_CASES, results):
+            deferred, events = res["deferred"], res["events"]
+            assert any(n.endswith("wq.weight") for n in deferred) and any(n.endswith("w2.weight") for n in deferred)
+            if rank >= 2:  # last stage: the vocab-parallel head, tied or not
+                assert ("tok_embeddings.weight" if case.get("tied") else "output.weight") in deferred
+            assert [e[:2] for e in events if e[0] == "I"] == [("I", mb) for mb in range(case["m"])]
+            assert sorted(e[1] for e in events if e[0] == "W") == list(range(case["m"]))
+            for kind, mb, stash, changed in events:
+                if kind == "I":
+                    assert stash == sorted(deferred), (rank, case, mb)
+                    assert changed == res["params"] - deferred, (rank, case, mb)
+                else:
+                    assert stash == [] and changed == deferred, (rank, case, mb)
+
+
+def test_tp2_pp2_zero_bubble_matches_serial(world4):
+    for i, case in enumerate(TP_ZB_CASES):
+        per_rank = [tp[i] for _, tp in world4]
+        for r in per_rank[2:]:
+            assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5), case
+        assert all(r["loss"] is None for r in per_rank[:2])
+        held = {n for r in per_rank for n in r["names"]}
+        assert len(held) == per_rank[0]["n_serial_params"], case
+        assert max(r["worst"] for r in per_rank) < 1e-5
 
 
 MEMORY_CASES = [

@@ -14,10 +14,11 @@
   (B, or I for the graph) and dropped then; `live_peak` records the most that were alive at once.
 * Loss: each micro-batch's loss is scaled by 1/m before backward, so the accumulated gradients
   equal the serial step's over the whole batch.
-* Zero-bubble (I/W): every `nn.Linear` in the chunks runs through `_DeferredWeightGrad`, whose
-  backward returns only the input gradient while an I runs and stashes (input, output-gradient);
-  the W action turns the stash into the weight gradient. Other parameters (norms, embeddings)
-  get their (cheap) gradients during I.
+* Zero-bubble (I/W): every `nn.Linear` in the chunks, the matmul of every tensor-parallel linear
+  (the vocab-parallel head included) and a last stage's tied head run through `_DeferredWeightGrad`
+  (see `defer_weight_grads`), whose backward returns only the input gradient while an I runs and
+  stashes (input, output-gradient); the W action turns the stash into the weight gradient. Other
+  parameters (norms, embedding lookups, biases) get their (cheap) gradients during I.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from torch import nn
 
 from engine.mesh import Mesh
 from engine.pipeline.schedules import Action, build_schedule, check_schedule_args, p2p_batches, validate_schedule
+from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class WeightGradStore:
@@ -99,7 +101,39 @@ def _linear_forward(module: nn.Linear, store: WeightGradStore, x):
     if not (torch.is_grad_enabled() and x.requires_grad):
         return F.linear(x, module.weight, module.bias)     # nothing to defer
     y = _DeferredWeightGrad.apply(x, store, module)
-    return y if module.bias is None else y + module.bias
+    return y if module.bias is None else y + module.bias   # the bias gets its gradient during I
+
+
+def _deferred_matmul(module: nn.Module, store: WeightGradStore, x):
+    """x · module.weightᵀ, no bias: the `matmul` of a tensor-parallel linear, or the tied head."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.linear(x, module.weight)                   # nothing to defer
+    return _DeferredWeightGrad.apply(x, store, module)
+
+
+def defer_weight_grads(chunks: Sequence[nn.Module], store: WeightGradStore) -> None:
+    """Route every deferrable x · Wᵀ of the chunks through `_DeferredWeightGrad`.
+
+    * `nn.Linear`: its forward (a bias, if any, is added outside and gets its gradient during I).
+    * `ColumnParallelLinear` / `RowParallelLinear` (the output head under TP included): only their
+      `matmul`; the tp mappings around it stay in the input-gradient path. The stash holds the
+      matmul's input: the all-gathered sequence under sequence parallelism (column-parallel), the
+      local hidden shard (row-parallel), kept until W.
+    * the tied head (`Llama.tied_head`) of a last stage that is not also a first stage: there its
+      embedding copy has no other use, and `sync_tied_grads` runs after the step's last W. A chunk
+      that also looks up embeddings with the weight keeps it undeferred: the lookup's gradient
+      would still accumulate during I, and the data-parallel reducer, counting those accumulations,
+      would send the weight's gradient before the W's had been added.
+    """
+    for chunk in chunks:
+        for mod in chunk.modules():
+            if isinstance(mod, nn.Linear):
+                mod.forward = partial(_linear_forward, mod, store)
+            elif isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+                mod.matmul = partial(_deferred_matmul, mod, store)
+        cfg = getattr(chunk, "cfg", None)
+        if cfg is not None and cfg.tie_embeddings and chunk.is_last and not chunk.is_first:
+            chunk.tied_head = partial(_deferred_matmul, chunk.tok_embeddings, store)
 
 
 class PipelineRunner:
@@ -125,10 +159,7 @@ class PipelineRunner:
         self.forward_actions = [a for a in fwd_only if a.kind in ("F", "SF", "RF")]
         self.store = WeightGradStore()
         if any(a.kind == "W" for a in self.actions):
-            for chunk in self.chunks:
-                for mod in chunk.modules():
-                    if isinstance(mod, nn.Linear):
-                        mod.forward = partial(_linear_forward, mod, self.store)
+            defer_weight_grads(self.chunks, self.store)
         # last step: (action(s), start, end) in seconds from the step's start; a compute action's
         # start excludes the time it waited for its received input
         self.timings: list[tuple[str, float, float]] = []
