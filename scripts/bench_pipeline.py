@@ -23,8 +23,9 @@ Two worlds per schedule, because measuring memory distorts time:
 
 The measured bubble of Tandem is 1 - compute time / (pp × step time) from the runner's per-action
 timings; the simulated one feeds the measured mean per-action durations (per rank and kind) to
-engine.pipeline.simulate. "bound" is the tokens/s of that simulation with free p2p: what any
-runtime of the same action lists could reach with these compute costs.
+engine.pipeline.simulate; "simulated tokens/s" is that simulation's throughput with free p2p: what
+Tandem's action lists give with these mean compute costs (an estimate, not a bound: real costs vary
+per micro-batch and per position in the schedule).
 """
 from __future__ import annotations
 
@@ -219,21 +220,21 @@ def main() -> None:
         rows.append((schedule, res, statistics.median(bubbles), sim_bubble, tokens / sim_makespan))
         _print_row(rows[-1])
     print()
-    print("| schedule (Tandem vs torch) | Tandem tokens/s | torch tokens/s | ratio | bound tokens/s | "
+    print("| schedule (Tandem vs torch) | Tandem tokens/s | torch tokens/s | ratio | simulated tokens/s | "
           "Tandem peak MiB per rank | torch peak MiB per rank | Tandem bubble measured | simulated |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for schedule, res, mb, sb, bound in rows:
+    for schedule, res, mb, sb, sim_tps in rows:
         t, p = res["tandem"], res["torch"]
-        print(f"| {schedule} vs {PEER[schedule]} | {t[0]:.0f} | {p[0]:.0f} | {t[0] / p[0]:.2f}x | {bound:.0f} | "
+        print(f"| {schedule} vs {PEER[schedule]} | {t[0]:.0f} | {p[0]:.0f} | {t[0] / p[0]:.2f}x | {sim_tps:.0f} | "
               f"{' / '.join(f'{x:.0f}' for x in t[1])} | {' / '.join(f'{x:.0f}' for x in p[1])} | "
               f"{mb:.1%} | {sb:.1%} |")
 
 
 def _print_row(row):
-    schedule, res, mb, sb, bound = row
+    schedule, res, mb, sb, sim_tps = row
     t, p = res["tandem"], res["torch"]
     print(f"{schedule:18s} tandem {t[0]:8.0f} tok/s  torch {p[0]:8.0f} tok/s  ratio {t[0] / p[0]:.2f}x  "
-          f"bound {bound:.0f} tok/s  peak MiB tandem {[round(x) for x in t[1]]} torch {[round(x) for x in p[1]]}  "
+          f"simulated {sim_tps:.0f} tok/s  peak MiB tandem {[round(x) for x in t[1]]} torch {[round(x) for x in p[1]]}  "
           f"bubble measured {mb:.1%} simulated {sb:.1%}", flush=True)
 
 
