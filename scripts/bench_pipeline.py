@@ -114,7 +114,22 @@ def _make_step(engine, schedule, args, rank, world):
         step()
         for c in chunks:
             c.zero_grad(set_to_none=True)
+    step_and_clear.stages = None if engine == "tandem" else stages
     return step_and_clear, runner
+
+
+def _persistent_recv_mib(stages) -> float:
+    """The receive buffers torch's stages allocate once (one per micro-batch and direction) and keep
+    between steps: already resident before a step, so the per-step peak does not show them."""
+    total = 0
+    for stage in stages:
+        for table in (stage.args_recv_info, stage.grad_recv_info):
+            for infos in table.values():
+                for info in (infos if isinstance(infos, (tuple, list)) else [infos]):
+                    buf = getattr(info, "buffer", None)
+                    if isinstance(buf, torch.Tensor):
+                        total += buf.numel() * buf.element_size()
+    return total / 2**20
 
 
 def _worker(rank, world, schedule, args, measure):
@@ -143,6 +158,7 @@ def _worker(rank, world, schedule, args, measure):
                 if runner is not None:
                     out[engine]["compute"].append(_compute_summary(runner.timings))
     out["actions"] = [str(a) for a in engines["tandem"][1].actions]
+    out["torch_recv_mib"] = _persistent_recv_mib(engines["torch"][0].stages)
     return out
 
 
@@ -213,7 +229,8 @@ def main() -> None:
             # a step lasts as long as its slowest rank
             steps = [max(r[engine]["times"][i] for r in timed) for i in range(args.steps)]
             peaks = [statistics.median(r[engine]["peak_mib"]) for r in mem]
-            res[engine] = (tokens / statistics.median(steps), peaks, steps)
+            kept = [r["torch_recv_mib"] if engine == "torch" else 0.0 for r in mem]
+            res[engine] = (tokens / statistics.median(steps), peaks, steps, kept)
         bubbles = [1 - sum(r["tandem"]["compute"][i][0] for r in timed) / (args.pp * res["tandem"][2][i])
                    for i in range(args.steps)]
         sim_bubble, sim_makespan = _simulate_measured(timed)
@@ -221,20 +238,24 @@ def main() -> None:
         _print_row(rows[-1])
     print()
     print("| schedule (Tandem vs torch) | Tandem tokens/s | torch tokens/s | ratio | simulated tokens/s | "
-          "Tandem peak MiB per rank | torch peak MiB per rank | Tandem bubble measured | simulated |")
+          "Tandem peak MiB per rank | torch peak MiB per rank (+ receive buffers it keeps) | "
+          "Tandem bubble measured | simulated |")
     print("|---|---|---|---|---|---|---|---|---|")
     for schedule, res, mb, sb, sim_tps in rows:
         t, p = res["tandem"], res["torch"]
         print(f"| {schedule} vs {PEER[schedule]} | {t[0]:.0f} | {p[0]:.0f} | {t[0] / p[0]:.2f}x | {sim_tps:.0f} | "
-              f"{' / '.join(f'{x:.0f}' for x in t[1])} | {' / '.join(f'{x:.0f}' for x in p[1])} | "
-              f"{mb:.1%} | {sb:.1%} |")
+              f"{' / '.join(f'{x:.0f}' for x in t[1])} | {_peer_peaks(p)} | {mb:.1%} | {sb:.1%} |")
+
+
+def _peer_peaks(p) -> str:
+    return " / ".join(f"{x:.0f} (+{k:.0f})" for x, k in zip(p[1], p[3]))
 
 
 def _print_row(row):
     schedule, res, mb, sb, sim_tps = row
     t, p = res["tandem"], res["torch"]
     print(f"{schedule:18s} tandem {t[0]:8.0f} tok/s  torch {p[0]:8.0f} tok/s  ratio {t[0] / p[0]:.2f}x  "
-          f"simulated {sim_tps:.0f} tok/s  peak MiB tandem {[round(x) for x in t[1]]} torch {[round(x) for x in p[1]]}  "
+          f"simulated {sim_tps:.0f} tok/s  peak MiB tandem {[round(x) for x in t[1]]} torch {_peer_peaks(p)}  "
           f"bubble measured {mb:.1%} simulated {sb:.1%}", flush=True)
 
 
