@@ -44,11 +44,12 @@ def param_refs(chunks: list[nn.Module]) -> list[ParamRef]:
 
 def clip_grad_norm(refs: list[ParamRef], max_norm: float) -> float:
     """Global L2 norm of all gradients over tp × pp × dp; scales gradients when above ``max_norm``."""
+    # padding rows never count; one norm per tensor (foreach), their squares summed in float64
+    grads = [r.param.grad.detach()[r.meta.local_slices()] for r in refs
+             if r.norm_owner and r.param.grad is not None]
     local = torch.zeros((), dtype=torch.float64)
-    for r in refs:
-        if r.norm_owner and r.param.grad is not None:
-            g = r.param.grad[r.meta.local_slices()]  # padding rows never count
-            local += g.detach().double().pow(2).sum().cpu()
+    if grads:
+        local += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(local)
     norm = float(local.sqrt())
