@@ -16,6 +16,11 @@ Activation Recomputation", arXiv:2205.05198, for sequence parallelism):
   or, with sequence parallelism, all-gather forward / reduce-scatter backward) is applied once per
   attention and per MLP by a forward pre-hook, so q, k and v (and gate and up) share it. This keeps
   parameter names untouched and the block at exactly two all-reduces forward and two backward.
+- under sequence parallelism the column-parallel matmuls save, for their weight gradient, the
+  local sequence shard the all-gather started from, not its full-sequence output, and all-gather
+  it again in backward (Megatron-LM's `LinearWithGradAccumulationAndAsyncCommunication`): one
+  re-gather per attention and per MLP, shared by q/k/v (gate/up), so the block's backward has four
+  all-gathers and two reduce-scatters. See `SeqShard`.
 
 Every sharded parameter gets a `ShardMeta`, so `init_weights` fills it with the serial model's
 slice and checkpoints store it under its global name. Process groups are passed in, never global.
@@ -114,14 +119,109 @@ class ReduceScatterToSeq(torch.autograd.Function):
         return _all_gather_seq(g, ctx.group), None
 
 
-def enter_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
-    """The input mapping of a column-parallel region (full-sequence, replicated output)."""
-    return GatherFromSeq.apply(x, group) if sequence_parallel else CopyToTP.apply(x, group)
+def enter_tp(x: torch.Tensor, group, sequence_parallel: bool, *, regather: bool = True) -> torch.Tensor:
+    """The input mapping of a column-parallel region (full-sequence, replicated output).
+
+    Under sequence parallelism (and ``regather``) the gathered tensor remembers the shard it came
+    from (`SeqShard`), so the column-parallel matmuls reading it save that shard for backward
+    instead of the full sequence."""
+    if not sequence_parallel:
+        return CopyToTP.apply(x, group)
+    full = GatherFromSeq.apply(x, group)
+    if regather and torch.is_grad_enabled() and full.requires_grad:
+        full._tp_seq_shard = (x, SeqShard(group))
+    return full
 
 
 def exit_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
     """The output mapping of a row-parallel region (sums the partial results of the tp ranks)."""
     return ReduceScatterToSeq.apply(x, group) if sequence_parallel else ReduceFromTP.apply(x, group)
+
+
+# -- saving the shard instead of the gathered input (sequence parallelism) --------------------
+
+
+class SeqShard:
+    """The re-gather of one all-gathered input in backward, shared by the matmuls that read it.
+
+    `enter_tp` attaches ``(shard, SeqShard)`` to the gathered tensor. Each matmul that saves it
+    for its weight gradient saves the shard instead (`save_matmul_input`) and registers as a user
+    while registration is open (the module's forward; `close` ends it, so an activation-checkpoint
+    recomputation of the module body, which reuses the same gathered tensor, adds no users). In
+    backward the first user to need the input all-gathers the shard (`unpack_matmul_input`); the
+    others reuse that tensor; the last user drops it. Every tp rank builds the same graph, so the
+    re-gathers run in the same order everywhere. The object lives in the autograd graph of one
+    forward, so nothing it caches outlives that graph's backward (or the graph, if never run).
+    """
+
+    __slots__ = ("group", "users", "open", "full")
+
+    def __init__(self, group):
+        self.group, self.users, self.open, self.full = group, 0, True, None
+
+    def close(self) -> None:
+        self.open = False
+
+    def take(self, shard: torch.Tensor | None) -> torch.Tensor | None:
+        """The full sequence for one user (``shard=None``: a user that no longer needs it)."""
+        full = None
+        if shard is not None:
+            if self.full is None:
+                self.full = _all_gather_seq(shard, self.group)
+            full = self.full
+        self.users -= 1
+        if self.users <= 0:
+            self.full = None
+        return full
+
+
+def save_matmul_input(ctx, x: torch.Tensor) -> torch.Tensor:
+    """What an autograd Function computing ``x · Wᵀ`` should save for its weight gradient: ``x``,
+    or, when ``x`` is an all-gathered sequence (see `SeqShard`), this rank's shard of it. Pass
+    the result to ``ctx.save_for_backward`` and get the input back with `unpack_matmul_input`."""
+    tag = getattr(x, "_tp_seq_shard", None)
+    ctx.tp_seq = None
+    if tag is None:
+        return x
+    shard, seq = tag
+    ctx.tp_seq = seq
+    if seq.open:
+        seq.users += 1
+    return shard.detach()
+
+
+def unpack_matmul_input(ctx, saved: torch.Tensor | None) -> torch.Tensor | None:
+    """The matmul's input from what `save_matmul_input` saved (re-gathered if it is a shard);
+    ``saved=None`` releases this user's share of the re-gather without gathering."""
+    seq = ctx.tp_seq
+    if seq is None:
+        return saved
+    return seq.take(saved)
+
+
+class _LinearSavingShard(torch.autograd.Function):
+    """``x · Wᵀ`` on an all-gathered ``x`` that saves the shard of ``x`` for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(save_matmul_input(ctx, x), weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        saved, weight = ctx.saved_tensors
+        grad_x = g.matmul(weight.to(g.dtype)) if ctx.needs_input_grad[0] else None
+        x = unpack_matmul_input(ctx, saved if ctx.needs_input_grad[1] else None)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype)
+        return grad_x, grad_w
+
+
+def _column_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if getattr(x, "_tp_seq_shard", None) is not None and torch.is_grad_enabled():
+        return _LinearSavingShard.apply(x, weight)
+    return F.linear(x, weight)
 
 
 # -- the layers --------------------------------------------------------------------------------
@@ -163,8 +263,9 @@ class ColumnParallelLinear(nn.Module):
     def matmul(self, x):
         """x Aᵀ on the mapped (under sequence parallelism: all-gathered) input: the layer's only use of
         its weight, kept apart from the mappings so the zero-bubble pipeline runtime can swap it per
-        instance for one whose weight gradient is deferred to a W action."""
-        return F.linear(x, self.weight)
+        instance for one whose weight gradient is deferred to a W action. Under sequence
+        parallelism it saves the sequence shard, not ``x`` (`SeqShard`)."""
+        return _column_matmul(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -288,8 +389,18 @@ def _mark_grad_sync(module: nn.Module, attr: str, kind: str) -> None:
 
 def _enter_hook(group, sequence_parallel):
     def hook(module, args):
-        return (enter_tp(args[0], group, sequence_parallel), *args[1:])
+        # ``sp_regather = False`` (set by full recompute, which recomputes the gather in backward
+        # anyway): save the gathered input as before instead of re-gathering the shard
+        regather = getattr(module, "sp_regather", True)
+        return (enter_tp(args[0], group, sequence_parallel, regather=regather), *args[1:])
     return hook
+
+
+def _close_regather_hook(module, args, output):
+    """After the module's forward: its matmuls are registered as the re-gather's users."""
+    tag = getattr(args[0], "_tp_seq_shard", None) if args else None
+    if tag is not None:
+        tag[1].close()
 
 
 def _enter_output_hook(group, sequence_parallel):
@@ -326,8 +437,10 @@ def parallelize(model: nn.Module, mesh: Mesh, *, sequence_parallel: bool = False
         ffn.w1 = ColumnParallelLinear(dim, mcfg.ffn_dim, group=group, input_is_mapped=True, like=like)
         ffn.w3 = ColumnParallelLinear(dim, mcfg.ffn_dim, group=group, input_is_mapped=True, like=like)
         ffn.w2 = RowParallelLinear(mcfg.ffn_dim, dim, group=group, sequence_parallel=sp, like=like)
-        attn.register_forward_pre_hook(_enter_hook(group, sp))
-        ffn.register_forward_pre_hook(_enter_hook(group, sp))
+        for mod in (attn, ffn):
+            mod.register_forward_pre_hook(_enter_hook(group, sp))
+            if sp:
+                mod.register_forward_hook(_close_regather_hook)
         if sp:  # the norms see only this rank's part of the sequence
             _mark_grad_sync(block.attention_norm, "weight", "partial")
             _mark_grad_sync(block.ffn_norm, "weight", "partial")

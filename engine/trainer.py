@@ -119,6 +119,10 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
 
     for block in model.layers.values():
         target = block if mode == "full" else block.attention
+        if mode == "full":
+            # the recomputation all-gathers the sequence again; sequence parallelism need not keep
+            # the shard to re-gather it a second time (see engine.tensor_parallel.SeqShard)
+            block.attention.sp_regather = block.feed_forward.sp_regather = False
         inner = target.forward
         target.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
 

@@ -70,13 +70,16 @@ def _serial(cfg: ModelConfig, x, y):
     return model, float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}, logits
 
 
-def _model_case(mesh, cfg_kw, sequence_parallel):
+def _model_case(mesh, cfg_kw, sequence_parallel, recompute="none"):
+    from engine.trainer import apply_recompute
+
     cfg = ModelConfig(**cfg_kw)
     x, y = _batch(cfg.vocab_size)
     serial, s_loss, s_grads, s_logits = _serial(cfg, x, y)
     with torch.device("meta"):
         model = Llama(cfg)
     parallelize(model, mesh, sequence_parallel=sequence_parallel)
+    apply_recompute(model, recompute)
     init_weights(model, seed=SEED, n_layers=cfg.n_layers, device="cpu")
     weights = _gather_global({n: (p, m) for n, p, m in iter_params(model)}, mesh.tp_group)
     loss = model(x, y)
@@ -201,7 +204,7 @@ def _layers_case(mesh, sequence_parallel):
 @contextmanager
 def _count_collectives():
     """Count torch.distributed collectives (and the elements they move) while active."""
-    counts = {}
+    counts = {"order": []}
     names = ("all_reduce", "all_gather_single", "reduce_scatter_single", "all_gather", "all_gather_into_tensor",
              "reduce_scatter_tensor", "reduce_scatter", "broadcast")
     saved = {n: getattr(dist, n) for n in names}
@@ -211,6 +214,7 @@ def _count_collectives():
             c = counts.setdefault(n, [0, 0])
             c[0] += 1
             c[1] = max(c[1], tensor.numel() if isinstance(tensor, torch.Tensor) else 0)
+            counts["order"].append((n, tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None))
             return f(tensor, *a, **kw)
         return counted
 
@@ -223,6 +227,23 @@ def _count_collectives():
             setattr(dist, n, f)
 
 
+class _saved_shapes(torch.autograd.graph.saved_tensors_hooks):
+    """{storage: (bytes, shape)} of what autograd saves while active, ``skip`` tensors excluded
+    (as `engine.cost_model.saved_tensor_bytes` counts them)."""
+
+    def __init__(self, skip):
+        self.shapes = {}
+        skip = {t.untyped_storage().data_ptr() for t in skip}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in skip:
+                self.shapes[st.data_ptr()] = (st.nbytes(), tuple(t.shape))
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
 def _comm_case(mesh, sequence_parallel):
     cfg = ModelConfig(**CFG)
     with torch.device("meta"):
@@ -232,19 +253,28 @@ def _comm_case(mesh, sequence_parallel):
     t_local = T // mesh.tp if sequence_parallel else T
     h = torch.randn(B, t_local, cfg.dim, requires_grad=True)
     block = model.layers["1"]
-    with _count_collectives() as fwd:
+    saved = _saved_shapes([*model.parameters(), h])
+    with _count_collectives() as fwd, saved:
         out = block(h)
     with _count_collectives() as bwd:
         out.sum().backward()
+    # the same block with the gathered inputs saved as they are (what full recompute selects)
+    block.attention.sp_regather = block.feed_forward.sp_regather = False
+    saved_gathered = _saved_shapes([*model.parameters(), h])
+    with saved_gathered:
+        out = block(h)
+    out.sum().backward()
     x, y = _batch(cfg.vocab_size)
     logits = model.logits(torch.randn(B, t_local, cfg.dim)).detach().requires_grad_()
     with _count_collectives() as loss_fwd:
         loss = model.loss_fn(logits, y)
     with _count_collectives() as loss_bwd:
         loss.backward()
-    summarize = lambda c: {k: v[0] for k, v in c.items()}  # noqa: E731
-    return {"fwd": summarize(fwd), "bwd": summarize(bwd), "loss_fwd": summarize(loss_fwd),
-            "loss_bwd": summarize(loss_bwd), "loss_max_numel": max(v[1] for v in loss_fwd.values()),
+    summarize = lambda c: {k: v[0] for k, v in c.items() if k != "order"}  # noqa: E731
+    return {"fwd": summarize(fwd), "bwd": summarize(bwd), "bwd_order": bwd["order"],
+            "saved": saved.shapes, "saved_gathered": saved_gathered.shapes,
+            "loss_fwd": summarize(loss_fwd),
+            "loss_bwd": summarize(loss_bwd), "loss_max_numel": max(v[1] for k, v in loss_fwd.items() if k != "order"),
             "logits_numel": logits.numel()}
 
 
@@ -279,6 +309,8 @@ def _spawn(world, cases):
 CASES2 = [("layers", "layers", False), ("layers_sp", "layers", True),
           ("gqa_split", "model", CFG, False), ("tied_sp", "model", dict(CFG, tie_embeddings=True), True),
           ("comm", "comm", False), ("comm_sp", "comm", True),
+          ("untied_sp", "model", CFG, True), ("untied_sp_selective", "model", CFG, True, "selective"),
+          ("tied_sp_full", "model", dict(CFG, tie_embeddings=True), True, "full"),
           ("stages_tied_sp", "stages", dict(CFG, tie_embeddings=True), True), ("twice", "twice")]
 CASES4 = [("ckpt", "ckpt", CFG4, None, False),  # path filled in by the fixture
           ("gqa_replicated_tied", "model", dict(CFG4, tie_embeddings=True), False),
@@ -337,6 +369,15 @@ def test_tp2_tied_embeddings_sequence_parallel_matches_serial(tp2):
     assert "output.weight" not in tp2[0]["tied_sp"]["grads"]
 
 
+@pytest.mark.parametrize("case", ["untied_sp", "untied_sp_selective", "tied_sp_full"])
+def test_tp2_sequence_parallel_regather_matches_serial(tp2, case):
+    """The column-parallel matmuls (the untied head's too) save the sequence shard and re-gather
+    it in backward; alone, under selective recompute (the attention body is recomputed around
+    the saved shard) and under full recompute (the gathered input is saved as before)."""
+    for out in tp2:
+        _assert_model_matches(out[case])
+
+
 def test_tp4_replicated_kv_tied_matches_serial(tp4):
     res = tp4[3]["gqa_replicated_tied"]
     _assert_model_matches(res)
@@ -379,7 +420,25 @@ def test_block_communication_is_megatrons(tp2):
 def test_block_communication_with_sequence_parallelism(tp2):
     res = tp2[0]["comm_sp"]
     assert res["fwd"] == {"all_gather_single": 2, "reduce_scatter_single": 2}
-    assert res["bwd"] == {"all_gather_single": 2, "reduce_scatter_single": 2}
+    # + one re-gather of the saved shard per attention and per MLP (q/k/v and gate/up share it)
+    assert res["bwd"] == {"all_gather_single": 4, "reduce_scatter_single": 2}
+    assert tp2[0]["comm_sp"]["bwd_order"] == tp2[1]["comm_sp"]["bwd_order"]  # same order on every rank
+
+
+def test_sequence_parallel_block_saves_the_shard_not_the_gathered_input(tp2):
+    dim, tp, f32 = CFG["dim"], 2, 4
+    full_seq = B * T * dim * f32  # a (B, T, dim) storage (F.linear may save it as a (B*T, dim) view)
+    for out in tp2:
+        res = out["comm_sp"]
+        # nothing of the full sequence at hidden width is kept for backward (other saved tensors
+        # are narrower: tp-sharded heads and MLP units, or per-position statistics)
+        assert [s for s in res["saved"].values() if s[0] == full_seq] == []
+        # before: the attention's and the MLP's gathered inputs
+        assert len([s for s in res["saved_gathered"].values() if s[0] == full_seq]) == 2
+        saved = sum(n for n, _ in res["saved"].values())
+        before = sum(n for n, _ in res["saved_gathered"].values())
+        # per sub-layer: the (B, T/tp, dim) shard instead of the (B, T, dim) gathered input
+        assert before - saved == 2 * B * (T - T // tp) * dim * f32
 
 
 @pytest.mark.parametrize("case", ["comm", "comm_sp"])

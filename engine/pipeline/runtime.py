@@ -35,7 +35,7 @@ from torch import nn
 
 from engine.mesh import Mesh
 from engine.pipeline.schedules import Action, build_schedule, check_schedule_args, p2p_batches, validate_schedule
-from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear, save_matmul_input, unpack_matmul_input
 
 
 class WeightGradStore:
@@ -75,7 +75,9 @@ class _DeferredWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, store, module):
-        ctx.save_for_backward(x)
+        # an all-gathered sequence (sequence parallelism) is saved as this rank's shard and
+        # re-gathered during I; the stash then holds the full sequence until W
+        ctx.save_for_backward(save_matmul_input(ctx, x))
         # the Parameter itself, not a saved copy: under activation checkpointing saved tensors come
         # back as new tensor objects, and the deferred gradient must land on the real parameter
         ctx.weight = module.weight
@@ -84,7 +86,8 @@ class _DeferredWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
+        x = unpack_matmul_input(ctx, saved)
         weight, store = ctx.weight, ctx.store
         grad_x = grad.matmul(weight.to(grad.dtype))
         key = store.capturing
@@ -117,8 +120,9 @@ def defer_weight_grads(chunks: Sequence[nn.Module], store: WeightGradStore) -> N
     * `nn.Linear`: its forward (a bias, if any, is added outside and gets its gradient during I).
     * `ColumnParallelLinear` / `RowParallelLinear` (the output head under TP included): only their
       `matmul`; the tp mappings around it stay in the input-gradient path. The stash holds the
-      matmul's input: the all-gathered sequence under sequence parallelism (column-parallel), the
-      local hidden shard (row-parallel), kept until W.
+      matmul's input: the all-gathered sequence under sequence parallelism (column-parallel;
+      saved as the local shard between F and I and re-gathered during I), the local hidden shard
+      (row-parallel), kept until W.
     * the tied head (`Llama.tied_head`) of a last stage that is not also a first stage: there its
       embedding copy has no other use, and `sync_tied_grads` runs after the step's last W. A chunk
       that also looks up embeddings with the weight keeps it undeferred: the lookup's gradient
