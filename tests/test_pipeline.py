@@ -191,7 +191,11 @@ def _tp_zero_bubble_cases(rank, world, cases):
         def traced_I(a):
             before = snap()
             run_I(a)
-            stash = sorted(name_of[id(w)] for w, _, _ in runner.store.pending[(a.mb, a.stage)])
+            pending = runner.store.pending[(a.mb, a.stage)]
+            stash = sorted(name_of[id(w)] for w, _, _ in pending)
+            # column-parallel inputs come to the W as the full sequence (re-gathered under SP)
+            col_seq = {x.shape[1] for w, x, _ in pending if name_of[id(w)].endswith(("wq.weight", "w1.weight"))}
+            assert col_seq == {T}, (case, col_seq)
             events.append(("I", a.mb, stash, changed(before, snap())))
 
         def traced_W(a):
@@ -229,10 +233,13 @@ PP4_CASES = [
 ]
 # tp=2 × pp=2 zb_h1 over 3 layers (stages of 2 and 1): GQA with split KV heads and the
 # column-parallel output head; then sequence parallelism with the tied vocab-parallel head, one KV
-# head replicated on both tp ranks, and full recomputation (saved inputs come back recomputed).
+# head replicated on both tp ranks, and full recomputation (saved inputs come back recomputed);
+# then sequence parallelism with selective recomputation: the I re-gathers the saved sequence
+# shards (the attention's from its recomputed body) and stashes the full sequence for the W.
 TP_ZB_CASES = [
     {"n_layers": 3, "m": 4},
     {"n_layers": 3, "m": 4, "sp": True, "tied": True, "model": {"n_kv_heads": 1}, "recompute": "full"},
+    {"n_layers": 3, "m": 4, "sp": True, "recompute": "selective"},
 ]
 
 
