@@ -138,6 +138,11 @@ class CostModel:
         fwd = self._mm(attn_proj + mlp + core) + elementwise + comm
         bwd_in = self._mm(attn_proj + mlp + 2 * core) + 2 * elementwise + comm
         bwd_w = self._mm(attn_proj + mlp)
+        if s.sequence_parallel and s.recompute != "full":
+            # the saved sequence shards are all-gathered again for the weight gradients: once per
+            # attention (not under selective recompute) and per MLP; an all-gather moves half the
+            # volume of an all-reduce
+            bwd_in += (1 if s.recompute == "selective" else 2) * self._allreduce(tokens * d * a) / 2
         act = tokens * per_tok * a
         if s.recompute == "full":
             bwd_in += fwd

@@ -119,10 +119,13 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
 
     for block in model.layers.values():
         target = block if mode == "full" else block.attention
+        # Sequence parallelism saves the shard of a gathered input and re-gathers it in backward
+        # (engine.tensor_parallel.SeqShard). Not where that saves nothing: full recompute gathers
+        # the sequence again anyway, and the checkpoint of the attention keeps its (gathered)
+        # input for the recomputation.
+        block.attention.sp_regather = False
         if mode == "full":
-            # the recomputation all-gathers the sequence again; sequence parallelism need not keep
-            # the shard to re-gather it a second time (see engine.tensor_parallel.SeqShard)
-            block.attention.sp_regather = block.feed_forward.sp_regather = False
+            block.feed_forward.sp_regather = False
         inner = target.forward
         target.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
 

@@ -234,8 +234,8 @@ PP4_CASES = [
 # tp=2 × pp=2 zb_h1 over 3 layers (stages of 2 and 1): GQA with split KV heads and the
 # column-parallel output head; then sequence parallelism with the tied vocab-parallel head, one KV
 # head replicated on both tp ranks, and full recomputation (saved inputs come back recomputed);
-# then sequence parallelism with selective recomputation: the I re-gathers the saved sequence
-# shards (the attention's from its recomputed body) and stashes the full sequence for the W.
+# then sequence parallelism with selective recomputation: the I re-gathers the MLP's saved
+# sequence shard (the attention's checkpoint keeps its gathered input) and stashes it for the W.
 TP_ZB_CASES = [
     {"n_layers": 3, "m": 4},
     {"n_layers": 3, "m": 4, "sp": True, "tied": True, "model": {"n_kv_heads": 1}, "recompute": "full"},

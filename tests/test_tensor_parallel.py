@@ -372,8 +372,8 @@ def test_tp2_tied_embeddings_sequence_parallel_matches_serial(tp2):
 @pytest.mark.parametrize("case", ["untied_sp", "untied_sp_selective", "tied_sp_full"])
 def test_tp2_sequence_parallel_regather_matches_serial(tp2, case):
     """The column-parallel matmuls (the untied head's too) save the sequence shard and re-gather
-    it in backward; alone, under selective recompute (the attention body is recomputed around
-    the saved shard) and under full recompute (the gathered input is saved as before)."""
+    it in backward; alone, under selective recompute (the MLP's; the attention's checkpoint keeps
+    its gathered input) and under full recompute (the gathered inputs are recomputed)."""
     for out in tp2:
         _assert_model_matches(out[case])
 
