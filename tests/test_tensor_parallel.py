@@ -258,6 +258,10 @@ def _comm_case(mesh, sequence_parallel):
         out = block(h)
     with _count_collectives() as bwd:
         out.sum().backward()
+    import gc
+
+    from engine.tensor_parallel import SeqShard
+    cached_after_backward = sum(isinstance(o, SeqShard) and o.full is not None for o in gc.get_objects())
     # the same block with the gathered inputs saved as they are (what full recompute selects)
     block.attention.sp_regather = block.feed_forward.sp_regather = False
     saved_gathered = _saved_shapes([*model.parameters(), h])
@@ -273,6 +277,7 @@ def _comm_case(mesh, sequence_parallel):
     summarize = lambda c: {k: v[0] for k, v in c.items() if k != "order"}  # noqa: E731
     return {"fwd": summarize(fwd), "bwd": summarize(bwd), "bwd_order": bwd["order"],
             "saved": saved.shapes, "saved_gathered": saved_gathered.shapes,
+            "cached_after_backward": cached_after_backward,
             "loss_fwd": summarize(loss_fwd),
             "loss_bwd": summarize(loss_bwd), "loss_max_numel": max(v[1] for k, v in loss_fwd.items() if k != "order"),
             "logits_numel": logits.numel()}
@@ -423,6 +428,7 @@ def test_block_communication_with_sequence_parallelism(tp2):
     # + one re-gather of the saved shard per attention and per MLP (q/k/v and gate/up share it)
     assert res["bwd"] == {"all_gather_single": 4, "reduce_scatter_single": 2}
     assert tp2[0]["comm_sp"]["bwd_order"] == tp2[1]["comm_sp"]["bwd_order"]  # same order on every rank
+    assert res["cached_after_backward"] == 0  # the last user dropped the re-gathered sequence
 
 
 def test_sequence_parallel_block_saves_the_shard_not_the_gathered_input(tp2):
