@@ -389,8 +389,8 @@ def _mark_grad_sync(module: nn.Module, attr: str, kind: str) -> None:
 
 def _enter_hook(group, sequence_parallel):
     def hook(module, args):
-        # ``sp_regather = False`` (set by full recompute, which recomputes the gather in backward
-        # anyway): save the gathered input as before instead of re-gathering the shard
+        # ``sp_regather = False`` (set by `apply_recompute` where a checkpoint keeps or recomputes
+        # the gathered input anyway): save the gathered input as before, no re-gather
         regather = getattr(module, "sp_regather", True)
         return (enter_tp(args[0], group, sequence_parallel, regather=regather), *args[1:])
     return hook
@@ -403,9 +403,9 @@ def _close_regather_hook(module, args, output):
         tag[1].close()
 
 
-def _enter_output_hook(group, sequence_parallel):
+def _enter_output_hook(group, sequence_parallel, regather):
     def hook(module, args, output):
-        return enter_tp(output, group, sequence_parallel)
+        return enter_tp(output, group, sequence_parallel, regather=regather)
     return hook
 
 
@@ -449,7 +449,9 @@ def parallelize(model: nn.Module, mesh: Mesh, *, sequence_parallel: bool = False
         model.tok_embeddings = VocabParallelEmbedding(mcfg.vocab_size, dim, group=group, sequence_parallel=sp, like=old)
     if model.is_last:
         # The final norm's output enters the vocab-parallel head (tied or not) through one mapping.
-        model.norm.register_forward_hook(_enter_output_hook(group, sp))
+        # The untied head is a ColumnParallelLinear and saves the shard (`SeqShard`); the tied
+        # head's plain matmul saves the gathered input, which must then not carry the shard too.
+        model.norm.register_forward_hook(_enter_output_hook(group, sp, regather=not mcfg.tie_embeddings))
         if sp:
             _mark_grad_sync(model.norm, "weight", "partial")
         if not mcfg.tie_embeddings:
