@@ -199,6 +199,11 @@ def unpack_matmul_input(ctx, saved: torch.Tensor | None) -> torch.Tensor | None:
     return seq.take(saved)
 
 
+def linear_weight_grad(g: torch.Tensor, x: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """The weight gradient of ``y = x · Wᵀ``: ``gᵀ · x`` over all leading dims, in the weight's dtype."""
+    return g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight_dtype)
+
+
 class _LinearSavingShard(torch.autograd.Function):
     """``x · Wᵀ`` on an all-gathered ``x`` that saves the shard of ``x`` for backward."""
 
@@ -214,7 +219,7 @@ class _LinearSavingShard(torch.autograd.Function):
         x = unpack_matmul_input(ctx, saved if ctx.needs_input_grad[1] else None)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype)
+            grad_w = linear_weight_grad(g, x, weight.dtype)
         return grad_x, grad_w
 
 

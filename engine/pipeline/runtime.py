@@ -35,7 +35,8 @@ from torch import nn
 
 from engine.mesh import Mesh
 from engine.pipeline.schedules import Action, build_schedule, check_schedule_args, p2p_batches, validate_schedule
-from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear, save_matmul_input, unpack_matmul_input
+from engine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, linear_weight_grad, save_matmul_input,
+                                    unpack_matmul_input)
 
 
 class WeightGradStore:
@@ -57,11 +58,16 @@ class WeightGradStore:
     @torch.no_grad()
     def flush(self, key) -> None:
         for weight, x, g in self.pending.pop(key, []):
-            dw = g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype)
-            if weight.grad is None:
-                weight.grad = dw
-            else:
-                weight.grad.add_(dw)
+            self.accumulate(weight, x, g)
+
+    @staticmethod
+    @torch.no_grad()
+    def accumulate(weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
+        dw = linear_weight_grad(g, x, weight.dtype)
+        if weight.grad is None:
+            weight.grad = dw
+        else:
+            weight.grad.add_(dw)
 
 
 class _DeferredWeightGrad(torch.autograd.Function):
@@ -90,13 +96,10 @@ class _DeferredWeightGrad(torch.autograd.Function):
         x = unpack_matmul_input(ctx, saved)
         weight, store = ctx.weight, ctx.store
         grad_x = grad.matmul(weight.to(grad.dtype))
-        key = store.capturing
-        if key is None:          # a backward outside an I action: settle the weight gradient now
-            key = ("now",)
-            store.pending[key] = []
-        store.pending[key].append((weight, x, grad))
-        if key == ("now",):
-            store.flush(key)
+        if store.capturing is None:      # a backward outside an I action: settle the weight gradient now
+            store.accumulate(weight, x, grad)
+        else:
+            store.pending[store.capturing].append((weight, x, grad))
         return grad_x, None, None
 
 
