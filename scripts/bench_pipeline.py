@@ -73,7 +73,8 @@ def _build(args, pp, rank, v):
 
 
 def _make_step(engine, schedule, args, rank, world):
-    """Build one engine's copy of the model chunks and return (step function, runner or None)."""
+    """Build one engine's copy of the model chunks and return (step function, Tandem's runner or
+    None, torch's stages or None)."""
     v = 2 if schedule == "interleaved_1f1b" else 1
     mesh, cfg, chunks = _build(args, world, rank, v)
     m, mb, T = args.micro, args.mb, args.seq
@@ -114,8 +115,7 @@ def _make_step(engine, schedule, args, rank, world):
         step()
         for c in chunks:
             c.zero_grad(set_to_none=True)
-    step_and_clear.stages = None if engine == "tandem" else stages
-    return step_and_clear, runner
+    return step_and_clear, runner, (stages if engine == "torch" else None)
 
 
 def _persistent_recv_mib(stages) -> float:
@@ -143,7 +143,7 @@ def _worker(rank, world, schedule, args, measure):
     steps = args.steps if measure == "time" else args.memory_steps
     for i in range(args.warmup + steps):
         for engine in (order if i % 2 == 0 else order[::-1]):
-            step, runner = engines[engine]
+            step, runner, _ = engines[engine]
             gc.collect()
             torch.distributed.barrier()
             base = _rss_kib("VmRSS")
@@ -158,7 +158,7 @@ def _worker(rank, world, schedule, args, measure):
                 if runner is not None:
                     out[engine]["compute"].append(_compute_summary(runner.timings))
     out["actions"] = [str(a) for a in engines["tandem"][1].actions]
-    out["torch_recv_mib"] = _persistent_recv_mib(engines["torch"][0].stages)
+    out["torch_recv_mib"] = _persistent_recv_mib(engines["torch"][2])
     return out
 
 
