@@ -42,22 +42,26 @@ def param_refs(chunks: list[nn.Module]) -> list[ParamRef]:
     return refs
 
 
-def clip_grad_norm(refs: list[ParamRef], max_norm: float) -> float:
-    """Global L2 norm of all gradients over tp × pp × dp; scales gradients when above ``max_norm``."""
+def clip_grad_norm(refs: list[ParamRef], max_norm: float, device: torch.device) -> torch.Tensor:
+    """Global L2 norm of all gradients over tp × pp × dp, as a float64 tensor on ``device``; scales the
+    gradients by min(1, max_norm / (norm + 1e-6)) when ``max_norm`` > 0.
+
+    Nothing here reads a value back to the host: the sum of squares is all-reduced where the
+    gradients live (NCCL serves device tensors only) and the clip factor is applied as a tensor."""
     # padding rows never count; one norm per tensor (foreach), their squares summed in float64
     grads = [r.param.grad.detach()[r.meta.local_slices()] for r in refs
              if r.norm_owner and r.param.grad is not None]
-    local = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     if grads:
-        local += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().cpu()
+        total += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(local)
-    norm = float(local.sqrt())
-    if max_norm and max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for r in refs:
-            if r.param.grad is not None:
-                r.param.grad.mul_(scale)
+        dist.all_reduce(total)
+    norm = total.sqrt()
+    if max_norm and max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        held = [r.param.grad for r in refs if r.param.grad is not None]
+        for dtype in {g.dtype for g in held}:  # one foreach per gradient dtype, the factor cast once
+            torch._foreach_mul_([g for g in held if g.dtype == dtype], scale.to(dtype))
     return norm
 
 

@@ -267,10 +267,11 @@ class Trainer:
         m = self.mesh
         buf = torch.zeros(2, dtype=torch.float64, device=m.device)
         if m.is_last_stage and loss is not None:
-            buf[0] = float(loss) / (m.dp * m.tp)
+            buf[0] = loss.detach().double() / (m.dp * m.tp)   # stays on the device: no host read before the reduce
         buf[1] = float(stop)
         dist.all_reduce(buf)
-        return float(buf[0]), bool(buf[1] > 0)
+        loss_value, flag = buf.tolist()
+        return loss_value, flag > 0
 
     def train_step(self, stop_requested: bool = False) -> dict:
         cfg = self.cfg
@@ -281,13 +282,14 @@ class Trainer:
         self.phase = "gradient synchronization (dp all-reduce, tp and tied-embedding sums)"
         sync_grads(self.chunks, self.mesh, self.dp_reducer)
         self.phase = "gradient-norm all-reduce"
-        grad_norm = clip_grad_norm(self.refs, cfg.optim.clip_grad)
+        grad_norm = clip_grad_norm(self.refs, cfg.optim.clip_grad, self.mesh.device)
         lr = lr_at(self.step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                    min_lr_ratio=cfg.optim.min_lr_ratio)
         self.phase = "optimizer step (ZeRO broadcast)"
         self.optimizer.step(lr)
         self.optimizer.zero_grad()
         loss_value, stop = self._global_mean(loss, stop_requested)
+        grad_norm = float(grad_norm)   # read after the loss reduce has synchronized anyway
         self.phase = "between steps"
         if self.mesh.device.type == "cuda":
             torch.cuda.synchronize()

@@ -3,7 +3,9 @@
     results = run_distributed(fn, world_size=4, args=(cfg,))
 
 ``fn(rank, world_size, *args)`` runs in a fresh (spawned) process with the default process
-group initialized; it must be importable (module level). A failure on any rank raises in the
+group initialized and, unless ``nccl_contract=False``, under the NCCL contract
+(`tests/nccl_contract.py`: one Work per p2p batch, contiguous tensors on the process's device,
+untagged p2p); it must be importable (module level). A failure on any rank raises in the
 caller with that rank's traceback.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.multiprocessing as mp
 TIMEOUT_S = 300
 
 
-def _worker(rank, world_size, init_file, fn, args, queue):
+def _worker(rank, world_size, init_file, fn, args, queue, contract):
     import datetime
 
     import torch
@@ -31,6 +33,10 @@ def _worker(rank, world_size, init_file, fn, args, queue):
         # a file rendezvous: no port to pick, so parallel test worlds cannot race for one
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        if contract:  # refuse what NCCL refuses (tests/nccl_contract.py)
+            from tests.nccl_contract import install
+
+            install()
         result = fn(rank, world_size, *args)
         queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -40,12 +46,13 @@ def _worker(rank, world_size, init_file, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = TIMEOUT_S) -> list:
+def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = TIMEOUT_S, *,
+                    nccl_contract: bool = True) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     tmp = tempfile.mkdtemp(prefix="tandem-dist-")
     init_file = Path(tmp) / "rendezvous"
-    procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue, nccl_contract), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -54,7 +54,9 @@ def free_port() -> int:
 
 
 def _torchrun_cmd(nproc: int, overrides: list[str]) -> tuple[list[str], dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # tests/contract_site puts every rank under the NCCL contract (tests/nccl_contract.py)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'contract_site'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "", "TANDEM_NCCL_CONTRACT": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",   # the store binds a free port itself: no race
            str(ROOT / "scripts" / "train.py"), *overrides]

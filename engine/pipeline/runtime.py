@@ -39,6 +39,22 @@ from engine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, lin
                                     unpack_matmul_input)
 
 
+def post_p2p(ops: list) -> list:
+    """Post one batch with `batch_isend_irecv` and return one work per op.
+
+    gloo returns a work per op, NCCL one coalesced work for the whole batch (the group kernel
+    finishes all its sends and receives together). A coalesced work stands for every op here, so
+    waiting for a receive waits for its whole batch: the validator proves that safe, since it
+    already completes a batch only once all of its operations are matched."""
+    works = dist.batch_isend_irecv(ops)
+    if len(works) == len(ops):
+        return works
+    if len(works) == 1:
+        return works * len(ops)
+    raise RuntimeError(f"batch_isend_irecv returned {len(works)} works for {len(ops)} ops; expected one per op "
+                       f"(gloo) or one for the batch (NCCL)")
+
+
 class WeightGradStore:
     """(weight, input, output-gradient) triples deferred by I, keyed by (micro-batch, stage)."""
 
@@ -252,13 +268,13 @@ class PipelineRunner:
             else:
                 buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.mesh.device)
                 ops.append(dist.P2POp(dist.irecv, buf, self._peer(a), tag=0))
-                recvs.append((a, buf))
-        works = dist.batch_isend_irecv(ops)
-        for w, op in zip(works, ops):
+                recvs.append(a)
+        pending = iter(recvs)
+        for w, op in zip(post_p2p(ops), ops):
             if op.op is dist.isend:
                 self._sends.append((w, op.tensor))    # keeps the tensor alive until sent
-        for (a, buf), w in zip(recvs, [w for w, op in zip(works, ops) if op.op is not dist.isend]):
-            self._recv[a] = (w, buf)                  # waited on only by the compute that needs it
+            else:
+                self._recv[next(pending)] = (w, op.tensor)   # waited on only by the compute that needs it
 
     def _take(self, recv: Action) -> torch.Tensor:
         work, buf = self._recv.pop(recv)
