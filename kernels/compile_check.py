@@ -230,13 +230,13 @@ def compile_job(job: Job) -> Result:
 
 
 def compile_all(jobs: list[Job], workers: int) -> list[Result]:
-    """Compile in ``workers`` processes (spawned: each imports the kernels without the interpreter)."""
+    """Compile in ``workers`` processes (forked: they inherit the imported kernels; only meta tensors exist)."""
     if workers <= 1:
         return [compile_job(j) for j in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return list(pool.map(compile_job, jobs))
 
 
