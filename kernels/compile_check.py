@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import _triton
-from kernels._triton import SM_COUNT, recording_launches, resident_programs
+from kernels._triton import PROGRAMS_PER_SM, SM_COUNT, recording_launches, resident_programs
 
 TARGETS = (80, 90)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -165,7 +164,7 @@ class Result:
     @property
     def resident(self) -> int:
         """Programs of this kernel that fit on one SM together (registers, threads, shared memory)."""
-        by_smem = SHARED_PER_SM[self.job.arch] // self.shared if self.shared else _triton.PROGRAMS_PER_SM
+        by_smem = SHARED_PER_SM[self.job.arch] // self.shared if self.shared else PROGRAMS_PER_SM
         return min(resident_programs(self.registers, self.warps), by_smem)
 
     @property
@@ -222,7 +221,8 @@ def compile_job(job: Job) -> Result:
         compiled, log = _compile(job)
         usage = _resource_usage(compiled.asm["cubin"])
     except Exception as e:  # noqa: BLE001 - any failure is reported in the table, not raised
-        return Result(job, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}")
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        return Result(job, error=f"{type(e).__name__}: {first_line}")
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     stores, loads = (int(spill[1]), int(spill[2])) if spill else (0, 0)
     return Result(job, registers=usage["REG"], spill_stores=stores, spill_loads=loads, stack=usage["STACK"],

@@ -6,6 +6,7 @@ without TRITON_INTERPRET, which this test session sets. The compile cache (~/.ca
 reruns take seconds; a cold run is about a minute on two cores.
 """
 import ast
+import json
 import os
 import re
 import subprocess
@@ -40,10 +41,34 @@ def test_kernel_discovery_finds_kernels_not_helpers():
     assert "_load_sum" not in kernels and "_store_normed" not in kernels
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90_without_spilling():
+def _run_without_interpreter(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_kernels.py"), "--quick"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+CHECK_THE_CHECK = """
+import json
+from kernels import compile_check as cc
+sig = {"X": "*fp32", "Y": "*fp32", "BLOCK": "constexpr"}
+results = [cc.compile_job(cc.Job("tests.spilling_kernel", "spilling_kernel", 90, sig, {(2,): block}, {},
+                                 {"num_warps": 1, "enable_fp_fusion": False}, None, ["test"])) for block in (8192, 3)]
+print(json.dumps([[r.error, r.registers, r.spill_stores, r.spills] for r in results] + [cc.summary(results)]))
+"""
+
+
+def test_spills_and_failures_are_detected():
+    """The check can fail: a kernel holding 256 floats per thread spills, a block of 3 does not compile."""
+    proc = _run_without_interpreter("-c", CHECK_THE_CHECK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spilling, failing, summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert spilling[0] is None and spilling[1] >= 200 and spilling[2] > 0 and spilling[3]
+    assert failing[0] and not failing[3]
+    assert summary == "1 compiled, 1 failed, 1 spilling"
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spilling():
+    proc = _run_without_interpreter(str(ROOT / "scripts" / "compile_kernels.py"), "--quick")
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
     summary = SUMMARY.match(lines[-1])
