@@ -8,6 +8,11 @@ Numerics follow the reference: statistics and the product with the weight in flo
 to the input dtype at the end. The residual sum ``x + residual`` is rounded to the input dtype (it is
 the new residual stream, stored in that dtype). The forward keeps one float32 per row (1/rms) for the
 backward instead of recomputing it.
+
+Registers: a row of up to ``ROW_BLOCK`` columns is held whole by one program (one pass over memory);
+a longer row is walked in column blocks, in two passes (statistics, then output; for the backward a
+per-row dot product, then a (row ranges, column blocks) grid), so no thread ever holds more than 16
+elements of a vector and nothing spills up to ``MAX_HIDDEN`` on sm_80/sm_90 (docs/kernels.md).
 """
 import torch
 
