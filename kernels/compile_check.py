@@ -140,8 +140,11 @@ def plan(shapes: Shapes = Shapes(), targets=TARGETS) -> list[Job]:
                 key = (launch.kernel.__name__, arch, repr(signature), repr(constexprs), repr(attrs), repr(options))
                 if key not in jobs:
                     jobs[key] = Job(launch.kernel.fn.__module__, launch.kernel.__name__, arch, signature, constexprs,
-                                    attrs, options, launch.programs_per_sm, [])
-                jobs[key].labels.append(label)
+                                    attrs, options, None, [])
+                job = jobs[key]
+                job.labels.append(label)
+                if launch.programs_per_sm:  # one binary, several grids: check the most demanding one
+                    job.programs_per_sm = max(job.programs_per_sm or 0, launch.programs_per_sm)
     return list(jobs.values())
 
 
