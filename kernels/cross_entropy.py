@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels._triton import as_rows, check_float, check_launchable, num_warps, tl, triton
+from kernels._triton import as_rows, check_float, check_launchable, launch, num_warps, tl, triton
 
 MAX_BLOCK = 4096  # vocabulary columns per loop step
 
@@ -157,6 +157,7 @@ def cross_entropy_forward(logits2, targets1, ignore_index, tp_group, grad_out):
     """Loss (float32 scalar) and, into ``grad_out`` (may be ``logits2``; None: skip), its gradient."""
     n_rows, v = logits2.shape
     dev = logits2.device
+    targets1 = targets1.contiguous()  # the kernels read one target per row at unit stride
     m = torch.empty(n_rows, dtype=torch.float32, device=dev)
     s = torch.empty_like(m)
     tgt = torch.empty_like(m)
@@ -164,8 +165,8 @@ def cross_entropy_forward(logits2, targets1, ignore_index, tp_group, grad_out):
     vocab_start = dist.get_rank(tp_group) * v if tp > 1 else 0
     block = min(triton.next_power_of_2(v), MAX_BLOCK)
     if n_rows:
-        _ce_stats_kernel[(n_rows,)](logits2, targets1, m, s, tgt, logits2.stride(0), v, vocab_start, ignore_index,
-                                    BLOCK=block, num_warps=num_warps(block))
+        launch(_ce_stats_kernel, (n_rows,), logits2, targets1, m, s, tgt, logits2.stride(0), v, vocab_start,
+               ignore_index, BLOCK=block, num_warps=num_warps(block))
     if tp > 1:
         m_global = m.clone()
         dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=tp_group)
@@ -178,8 +179,8 @@ def cross_entropy_forward(logits2, targets1, ignore_index, tp_group, grad_out):
     loss = torch.where(valid, lse - tgt, torch.zeros_like(lse)).sum() / n_valid
     if grad_out is not None and n_rows:
         scale = valid.float() / n_valid
-        _ce_grad_kernel[(n_rows,)](logits2, grad_out, targets1, lse, scale, logits2.stride(0), grad_out.stride(0),
-                                   v, vocab_start, BLOCK=block, num_warps=num_warps(block))
+        launch(_ce_grad_kernel, (n_rows,), logits2, grad_out, targets1, lse, scale, logits2.stride(0),
+               grad_out.stride(0), v, vocab_start, BLOCK=block, num_warps=num_warps(block))
     return loss
 
 

@@ -11,7 +11,7 @@ Layering as in rms_norm.py: one program per (batch, position) rotates all heads 
 """
 import torch
 
-from kernels._triton import check_float, check_launchable, num_warps, tl, triton
+from kernels._triton import check_float, check_launchable, launch, num_warps, tl, triton
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, *, device=None, dtype=torch.float32):
@@ -90,7 +90,7 @@ def _rotate(x, cos, sin, backward):
     y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
     block_h, block_d = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
     if y.numel():
-        _rotary_kernel[(B * T,)](x, cos, sin, y, T, H, D // 2, *x.stride()[:3], *y.stride()[:3], cos.stride(0),
+        launch(_rotary_kernel, (B * T,), x, cos, sin, y, T, H, D // 2, *x.stride()[:3], *y.stride()[:3], cos.stride(0),
                                  sin.stride(0), BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=block_d,
                                  num_warps=num_warps(block_h * block_d))
     return y

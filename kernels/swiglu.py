@@ -6,7 +6,7 @@ than saving silu(gate): one more exp per element, one less tensor held per MLP.
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import as_rows, check_float, check_launchable, num_warps, tl, triton
+from kernels._triton import as_rows, check_float, check_launchable, launch, num_warps, tl, triton
 
 BLOCK = 1024  # columns per program; rows are the second grid axis
 
@@ -64,7 +64,7 @@ def swiglu_forward(gate, up):
     n_rows, n = g2.shape
     y = torch.empty((n_rows, n), dtype=gate.dtype, device=gate.device)
     if y.numel():
-        _swiglu_fwd_kernel[_grid(n_rows, n)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=BLOCK,
+        launch(_swiglu_fwd_kernel, _grid(n_rows, n), g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=BLOCK,
                                              num_warps=num_warps(BLOCK))
     return y, g2, u2
 
@@ -75,7 +75,7 @@ def swiglu_backward(dy, g2, u2):
     dg = torch.empty((n_rows, n), dtype=g2.dtype, device=g2.device)
     du = torch.empty_like(dg)
     if dg.numel():
-        _swiglu_bwd_kernel[_grid(n_rows, n)](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0),
+        launch(_swiglu_bwd_kernel, _grid(n_rows, n), dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0),
                                              dg.stride(0), du.stride(0), n, BLOCK=BLOCK,
                                              num_warps=num_warps(BLOCK))
     return dg, du

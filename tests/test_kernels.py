@@ -17,9 +17,14 @@ from tests.distributed import run_distributed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
-# bfloat16 keeps 8 bits of mantissa: the two paths round once each, so they may differ by an ulp (and
-# Triton's interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest). The absolute
-# tolerance is relative to the tensor's largest value, so sums with cancellation (dw) are judged fairly.
+# Tolerances that hold on a GPU as well as in the interpreter. bfloat16 keeps 8 bits of mantissa: the
+# two paths round once each, so they may differ by an ulp (and Triton's interpreter truncates float32 ->
+# bfloat16 where the GPU rounds to nearest). float32: compiled, tl.sqrt and tl.exp are sqrt.approx and
+# ex2.approx (a few ulp, ~3e-7 relative), 1/x is an approximate division, and a block's sum is a tree
+# where torch sums in another order (error ~ log2(N) ulp); FMA contraction is pinned off
+# (kernels/_triton.py FP_FUSION), so products are rounded as torch rounds them. That is at most a few
+# times 1e-6 relative on these shapes, inside 1e-5. The absolute tolerance is relative to the tensor's
+# largest value, so sums with cancellation (dw) are judged fairly.
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -72,6 +77,39 @@ def test_rms_norm_non_contiguous_rows_and_expanded_grad():
     gx, gw = torch.autograd.grad(got.sum(), [x, w])  # dy is an expanded (stride 0) tensor
     rx, rw = torch.autograd.grad(rms_norm_reference(x, w, 1e-6).sum(), [x, w])
     assert_same([gx, gw], [rx, rw], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_column_blocks_match_reference(dtype, residual):
+    """Rows longer than one block (hidden > ROW_BLOCK on a GPU): here blocks of 16 columns, so hidden 123
+    takes 8 steps, the last partial, and the backward's grid has 8 column blocks and several row ranges."""
+    from kernels.rms_norm import rms_norm_backward, rms_norm_forward
+
+    torch.manual_seed(1)
+    x, dy = randn(3, 5, 123, dtype=dtype), randn(3, 5, 123, dtype=dtype, grad=False)
+    w = (1 + 0.1 * torch.randn(123, device=DEVICE)).requires_grad_()
+    r = randn(3, 5, 123, dtype=dtype) if residual else None
+    ds = randn(3, 5, 123, dtype=dtype, grad=False) if residual else None
+    y, s, rstd = rms_norm_forward(x.detach(), w.detach(), 1e-5, None if r is None else r.detach(), row_block=16)
+    dx, dw = rms_norm_backward(dy, s, w.detach(), rstd, ds, row_block=16, col_block=16)
+    want = rms_norm_reference(x, w, 1e-5, residual=r)
+    want_y, want_s = want if residual else (want, x)
+    loss = (want_y.float() * dy.float()).sum() + ((want_s.float() * ds.float()).sum() if residual else 0)
+    want_dx, want_dw = torch.autograd.grad(loss, [x, w])
+    assert_same([y.view(x.shape), s.view(x.shape)], [want_y, want_s], dtype)
+    assert_same([dx.view(x.shape), dw], [want_dx, want_dw], dtype)
+
+
+def test_rms_norm_strided_weight():
+    """A weight that is a strided view (every other element of a buffer) is read as its values."""
+    torch.manual_seed(2)
+    x = randn(5, 123)
+    w = (1 + 0.1 * torch.randn(246, device=DEVICE))[::2].requires_grad_()
+    assert w.stride(0) == 2
+    got = fwd_bwd(lambda x, w: rms_norm(x, w, 1e-5), [x, w])
+    want = fwd_bwd(lambda x, w: rms_norm_reference(x, w, 1e-5), [x, w])
+    assert_same(got[0] + got[1], want[0] + want[1], torch.float32)
 
 
 # ---- SwiGLU ----------------------------------------------------------------------------------------
@@ -177,6 +215,35 @@ def test_cross_entropy_leaf_and_strided_logits_are_left_intact():
         assert torch.equal(logits.detach(), before)
         want = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 91), targets.reshape(-1)), [logits])[0]
         torch.testing.assert_close(grad, want, **TOL[torch.float32])
+
+
+def test_cross_entropy_strided_targets():
+    """Targets that are a strided view (a column of a (rows, 2) tensor) are read as their values."""
+    torch.manual_seed(3)
+    logits = randn(37, 91)
+    pairs = torch.randint(0, 91, (37, 2), device=DEVICE)
+    targets = pairs[:, 1]
+    assert targets.stride(0) == 2
+    got = fwd_bwd(lambda lg: cross_entropy(lg * 1.0, targets), [logits])
+    want = fwd_bwd(lambda lg: cross_entropy_reference(lg, targets), [logits])
+    assert_same(got[0] + got[1], want[0] + want[1], torch.float32)
+
+
+def test_every_launch_pins_fp_fusion_and_is_recordable():
+    """Launchers called on meta tensors inside recording_launches record, not run, their launches, and
+    every launch carries the pinned enable_fp_fusion (as the ahead-of-time compile check does)."""
+    from kernels import compile_check
+    from kernels._triton import FP_FUSION, recording_launches
+
+    seen = set()
+    for _, call in compile_check.cases(compile_check.QUICK):
+        with recording_launches(sm_count=132) as launches:
+            call()
+        assert launches
+        for launch in launches:
+            assert launch.kwargs["enable_fp_fusion"] is FP_FUSION
+            seen.add(launch.kernel.__name__)
+    assert {"_rms_norm_bwd_blocked_kernel", "_ce_grad_kernel", "_rotary_kernel", "_swiglu_bwd_kernel"} <= seen
 
 
 def test_cross_entropy_overwrites_saved_logits_loudly():
