@@ -26,6 +26,7 @@ import platform
 import queue
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -176,7 +177,16 @@ class Completed:
     output: str
 
     def tail(self, lines: int = 60, chars: int = 5000) -> str:
-        return "\n".join(self.output.splitlines()[-lines:])[-chars:]
+        """The end of the output. torchrun's own traceback, printed last, only says that a worker failed: the
+        tail ends at its first line ("failed (exitcode: ...) local_rank: ..."), after what the workers printed."""
+        text = self.output.splitlines()
+        cut = next((i for i, ln in enumerate(text) if _TORCHRUN_FAILED.search(ln)), None)
+        if cut is not None:
+            text = text[:cut + 1] + [ln for ln in text[cut + 1:] if ln.startswith("[gpu_check]")]
+        return "\n".join(text[-lines:])[-chars:]
+
+
+_TORCHRUN_FAILED = re.compile(r"elastic/multiprocessing/api\.py.*\] failed \(exitcode")
 
 
 def base_env(dry_run: bool) -> dict[str, str]:
@@ -211,16 +221,16 @@ def run_command(cmd: Command, *, env: dict[str, str], timeout: float, log: Path)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    """SIGTERM first (torchrun passes it on to its workers), then SIGKILL to whatever of the group is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=grace)
-            return
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 class Check:
@@ -245,6 +255,12 @@ class Check:
         if check and done.rc != 0:
             raise PartFailed(f"`{cmd.name}` {'timed out' if done.timed_out else f'exited {done.rc}'}", done.tail())
         return done
+
+    def fresh_dir(self, name: str) -> Path:
+        """An empty run directory: the trainer appends to metrics.jsonl, so a reused --work-dir would mix runs."""
+        path = self.work / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
 
     def gpu_groups(self, size: int) -> list[list[str] | None]:
         """Disjoint groups of ``size`` GPU ids for concurrent launches (ids as this process sees them
@@ -359,6 +375,7 @@ def part_bench(ck: Check, res: PartResult) -> None:
 
 
 def _steady(records: list[dict], key: str, first: int) -> float | None:
+    """Median of ``key`` from step ``first`` on (earlier steps compile kernels and warm the allocator)."""
     values = [r[key] for r in records if r["step"] >= first and r.get(key) is not None]
     return statistics.median(values) if values else None
 
@@ -368,43 +385,55 @@ def part_train(ck: Check, res: PartResult) -> None:
     s = ck.s
     data = write_synthetic_data(ck.work / f"data_v{s.train_vocab}", vocab_size=s.train_vocab,
                                 n_tokens=4_000_000 if not s.dry_run else 20_000)
-    runs, speed, failures = {}, {}, []
+    runs, failures = {}, []
     for kernels in ("triton", "torch"):  # the torch run goes ahead even if the Triton one failed
-        run_dir = ck.work / f"train_{kernels}"
-        cmd = train_command(f"train_{kernels}", [*s.train_overrides, f"kernels={kernels}", f"data.dir={data}",
-                                                 f"run_dir={run_dir}", f"train.max_steps={s.train_steps}"],
-                            interpret=s.dry_run and kernels == "triton")
         try:
-            done = ck.run(cmd, res)
-            runs[kernels] = read_metrics(run_dir)
-            size = re.search(r"model ([\d.]+)M params", done.output)
-            millions = float(size[1]) if size else float("nan")
-            res.numbers.setdefault("model", f"{millions / 1e3:.2f} B parameters" if millions >= 1e3
-                                   else f"{millions:.2f} M parameters")
-            res.numbers.setdefault("run", f"{len(runs[kernels])} steps, precision=bf16, synthetic tokens of vocab "
-                                          f"{s.train_vocab}")
+            runs[kernels] = _train_once(ck, res, kernels, data)
         except PartFailed as e:
             failures.append(f"--- kernels={kernels}: {e}\n{e.tail}")
-    for kernels, recs in runs.items():
-        tok_s, mfu = _steady(recs, "tokens_per_s", s.steady_from), _steady(recs, "mfu", s.steady_from)
-        speed[kernels] = f"{tok_s:,.0f} tokens/s, MFU " + ("n/a (no known peak)" if mfu is None else f"{100 * mfu:.1f} %")
-        res.numbers[f"kernels={kernels}"] = (f"{speed[kernels]} (medians from step {s.steady_from}); loss "
-                                             f"{recs[0]['loss']:.4f} at step 1, {recs[-1]['loss']:.4f} at step {len(recs)}")
     if len(runs) == 2:
-        tri, tor = ([r["loss"] for r in runs[k]] for k in ("triton", "torch"))
-        worst, at = max_rel_diff(tri, tor)
-        ratio = _steady(runs["triton"], "tokens_per_s", s.steady_from) / _steady(runs["torch"], "tokens_per_s",
-                                                                                   s.steady_from)
-        res.numbers["Triton speed-up"] = f"{ratio:.2f}x the tokens/s of the torch kernels"
-        res.numbers["loss agreement"] = (f"max relative difference {worst:.2e} (step {at}), at step 1 "
-                                         f"{max_rel_diff(tri[:1], tor[:1])[0]:.2e}; tolerance {BF16_LOSS_RTOL:.0e} (bf16)")
-        res.details = "| step | loss, triton | loss, torch | relative difference |\n|---:|---:|---:|---:|\n" + "\n".join(
-            f"| {i + 1} | {a:.4f} | {b:.4f} | {abs(a - b) / abs(b):.1e} |" for i, (a, b) in enumerate(zip(tri, tor)))
-        res.headline = f"triton {speed['triton']}; torch {speed['torch']}; losses within {worst:.1e}"
+        worst, at = _compare_training(res, runs, s.steady_from)
         if not worst <= BF16_LOSS_RTOL:
             failures.append(f"--- loss curves differ by {worst:.2e} at step {at} (tolerance {BF16_LOSS_RTOL:.0e})")
     if failures:
         raise PartFailed("; ".join(f.splitlines()[0].lstrip("- ") for f in failures), "\n\n".join(failures))
+
+
+def _train_once(ck: Check, res: PartResult, kernels: str, data: Path) -> list[dict]:
+    s = ck.s
+    run_dir = ck.fresh_dir(f"train_{kernels}")
+    cmd = train_command(f"train_{kernels}", [*s.train_overrides, f"kernels={kernels}", f"data.dir={data}",
+                                             f"run_dir={run_dir}", f"train.max_steps={s.train_steps}"],
+                        interpret=s.dry_run and kernels == "triton")
+    done = ck.run(cmd, res)
+    recs = read_metrics(run_dir)
+    size = re.search(r"model ([\d.]+)M params", done.output)  # the trainer's first line
+    millions = float(size[1]) if size else float("nan")
+    res.numbers.setdefault("model", f"{millions / 1e3:.2f} B parameters" if millions >= 1e3
+                           else f"{millions:.2f} M parameters")
+    res.numbers.setdefault("run", f"{len(recs)} steps, precision=bf16, synthetic tokens of vocab {s.train_vocab}")
+    tok_s, mfu = _steady(recs, "tokens_per_s", s.steady_from), _steady(recs, "mfu", s.steady_from)
+    res.numbers[f"kernels={kernels}"] = (
+        f"{tok_s:,.0f} tokens/s, MFU {'n/a (no known peak)' if mfu is None else f'{100 * mfu:.1f} %'} (medians "
+        f"from step {s.steady_from}); loss {recs[0]['loss']:.4f} at step 1, {recs[-1]['loss']:.4f} at step {len(recs)}")
+    return recs
+
+
+def _compare_training(res: PartResult, runs: dict[str, list[dict]], steady_from: int) -> tuple[float, int]:
+    """Fills in the speed-up, the loss agreement and the per-step table; returns the worst difference."""
+    tri, tor = ([r["loss"] for r in runs[k]] for k in ("triton", "torch"))
+    worst, at = max_rel_diff(tri, tor)
+    speed = {k: _steady(recs, "tokens_per_s", steady_from) for k, recs in runs.items()}
+    mfu = _steady(runs["triton"], "mfu", steady_from)
+    res.numbers["Triton speed-up"] = f"{speed['triton'] / speed['torch']:.2f}x the tokens/s of the torch kernels"
+    res.numbers["loss agreement"] = (f"max relative difference {worst:.2e} (step {at}), at step 1 "
+                                     f"{max_rel_diff(tri[:1], tor[:1])[0]:.2e}; tolerance {BF16_LOSS_RTOL:.0e} (bf16)")
+    rows = [f"| {i} | {a:.4f} | {b:.4f} | {abs(a - b) / abs(b):.1e} |" for i, (a, b) in enumerate(zip(tri, tor), 1)]
+    res.details = "\n".join(["| step | loss, triton | loss, torch | relative difference |", "|---:|---:|---:|---:|",
+                              *rows])
+    res.headline = (f"triton {speed['triton']:,.0f} tok/s" + ("" if mfu is None else f" (MFU {100 * mfu:.1f} %)") +
+                    f", torch {speed['torch']:,.0f} tok/s; losses within {worst:.1e}")
+    return worst, at
 
 
 def part_equivalence(ck: Check, res: PartResult) -> None:
@@ -417,7 +446,7 @@ def part_equivalence(ck: Check, res: PartResult) -> None:
     base = [*SMALL_MODEL, f"data.dir={data}", f"train.max_steps={s.equiv_steps}"]
     groups = ck.gpu_groups(2)
     # The serial run first and alone: it also fills Triton's cache for the launches after it.
-    serial_dir = ck.work / "equiv_serial"
+    serial_dir = ck.fresh_dir("equiv_serial")
     ck.run(train_command("equiv_serial", [*base, f"run_dir={serial_dir}"], nproc=1,
                          gpus=groups[0][:1] if groups[0] else None), res)
     serial = read_metrics(serial_dir)
@@ -428,9 +457,12 @@ def part_equivalence(ck: Check, res: PartResult) -> None:
     def launch(name: str, extra: list[str]) -> tuple[Command, Completed]:
         gpus = free.get()
         try:
-            cmd = train_command(f"equiv_{name.replace(' ', '_')}", [*base, *extra, f"run_dir={_run_dir(ck, name)}"],
-                                nproc=2, gpus=gpus)
-            return cmd, ck.run(cmd, check=False)
+            run_dir = ck.fresh_dir(_run_name(name))
+            cmd = train_command(_run_name(name), [*base, *extra, f"run_dir={run_dir}"], nproc=2, gpus=gpus)
+            try:
+                return cmd, ck.run(cmd, check=False)
+            except PartFailed as e:  # the budget ran out before it could start: the others still report
+                return cmd, Completed(-1, 0.0, True, str(e))
         finally:
             free.put(gpus)
 
@@ -443,8 +475,11 @@ def part_equivalence(ck: Check, res: PartResult) -> None:
         ok, d_loss, d_norm = _compare(ck, name, done, serial)
         rows.append(f"| {name} | {cmd.env.get('CUDA_VISIBLE_DEVICES', 'cpu') or 'cpu'} | {PASS if ok else FAIL} "
                     f"| {d_loss} | {d_norm} | {done.seconds:.0f} |")
-        if not ok:
-            failures.append(f"--- {name} ({'timed out' if done.timed_out else f'exit {done.rc}'})\n{done.tail(30, 2500)}")
+        if not ok and done.rc == 0:
+            failures.append(f"--- {name}: ran, but differs from the serial run (see the table)")
+        elif not ok:
+            failures.append(f"--- {name} ({'timed out' if done.timed_out else f'exit {done.rc}'})\n"
+                            f"{done.tail(30, 2500)}")
     passed = len(LAYOUTS) - len(failures)
     res.headline = f"{passed} of {len(LAYOUTS)} layouts match the serial run"
     res.numbers.update({"layouts matching serial": f"{passed} of {len(LAYOUTS)}",
@@ -457,8 +492,8 @@ def part_equivalence(ck: Check, res: PartResult) -> None:
         raise PartFailed(f"{len(failures)} of {len(LAYOUTS)} layouts failed", "\n\n".join(failures))
 
 
-def _run_dir(ck: Check, name: str) -> Path:
-    return ck.work / f"equiv_{name.replace(' ', '_')}"
+def _run_name(layout: str) -> str:
+    return "equiv_" + layout.replace(" ", "_")
 
 
 def _compare(ck: Check, name: str, done: Completed, serial: list[dict]) -> tuple[bool, str, str]:
@@ -466,7 +501,7 @@ def _compare(ck: Check, name: str, done: Completed, serial: list[dict]) -> tuple
     if done.rc != 0:
         return False, "-", "-"
     try:
-        recs = read_metrics(_run_dir(ck, name))
+        recs = read_metrics(ck.work / _run_name(name))
     except PartFailed:
         return False, "-", "-"
     d_loss, _ = max_rel_diff([r["loss"] for r in recs], [r["loss"] for r in serial])
@@ -557,7 +592,8 @@ def render_report(facts: Facts, results: list[PartResult], *, dry_run: bool, com
                 "It checks gpu_check.py itself; its numbers say nothing about a GPU.", ""]
     out += [f"**Overall: {'FAIL' if failed else 'PASS'}** ({len(failed)} of {len(results)} parts failed; "
             f"{total:.0f} s in all). Command: `{command}`", "",
-            "## Machine", "", "| | |", "|---|---|", f"| GPUs | {gpus} |", f"| driver / CUDA | {facts.driver} / {facts.cuda} |",
+            "## Machine", "", "| | |", "|---|---|", f"| GPUs | {gpus} |",
+            f"| driver / CUDA | {facts.driver} / {facts.cuda} |",
             f"| torch | {facts.torch} |", f"| triton | {facts.triton} |", f"| Python | {facts.python} |",
             f"| CPU | {facts.cpu} |", f"| date | {facts.date} |", "",
             "## Summary", "", "| part | result | wall s | budget s | numbers |", "|---|---|---:|---:|---|"]
@@ -605,7 +641,8 @@ def main(argv=None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tandem_gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or Path("gpu_check_dry_run_report.md" if args.dry_run else "gpu_check_report.md")
-    print(f"gpu_check: {'dry run on the CPU' if args.dry_run else f'{n_gpus} CUDA device(s)'}; logs in {work}", flush=True)
+    where = "dry run on the CPU" if args.dry_run else f"{n_gpus} CUDA device(s)"
+    print(f"gpu_check: {where}; logs in {work}", flush=True)
     facts = machine_facts(args.dry_run)
     ck = Check(settings, work, n_gpus, args.budget_scale)
     results = []

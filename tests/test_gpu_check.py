@@ -99,6 +99,24 @@ def test_command_over_budget_is_stopped_with_its_children(gc, tmp_path):
     assert "started" in done.output and "time budget ran out" in done.output
 
 
+def test_a_torchrun_failure_tail_shows_the_worker_error_not_the_launcher_traceback(gc):
+    out = "\n".join([
+        "step 1 loss 6.3", "Traceback (most recent call last):",
+        "ValueError: unknown pipeline schedule 'pipedream'; known schedules: gpipe, 1f1b",
+        "E1202 01:53:57.529000 13203 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] failed "
+        "(exitcode: 1) local_rank: 1 (pid: 13236) of binary: python",
+        *(f"  launcher traceback line {i}" for i in range(80)),
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
+        "[gpu_check] stopped after 10 s: the part's time budget ran out"])
+    tail = gc.Completed(1, 1.0, True, out).tail(lines=4)
+    assert tail.splitlines() == [
+        "Traceback (most recent call last):",
+        "ValueError: unknown pipeline schedule 'pipedream'; known schedules: gpipe, 1f1b",
+        out.splitlines()[3],
+        "[gpu_check] stopped after 10 s: the part's time budget ran out"]
+    assert gc.Completed(1, 1.0, False, "a\nb\nc").tail(lines=2) == "b\nc"  # no torchrun: the plain tail
+
+
 def test_max_rel_diff(gc):
     assert gc.max_rel_diff([1.0, 2.2, 3.0], [1.0, 2.0, 3.0]) == (pytest.approx(0.1), 2)
     assert gc.max_rel_diff([1.0], [1.0, 2.0])[0] == float("inf")  # a launch that stopped early never matches
