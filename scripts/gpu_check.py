@@ -3,7 +3,7 @@
     python scripts/gpu_check.py [--out gpu_check_report.md] [--only kernels,bench,train,equivalence]
     python scripts/gpu_check.py --dry-run        # this script's orchestration on a CPU, tiny settings
 
-Parts, each with a time budget (together 8 minutes on one H100/H200; ``--budget-scale`` stretches them):
+Parts, each with a time budget (8 minutes in all; ``--budget-scale`` stretches them; one GPU skips part 4):
 
 1. ``kernels``      tests/test_kernels.py with the Triton kernels compiled (TRITON_INTERPRET unset).
 2. ``bench``        scripts/bench_kernels.py: each kernel against torch eager and torch.compile.
