@@ -117,6 +117,26 @@ def test_a_torchrun_failure_tail_shows_the_worker_error_not_the_launcher_traceba
     assert gc.Completed(1, 1.0, False, "a\nb\nc").tail(lines=2) == "b\nc"  # no torchrun: the plain tail
 
 
+def test_pytest_counts_read_the_closing_line_only(gc):
+    out = "..F.\n    assert '3 passed' in log\nE   AssertionError\n= 1 failed, 44 passed, 2 skipped in 61.20s ="
+    assert gc.pytest_counts(out) == {"failed": 1, "passed": 44, "skipped": 2}
+    assert gc.pytest_counts("ImportError while loading conftest") == {}
+
+
+def test_bench_summary_reads_the_table_and_the_verdicts(gc):
+    out = "\n".join([
+        "device: NVIDIA H200; torch 2.13.0; dtype bfloat16; measured copy bandwidth 4100 GB/s", "",
+        "| op | shape | impl | fwd+bwd ms |", "|---|---|---|---:|", "| rms_norm | 8192x4096 | triton | 0.110 |",
+        "  File \"x.py\", line 3: a warning's traceback is not a verdict",
+        "", "goals (>= 85% of copy bandwidth, no slower than torch.compile, cross-entropy peak <= 1/4 eager):",
+        "  rms_norm 8192x4096: 91% of copy BW (ok), no slower than torch.compile",
+        "  swiglu 8192x14336: 80% of copy BW (BELOW 85%), no slower than torch.compile"])
+    device, table, verdicts = gc.bench_summary(out)
+    assert device.startswith("NVIDIA H200;") and len(table) == 3
+    assert verdicts == ["rms_norm 8192x4096: 91% of copy BW (ok), no slower than torch.compile",
+                        "swiglu 8192x14336: 80% of copy BW (BELOW 85%), no slower than torch.compile"]
+
+
 def test_max_rel_diff(gc):
     assert gc.max_rel_diff([1.0, 2.2, 3.0], [1.0, 2.0, 3.0]) == (pytest.approx(0.1), 2)
     assert gc.max_rel_diff([1.0], [1.0, 2.0])[0] == float("inf")  # a launch that stopped early never matches
