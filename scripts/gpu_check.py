@@ -563,7 +563,10 @@ def machine_facts(dry_run: bool) -> Facts:
     """Asked of a child process, so this one never holds a CUDA context the launches would have to share."""
     env = base_env(dry_run)
     out = subprocess.run([sys.executable, "-c", _FACTS_SNIPPET], env=env, capture_output=True, text=True, timeout=120)
-    info = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+    try:
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):  # torch itself does not import: the parts will say why
+        info = {}
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
@@ -608,7 +611,9 @@ def render_report(facts: Facts, results: list[PartResult], *, dry_run: bool, com
             f"| torch | {facts.torch} |", f"| triton | {facts.triton} |", f"| Python | {facts.python} |",
             f"| CPU | {facts.cpu} |", f"| date | {facts.date} |", "",
             "## Summary", "", "| part | result | wall s | budget s | numbers |", "|---|---|---:|---:|---|"]
-    out += [f"| {r.title} | {r.status} | {r.seconds:.0f} | {r.budget_s:.0f} | {r.headline} |" for r in results]
+    # a headline may quote an error message: a "|" or a line break in it would break the table
+    cell = lambda text: " ".join(text.split()).replace("|", "\\|")  # noqa: E731
+    out += [f"| {r.title} | {r.status} | {r.seconds:.0f} | {r.budget_s:.0f} | {cell(r.headline)} |" for r in results]
     out += ["", "Every command runs from the repository root with `PYTHONPATH` set to it and TRITON_INTERPRET "
             "unset unless shown."]
     for i, r in enumerate(results, 1):

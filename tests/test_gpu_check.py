@@ -39,7 +39,7 @@ def _canned(gc):
     kernels = gc.PartResult("kernels", "Kernel tests", 75, seconds=41.2, headline="46 passed",
                             commands=["python -m pytest -q tests/test_kernels.py"], numbers={"passed": "46"})
     train = gc.PartResult("train", "bf16 training", 180, status=gc.FAIL, seconds=97.0,
-                          headline="loss curves differ by 5.00e-02 at step 7",
+                          headline="loss curves differ by 5.00e-02 at step 7 | see\nthe table",
                           details="| step | loss, triton | loss, torch | relative difference |",
                           error="Traceback (most recent call last):\n  ...\nRuntimeError: CUDA error: ```boom```")
     equiv = gc.PartResult("equivalence", "Equivalence launches", 150, status=gc.SKIP, seconds=0.0,
@@ -56,7 +56,7 @@ def test_report_shows_machine_summary_and_the_failure(gc):
     for row in ("| GPUs | NVIDIA H200 x 2 |", "| driver / CUDA | 570.86 / 12.8 |", "| torch | 2.13.0+cu128 |",
                 "| triton | 3.9.0 |",
                 "| Kernel tests | PASS | 41 | 75 | 46 passed |",
-                "| bf16 training | FAIL | 97 | 180 | loss curves differ by 5.00e-02 at step 7 |",
+                "| bf16 training | FAIL | 97 | 180 | loss curves differ by 5.00e-02 at step 7 \\| see the table |",
                 "| Equivalence launches | SKIP | 0 | 150 | 1 GPU visible; these launches need 2 |"):
         assert row in md, row
     assert "```bash\npython -m pytest -q tests/test_kernels.py\n```" in md
