@@ -260,9 +260,9 @@ class Trainer:
             loss = self.executor.forward_backward(x, y, backward=backward)
         return loss
 
-    def _global_mean(self, loss, stop: bool = False) -> tuple[float, bool]:
-        """The loss lives on the last stage's dp × tp ranks: one all-reduce brings the mean to all,
-        carrying the stop flag with it."""
+    def _reduce_loss(self, loss, stop: bool = False) -> torch.Tensor:
+        """The loss lives on the last stage's dp × tp ranks: one all-reduce of [mean loss, stop flag]
+        (float64, on the device) brings both to every rank."""
         self.phase = "loss all-reduce"
         m = self.mesh
         buf = torch.zeros(2, dtype=torch.float64, device=m.device)
@@ -270,12 +270,15 @@ class Trainer:
             buf[0] = loss.detach().double() / (m.dp * m.tp)   # stays on the device: no host read before the reduce
         buf[1] = float(stop)
         dist.all_reduce(buf)
-        loss_value, flag = buf.tolist()
-        return loss_value, flag > 0
+        return buf
 
-    def train_step(self, stop_requested: bool = False) -> dict:
+    def _global_mean(self, loss) -> float:
+        return self._reduce_loss(loss)[0].item()
+
+    def _step(self, stop_requested: bool = False) -> tuple[torch.Tensor, float]:
+        """One optimizer step up to its end, without reading any value back: returns the device
+        tensor [mean loss, stop flag, global gradient norm] and the learning rate used."""
         cfg = self.cfg
-        t0 = time.perf_counter()
         inputs, targets = self.data.train_batch(self.step, seed=cfg.train.seed, batch_size=cfg.train.global_batch_size,
                                                 seq_len=cfg.train.seq_len)
         loss = self._run(inputs, targets, backward=True)
@@ -288,8 +291,14 @@ class Trainer:
         self.phase = "optimizer step (ZeRO broadcast)"
         self.optimizer.step(lr)
         self.optimizer.zero_grad()
-        loss_value, stop = self._global_mean(loss, stop_requested)
-        grad_norm = float(grad_norm)   # read after the loss reduce has synchronized anyway
+        return torch.cat([self._reduce_loss(loss, stop_requested), grad_norm.reshape(1)]), lr
+
+    def train_step(self, stop_requested: bool = False) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        scalars, lr = self._step(stop_requested)
+        loss_value, stop, grad_norm = scalars.tolist()   # the step's one read back to the host
+        stop = stop > 0
         self.phase = "between steps"
         if self.mesh.device.type == "cuda":
             torch.cuda.synchronize()
@@ -308,7 +317,7 @@ class Trainer:
         losses = []
         for b in range(cfg.eval.batches):
             x, y = self.data.eval_windows(b * g, g, seq_len=cfg.train.seq_len)
-            losses.append(self._global_mean(self._run(x, y, backward=False))[0])
+            losses.append(self._global_mean(self._run(x, y, backward=False)))
         return sum(losses) / len(losses)
 
     def run(self) -> list[dict]:

@@ -64,8 +64,9 @@ class _TorchCrossEntropy(torch.autograd.Function):
         if needs_grad:
             # (softmax - onehot) / n_valid for the valid rows, zero for the ignored ones
             grad = e.div_(sum_e[:, None])
-            rows = owned.nonzero().squeeze(1)
-            grad[rows, idx[rows]] -= 1.0
+            # minus one at each owned target (adding -0.0 elsewhere changes nothing); a scatter,
+            # not nonzero(), so the step reads nothing back to the host
+            grad.scatter_add_(1, idx[:, None], -owned.to(grad.dtype)[:, None])
             grad.mul_((valid.float() / n_valid)[:, None])
             if in_place:  # the gradient now lives in the logits' own storage (saved as them, not as a view)
                 torch.autograd.graph.increment_version(logits)

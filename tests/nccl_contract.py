@@ -14,8 +14,14 @@ that, as on NCCL:
   so every op is posted with tag 0 and a runtime that relied on tags to match would get the wrong
   tensor here too (the pipeline validator proves the posting orders agree).
 
-`violations` collects what was refused, for tests that assert on it; every violation also raises
-at the call, naming the op and the tensor.
+`violations` collects what was refused and `calls` counts what was checked, for tests that assert
+on them; every violation also raises at the call, naming the op and the tensor.
+
+``dry=True`` checks and counts every call but sends nothing (each returns a finished Work): with
+the mesh's device set to ``meta``, PyTorch's data-less device, a whole training step runs on a CPU
+as if on an accelerator, and any tensor that lands on the host on its way to a collective shows up
+as a ``cpu`` tensor and is refused, which is the device rule NCCL enforces
+(`tests/test_nccl_contract.py`).
 """
 from __future__ import annotations
 
@@ -34,6 +40,19 @@ TENSOR_OPS = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_int
 
 class ContractViolation(RuntimeError):
     """A call NCCL would refuse (or silently mis-handle)."""
+
+
+class DoneWork:
+    """The Work of a call the dry layer checked and did not send."""
+
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def is_success(self) -> bool:
+        return True
 
 
 class CoalescedWork:
@@ -68,8 +87,9 @@ def _tensors(obj):
 
 
 class NcclContract:
-    def __init__(self, device_type: str = "cpu"):
+    def __init__(self, device_type: str = "cpu", *, dry: bool = False):
         self.device_type = device_type
+        self.dry = dry
         self.violations: list[str] = []
         self.calls: dict[str, int] = {}
         self._originals: dict[str, object] = {}
@@ -93,6 +113,8 @@ class NcclContract:
         @functools.wraps(original)
         def checked(*args, **kwargs):
             self.check(name, [t for a in (*args, *kwargs.values()) for t in _tensors(a)])
+            if self.dry:
+                return DoneWork() if kwargs.get("async_op") else None
             if name in ("send", "recv"):
                 kwargs["tag"] = 0
             return original(*args, **kwargs)
@@ -103,6 +125,8 @@ class NcclContract:
         @functools.wraps(original)
         def coalesced(ops):
             self.check("batch_isend_irecv", [op.tensor for op in ops])
+            if self.dry:
+                return [DoneWork()] if ops else []
             untagged = [dist.P2POp(op.op, op.tensor, op.peer, op.group, 0) for op in ops]
             works = original(untagged)
             return [CoalescedWork(works)] if works else works
@@ -124,11 +148,11 @@ class NcclContract:
         self._originals = {}
 
 
-def install(device_type: str = "cpu") -> NcclContract:
+def install(device_type: str = "cpu", *, dry: bool = False) -> NcclContract:
     """Put this process under the contract (idempotent: a second call returns the first layer)."""
     current = getattr(dist, "_tandem_nccl_contract", None)
     if current is not None:
         return current
-    layer = NcclContract(device_type).install()
+    layer = NcclContract(device_type, dry=dry).install()
     dist._tandem_nccl_contract = layer
     return layer
