@@ -66,9 +66,17 @@ def resolve_dp(world_size: int, tp: int, pp: int, dp: int | None) -> int:
 
 
 def default_device(local_rank: int = 0) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """``cuda:<local_rank>`` when CUDA is available, else the CPU. Two processes of a node never
+    share a GPU: NCCL refuses two ranks on one device, or deadlocks, much later and less clearly."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    n = torch.cuda.device_count()
+    if local_rank >= n:
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} but only {n} CUDA device(s) are visible on this node, so two ranks would "
+            f"share a GPU; launch at most {n} processes per node (torchrun --nproc-per-node {n}) or make more "
+            f"devices visible (CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", local_rank)
 
 
 def init_distributed(timeout_s: float = 600.0) -> None:

@@ -179,6 +179,7 @@ class Plan:
     even_step_time_s: float | None  # the even split under the same schedule, or None if it does not fit
     device: str = ""
     considered: list[tuple] = field(default_factory=list)  # (schedule, v, mb, step time or reason)
+    precision: str = "fp32"  # the compute dtype it was costed at: bf16 on GPU profiles, fp32 on the CPU
 
     def overrides(self) -> dict:
         return {"parallel": {"layers_per_stage": list(self.layers_per_stage), "schedule": self.schedule,
@@ -318,7 +319,8 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                     tok_s = setup.global_batch * setup.seq_len / step
                     mfu = (None if device.name == "cpu" else  # no meaningful CPU peak, as in the trainer
                            tok_s * setup.mcfg.flops_per_token(setup.seq_len) / (device.peak_flops * setup.world))
-                    best = Plan(sched, v, mb, n_micro, c, step, bubble, reps, tok_s, mfu, even_step, device.name)
+                    best = Plan(sched, v, mb, n_micro, c, step, bubble, reps, tok_s, mfu, even_step, device.name,
+                                precision="bf16" if device.act_bytes == 2 else "fp32")
     if best is None:
         need = "" if min_needed == math.inf else (
             f"; the smallest memory per device that works is {min_needed / GB:.2f} GB (schedule {min_at[0]}, "
@@ -382,6 +384,8 @@ def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:
     body["parallel"] = {"tp": setup.tp, "pp": setup.pp, "dp": setup.dp, **body["parallel"]}
     # the micro-batch count (and so the plan) holds for this batch shape only
     body["train"] = {"global_batch_size": setup.global_batch, "seq_len": setup.seq_len}
+    # run at the compute dtype the plan was costed at (activation bytes, matmul peak)
+    body["precision"] = pl.precision
     body["plan"] = {"model": model_name, "device": pl.device, "n_micro": pl.n_micro, "predicted_step_time_s": round(pl.step_time_s, 6),
                     "bubble": round(pl.bubble, 4), "tokens_per_s": round(pl.tokens_per_s, 1),
                     "peak_mem_gb": [round(r.peak_mem / GB, 3) for r in pl.stages]}

@@ -155,6 +155,18 @@ def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:
         sync_tied_grads(chunks, mesh)
 
 
+def precision_warnings(precision: str, device: torch.device, mcfg: ModelConfig) -> list[str]:
+    """Settings that run, but slowly, on this device."""
+    out = []
+    if precision == "fp32" and device.type == "cuda" and mcfg.n_kv_heads != mcfg.n_heads:
+        # SDPA's flash and memory-efficient kernels take no float32 grouped-query attention, so it
+        # falls back to the math path: K/V repeated per query head and the T×T scores materialized
+        out.append(f"precision=fp32 with grouped-query attention (model.n_heads={mcfg.n_heads}, model.n_kv_heads="
+                   f"{mcfg.n_kv_heads}) runs attention on SDPA's slow math path on CUDA (K/V repeated per query "
+                   f"head, T×T scores in memory); use precision=bf16")
+    return out
+
+
 # the phases in which the executor runs its schedule, by `backward`; a rank that times out in one of
 # them reports the schedule action it was on
 _SCHEDULE_PHASES = {True: "forward/backward", False: "evaluation forward"}
@@ -201,8 +213,13 @@ class Trainer:
         self.phase = "setup"
         self.log = MetricsLog(self.run_dir / "metrics.jsonl" if mesh.rank == 0 else None)
         self.peak_flops, self.peak_label = device_peak_flops(mesh.device)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16"
-                         and mesh.device.type == "cuda" else contextlib.nullcontext())
+        # bf16 compute under autocast (CUDA, or the CPU's own autocast, so CPU runs exercise the same
+        # path); parameters, gradients, optimizer state and the loss stay float32
+        self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                         else contextlib.nullcontext())
+        for warning in precision_warnings(cfg.precision, mesh.device, self.mcfg):
+            if mesh.rank == 0:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         if self.resume_from is not None:
             self._restore(self.resume_from, with_optimizer=True)
         elif self.load_from is not None:

@@ -3,7 +3,9 @@ import shutil
 
 import pytest
 
+from tests.distributed import run_distributed
 from tests.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
+from tests.trainer_world import run_trainers_reporting_dtypes
 
 STEPS = 10
 # tied embeddings: the first and last pipeline stages each hold a (vocab-sharded) copy whose gradients combine
@@ -63,3 +65,29 @@ def test_resharding_resume_from_tp2_pp2(data_dir, tmp_path, tp2pp2_run, target):
         resumed = losses(read_metrics(tmp_path))
     uninterrupted = losses(read_metrics(tp2pp2_run))
     assert_losses_match(resumed, uninterrupted[5:])
+
+
+# bf16 autocast against the fp32 serial run: measured differences are ~1e-3 relative per step (the
+# step-1 loss, before any update, ~1e-4), from bf16 matmul inputs; 2e-2 bounds them with room while a
+# layout bug (a missing all-reduce, a wrong shard) moves the loss by far more after a few steps.
+BF16_REL = 2e-2
+BF16_LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2_1f1b": ["parallel.pp=2", "parallel.schedule=1f1b"],
+                "pp2_zb_h1": ["parallel.pp=2", "parallel.schedule=zb_h1"],
+                "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"]}
+
+
+def test_bf16_layouts_track_the_fp32_serial_run(data_dir, tmp_path, serial):
+    """precision=bf16 on the CPU runs under CPU autocast (it used to run fp32 silently): tp2, pp2 with
+    1f1b and zb_h1, and tp2×pp2 (the first three with dp2 in this 4-rank world) follow the fp32 serial
+    losses within BF16_REL, really differ from them (so bf16 ran), and keep float32 parameters and
+    optimizer state."""
+    runs = {name: [*MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path / name}", f"train.max_steps={STEPS}",
+                   "precision=bf16", *layout] for name, layout in BF16_LAYOUTS.items()}
+    result = run_distributed(run_trainers_reporting_dtypes, world_size=4, args=(runs,))[0]
+    reference = losses(serial)
+    for name, res in result.items():
+        assert res["autocast"] == "torch.bfloat16", name
+        assert res["param_dtypes"] == ["torch.float32"] and res["state_dtypes"] == ["torch.float32"], (name, res)
+        got = losses(res["records"])
+        assert_losses_match(got, reference, rel=BF16_REL)
+        assert max(abs(a - b) / b for a, b in zip(got, reference)) > 1e-5, (name, got)   # not fp32 in disguise

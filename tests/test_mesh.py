@@ -24,3 +24,30 @@ def test_world_not_tiled_by_the_mesh_names_all_three():
     with pytest.raises(ValueError, match="not divisible by parallel.tp=4"):
         resolve_dp(6, tp=4, pp=1, dp=None)
     assert resolve_dp(8, tp=2, pp=2, dp=None) == 2
+
+
+def test_two_local_ranks_on_one_gpu_is_a_launch_error(monkeypatch):
+    import torch
+
+    from engine.mesh import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert default_device(1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2 but only 2 CUDA device\(s\) are visible.*"
+                                         r"--nproc-per-node 2"):
+        default_device(2)
+
+
+def test_fp32_grouped_query_attention_on_cuda_warns_naming_bf16():
+    import torch
+
+    from engine.trainer import precision_warnings
+    from models import ModelConfig
+
+    gqa, mha = ModelConfig(n_heads=6, n_kv_heads=2), ModelConfig(n_heads=6, n_kv_heads=6)
+    (warning,) = precision_warnings("fp32", torch.device("cuda", 0), gqa)
+    assert "math path" in warning and warning.endswith("use precision=bf16")
+    assert precision_warnings("bf16", torch.device("cuda", 0), gqa) == []
+    assert precision_warnings("fp32", torch.device("cuda", 0), mha) == []
+    assert precision_warnings("fp32", torch.device("cpu"), gqa) == []

@@ -165,6 +165,9 @@ def test_plan_file_loads_into_the_training_config(tmp_path):
     assert (cfg.parallel.pp, cfg.parallel.schedule, cfg.parallel.virtual_stages, cfg.parallel.micro_batch_size) == \
         (2, pl.schedule, pl.virtual_stages, pl.micro_batch_size)
     assert cfg.train.global_batch_size == 8 and cfg.plan["predicted_step_time_s"] > 0
+    assert cfg.precision == "fp32"                   # costed at the CPU profile's fp32 activations
+    gpu = P.plan(setup, P.get_device("h100"))
+    assert "\nprecision: bf16\n" in P.plan_yaml(gpu, setup, "tiny")   # a GPU plan runs what it was costed at
 
 
 def test_script_prints_a_plan_and_fails_cleanly(tmp_path):
