@@ -90,6 +90,9 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # a collective that outlasts the timeout makes NCCL's watchdog abort the communicators and end
+        # the process (torchrun then stops the job) instead of hanging; engine/hang.py reports first
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=timeout)

@@ -24,6 +24,7 @@ from engine.data import TokenData, is_prepared, prepare_data
 from engine.mesh import Mesh, build_mesh, init_distributed
 from engine.metrics import MetricsLog, device_peak_flops
 from engine.data_parallel import OverlappedGradReducer
+from engine.hang import HangReporter
 from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
 from models import Llama, ModelConfig, init_weights
 
@@ -228,9 +229,13 @@ class Trainer:
     def where(self) -> str:
         """What this rank is doing now, for the report of a timed-out or failed rank: the pipeline
         action it waits on when inside the schedule, else the phase of the step."""
+        schedule = self.cfg.parallel.schedule
+        gpu_at = self.executor.stuck_action() if hasattr(self.executor, "stuck_action") else None
+        if gpu_at is not None:   # NCCL: the host ran ahead; name where the GPU is
+            return f"{self.phase}, with the GPU still at pipeline action {gpu_at} of the {schedule} schedule"
         action = getattr(self.executor, "current_action", None)
         if self.phase in _SCHEDULE_PHASES.values() and action is not None:
-            return f"pipeline action {action} of the {self.cfg.parallel.schedule} schedule"
+            return f"pipeline action {action} of the {schedule} schedule"
         return self.phase
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -402,6 +407,9 @@ def main(cfg: Config) -> list[dict]:
     if trainer.mesh.rank == 0:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         (trainer.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    m = trainer.mesh
+    reporter = HangReporter(lambda: f"step {trainer.step + 1}: {trainer.where()}", trainer.cfg.parallel.timeout_s,
+                            prefix=f"rank {m.rank} (pp {m.pp_rank}, dp {m.dp_rank}, tp {m.tp_rank}) ").start()
     try:
         records = trainer.run()
     except BaseException as e:
@@ -412,5 +420,7 @@ def main(cfg: Config) -> list[dict]:
               f"while waiting on {trainer.where()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr, flush=True)
         raise
+    finally:
+        reporter.stop()
     dist.barrier()
     return records

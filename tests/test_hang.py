@@ -54,3 +54,41 @@ def test_hung_pipeline_stage_names_the_schedule_action(data_dir, tmp_path):
             assert "of the 1f1b schedule" in line, line
             return
     raise AssertionError(f"no report named a pipeline action: {reports}")
+
+
+def test_reporter_names_a_wait_that_makes_no_progress_and_only_that():
+    """What covers NCCL, whose watchdog aborts the process instead of raising: the report comes from a
+    thread once the description of the wait has not changed for most of the timeout."""
+    import io
+    import time
+
+    from engine.hang import HangReporter
+
+    out = io.StringIO()
+    stuck = HangReporter(lambda: "step 3: pipeline action RB1c0 (for B1c0) of the 1f1b schedule", 1.0,
+                         prefix="rank 0 (pp 0, dp 0, tp 0) ", report_after_s=0.3, poll_s=0.02, out=out).start()
+    ticks = iter(range(10**9))
+    moving = HangReporter(lambda: f"step {next(ticks)}", 1.0, report_after_s=0.3, poll_s=0.02, out=out).start()
+    time.sleep(0.8)
+    stuck.stop(), moving.stop()
+    assert len(stuck.reports) == 1 and moving.reports == []   # reported once, not every poll
+    assert stuck.reports[0].startswith("rank 0 (pp 0, dp 0, tp 0) no progress for ")
+    assert "waiting on step 3: pipeline action RB1c0 (for B1c0) of the 1f1b schedule" in out.getvalue()
+
+
+def test_on_cuda_the_report_names_the_action_the_gpu_has_not_finished():
+    """Under NCCL the host runs ahead of the GPU; each action's completion event tells where the GPU is."""
+    from engine.pipeline.runtime import PipelineRunner
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    runner = PipelineRunner.__new__(PipelineRunner)
+    runner._events = [("F0c0", Event(True)), ("SF0c0", Event(True)), ("RB0c0", Event(False)), ("B0c0", Event(False))]
+    assert runner.stuck_action() == "RB0c0"
+    runner._events = [("F0c0", Event(True))]
+    assert runner.stuck_action() is None

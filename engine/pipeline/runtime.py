@@ -188,6 +188,10 @@ class PipelineRunner:
         self.timings: list[tuple[str, float, float]] = []
         self.live_peak = 0
         self.current_action: str | None = None
+        # on CUDA: (label, completion event) per action of the running step, so a hang report can
+        # name the action the GPU is stuck on while the host has already run ahead (engine/hang.py)
+        self._events: list[tuple[str, object]] = []
+        self._track_gpu = mesh.device.type == "cuda"
 
     # ------------------------------------------------------------------------------------- helpers
     def _chunk(self, stage: int) -> nn.Module:
@@ -219,6 +223,7 @@ class PipelineRunner:
         self._refs: dict[tuple[int, int], weakref.ref] = {}
         self._loss = torch.zeros((), device=mesh.device)
         self.timings = []
+        self._events = []
         t0 = time.perf_counter()
         actions = self.actions if backward else self.forward_actions
         with contextlib.nullcontext() if backward else torch.no_grad():
@@ -236,12 +241,21 @@ class PipelineRunner:
                     self._communicate(item)
                     label = " ".join(str(a) for a in item)
                 self.timings.append((label, start - t0, time.perf_counter() - t0))
+                if self._track_gpu:
+                    event = torch.cuda.Event()
+                    event.record()
+                    self._events.append((label, event))
         self._wait_sends()
         leftovers = [k for k in self._acts] + list(self.store.pending)
         self._acts = {}
         if backward and leftovers:
             raise RuntimeError(f"pipeline step ended with activations still held for {leftovers}")
         return self._loss / self.m if mesh.is_last_stage else None
+
+    def stuck_action(self) -> str | None:
+        """On CUDA, the first action of the running step the GPU has not finished (None when all
+        have, or off CUDA, where a blocked rank is inside `current_action` itself)."""
+        return next((label for label, event in list(self._events) if not event.query()), None)
 
     def _split(self, t: torch.Tensor | None, what: str) -> list[torch.Tensor]:
         mb = self.hidden_shape[0]
