@@ -143,3 +143,141 @@ def test_a_save_failing_on_one_rank_of_two_fails_both_at_once(tmp_path):
     assert latest(tmp_path) == "step_000001" and names(tmp_path) == ["step_000001"]
     ckpt.check_intact(tmp_path / "step_000001")
     assert not (tmp_path / "step_000002.tmp").exists()
+
+
+# -- 4. NaN guard --------------------------------------------------------------------------------
+def _poison_gradients(monkeypatch, at_calls):
+    """From the trainer's gradient sync, fill the first gradient with NaN on the given calls (1-based)."""
+    from engine import trainer
+
+    real, calls = trainer.sync_grads, []
+
+    def sync(chunks, mesh, reducer):
+        real(chunks, mesh, reducer)
+        calls.append(1)
+        if len(calls) in at_calls:
+            p = next(q for q in chunks[0].parameters() if q.grad is not None)
+            p.grad.fill_(float("nan"))
+
+    monkeypatch.setattr(trainer, "sync_grads", sync)
+
+
+def _model_tensors(path):
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(path / "rank_00000.safetensors").items()}
+
+
+def test_a_nan_gradient_skips_the_update_and_is_counted(data_dir, tmp_path, monkeypatch):
+    _poison_gradients(monkeypatch, {3})
+    recs = train_in_process(args(data_dir, tmp_path, "train.max_steps=5", "checkpoint.interval=1",
+                                 "checkpoint.keep_last=0"))
+    assert [r["skipped"] for r in recs] == [False, False, True, False, False]
+    assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 1, 1]
+    assert recs[2]["grad_norm"] != recs[2]["grad_norm"]  # NaN, reported as such
+    assert all(r["loss"] == r["loss"] for r in recs)
+    root = tmp_path / "checkpoints"
+    before, after = _model_tensors(root / "step_000002"), _model_tensors(root / "step_000003")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # no update
+    assert not torch.equal(after["model/output.weight"], _model_tensors(root / "step_000004")["model/output.weight"])
+    assert read_metrics(tmp_path)[2]["skipped"] is True
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_a_clear_error(data_dir, tmp_path, monkeypatch):
+    from engine.trainer import TrainingDiverged
+
+    _poison_gradients(monkeypatch, {2, 3, 4, 5})
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps \(up to step 4\).*train.max_skipped_steps=3"):
+        train_in_process(args(data_dir, tmp_path, "train.max_steps=8", "train.max_skipped_steps=3",
+                              "checkpoint.interval=1"))
+    for p in ckpt.list_checkpoints(tmp_path / "checkpoints"):
+        assert all(bool(torch.isfinite(t).all()) for t in _model_tensors(p).values())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    tiny_save(tmp_path, 1)
+    with pytest.raises(ckpt.SaveFailed, match="model/w holds non-finite values"):
+        tiny_save(tmp_path, 2, value=float("inf"))
+    assert names(tmp_path) == ["step_000001"] and latest(tmp_path) == "step_000001"
+
+
+# -- 5. one launch per run directory --------------------------------------------------------------
+def test_a_second_live_launch_on_a_locked_run_dir_fails_at_once(data_dir, tmp_path):
+    held = rundir.RunLock(tmp_path)
+    held.acquire()  # this (live) process stands for the first launch
+    try:
+        t0 = time.time()
+        with pytest.raises(rundir.RunDirLocked, match=rf"is in use by another launch \(pid {os.getpid()} on this host"):
+            train_in_process(args(data_dir, tmp_path, "train.max_steps=2"))
+        assert time.time() - t0 < 30 and not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        held.release()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(data_dir, tmp_path, capfd):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / rundir.LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    recs = train_in_process(args(data_dir, tmp_path, "train.max_steps=1"))
+    assert len(recs) == 1 and "taking over the stale lock" in capfd.readouterr().err
+    assert not (tmp_path / rundir.LOCK).exists()  # released at the end
+
+
+# -- 6. prompt, bounded shutdown ------------------------------------------------------------------
+def test_a_stop_signal_during_a_step_stops_at_the_end_of_that_step(data_dir, tmp_path, monkeypatch):
+    import signal
+
+    from engine.trainer import Trainer
+
+    real = Trainer._run
+
+    def run(self, inputs, targets, *, backward):
+        if backward and self.step == 2:  # inside step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, inputs, targets, backward=backward)
+
+    monkeypatch.setattr(Trainer, "_run", run)
+    recs = train_in_process(args(data_dir, tmp_path, "train.max_steps=50"))
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert names(tmp_path / "checkpoints") == ["step_000003"]
+
+
+def test_a_second_interrupt_exits_at_once_even_while_blocked(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.launch import ROOT
+
+    script = ("import os, signal, time\n"
+              "from engine.trainer import StopSignal\n"
+              "with StopSignal() as s:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(0.5)\n"
+              "    assert s.requested and s.interrupts == 1, (s.requested, s.interrupts)\n"
+              "    print('first interrupt: stop requested', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    r, w = os.pipe()\n"
+              "    os.read(r, 1)  # blocks for ever, like a rank stuck in a collective\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 130, proc.stderr
+    assert "first interrupt: stop requested" in proc.stdout and "second interrupt: exiting now" in proc.stderr
+    assert time.time() - t0 < 30
+
+
+# -- 7. resume keeps the data settings ------------------------------------------------------------
+def test_resume_with_changed_data_settings_is_refused_naming_the_keys(data_dir, tmp_path):
+    from engine.config import ConfigError
+
+    train_in_process(args(data_dir, tmp_path, "train.max_steps=4", "train.stop_at=2"))
+    for change, key in (("train.seed=1", "train.seed=1"), ("train.global_batch_size=16", "train.global_batch_size=16")):
+        with pytest.raises(ConfigError, match=rf"{key} \(checkpoint: .*allow_data_change=true"):
+            train_in_process(args(data_dir, tmp_path, "train.max_steps=4", "checkpoint.resume=auto", change))
+    recs = train_in_process(args(data_dir, tmp_path, "train.max_steps=4", "checkpoint.resume=auto", "train.seed=1",
+                                  "checkpoint.allow_data_change=true"))
+    assert [r["step"] for r in recs] == [3, 4]
