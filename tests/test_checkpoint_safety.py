@@ -162,10 +162,10 @@ def _poison_gradients(monkeypatch, at_calls):
     monkeypatch.setattr(trainer, "sync_grads", sync)
 
 
-def _model_tensors(path):
+def _model_tensors(path, fname="rank_00000.safetensors"):
     from safetensors.torch import load_file
 
-    return {k: v for k, v in load_file(path / "rank_00000.safetensors").items()}
+    return load_file(path / fname)
 
 
 def test_a_nan_gradient_skips_the_update_and_is_counted(data_dir, tmp_path, monkeypatch):
@@ -281,3 +281,82 @@ def test_resume_with_changed_data_settings_is_refused_naming_the_keys(data_dir, 
     recs = train_in_process(args(data_dir, tmp_path, "train.max_steps=4", "checkpoint.resume=auto", "train.seed=1",
                                   "checkpoint.allow_data_change=true"))
     assert [r["step"] for r in recs] == [3, 4]
+
+
+# -- 9. asynchronous saves -------------------------------------------------------------------------
+def _manifests(root):
+    return {p.name: (p / "manifest.json").read_text() for p in ckpt.list_checkpoints(root)}
+
+
+def test_async_saves_write_exactly_what_sync_saves_write_dp2(data_dir, tmp_path):
+    """Two ranks (dp=2, ZeRO-1: both write), saving every step, sync and async in one gloo world: the
+    same losses, manifests and tensors (file checksums aside: safetensors orders its header metadata
+    differently in every process). The async writer agrees over its own gloo group while training
+    runs its collectives."""
+    from tests.distributed import run_distributed
+    from tests.trainer_world import run_trainers
+
+    base = [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=4", "checkpoint.interval=1",
+            "checkpoint.keep_last=2", "parallel.dp=2", "optim.zero=1"]
+    runs = {mode: [*base, f"run_dir={tmp_path / mode}", f"checkpoint.async_save={mode == 'async'}"]
+            for mode in ("sync", "async")}
+    out = run_distributed(run_trainers, world_size=2, args=(runs,), timeout=600)
+    assert losses(out[0]["sync"]) == losses(out[0]["async"])
+    sync, async_ = _manifests(tmp_path / "sync" / "checkpoints"), _manifests(tmp_path / "async" / "checkpoints")
+    assert list(sync) == list(async_) == ["step_000003", "step_000004"]
+    for name in sync:
+        a, b = json.loads(sync[name]), json.loads(async_[name])
+        assert sorted(a["files"]) == sorted(b["files"]) == ["rank_00000.safetensors", "rank_00001.safetensors"]
+        for m in (a, b):
+            m["files"] = {f: info["bytes"] for f, info in m["files"].items()}
+        assert a == b
+        for f in a["files"]:
+            ta = _model_tensors(tmp_path / "sync" / "checkpoints" / name, f)
+            tb = _model_tensors(tmp_path / "async" / "checkpoints" / name, f)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+        ckpt.check_intact(tmp_path / "async" / "checkpoints" / name)
+    assert latest(tmp_path / "async" / "checkpoints") == "step_000004"
+
+
+def test_async_save_returns_after_the_host_copy_and_the_next_save_waits(tmp_path, monkeypatch):
+    from engine.checkpoint_saver import Checkpointer
+
+    real = ckpt.save_file
+
+    def slow(*a, **k):
+        time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", slow)
+    w = torch.ones(2, 3)
+    entries = [ckpt.Entry("model/w", w, ShardMeta.full((2, 3)))]
+    saver = Checkpointer(tmp_path, keep_last=1, async_save=True)
+    t0 = time.time()
+    saver.save(1, entries, model_config={}, layout={}, train_state={"step": 1})
+    assert time.time() - t0 < 0.5 and saver.in_flight
+    w.fill_(7.0)  # training goes on: the save holds its own copy
+    saver.save(2, entries, model_config={}, layout={}, train_state={"step": 2})  # waits for step 1 first
+    assert (tmp_path / "step_000001" / "manifest.json").is_file()
+    saver.wait()
+    assert names(tmp_path) == ["step_000002"] and latest(tmp_path) == "step_000002"
+    t = torch.empty(2, 3)
+    ckpt.load(tmp_path / "step_000002", [ckpt.Entry("model/w", t, ShardMeta.full((2, 3)))])
+    assert bool((t == 7.0).all())
+
+
+def test_a_failed_background_save_stops_training_and_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    real = ckpt.save_file
+
+    def fail_at_step_4(tensors, path, **k):
+        if "step_000004" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", fail_at_step_4)
+    with pytest.raises(ckpt.SaveFailed, match=r"step 4 failed \(rank 0: OSError writing .*No space left on device"):
+        train_in_process(args(data_dir, tmp_path, "train.max_steps=8", "checkpoint.interval=2",
+                              "checkpoint.async_save=true"))
+    root = tmp_path / "checkpoints"
+    assert names(root) == ["step_000002"] and latest(root) == "step_000002"
+    ckpt.check_intact(root / "step_000002")
+    assert max(r["step"] for r in read_metrics(tmp_path)) <= 6  # stopped within a step or two of the failure
