@@ -269,8 +269,8 @@ class Trainer:
         self.lock = rundir.RunLock(self.run_dir)
         self._made_dirs = rundir.created_dirs(self.run_dir)
         self.saver = None
-        rank0_then_agree(self._claim_run_dir, rank=mesh.rank)
         try:
+            rank0_then_agree(self._claim_run_dir, rank=mesh.rank)
             self._setup()
         except BaseException:
             self.close()
