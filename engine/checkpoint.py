@@ -8,9 +8,11 @@ step, the layout it was saved from, free-form train state, and a SHA-256 per fil
 loads any checkpoint by reading only the slices it needs (``safe_open(...).get_slice``).
 
 A slice held by several ranks (replicated parameters, data-parallel copies) is written once, by
-the lowest rank holding it. Saving writes ``step_000123.tmp/`` and renames it into place when
-complete; ``latest`` is updated last, atomically. A crash mid-save leaves the previous
-checkpoint intact.
+the lowest rank holding it. Saving writes ``step_000123.tmp/`` (each file fsynced before its
+checksum), agrees across ranks that every write succeeded, and renames it into place; ``latest``
+is updated last, atomically, and rotation goes by parsed step number. A crash mid-save leaves the
+previous checkpoint intact; a failure on any rank raises `SaveFailed` on all of them.
+docs/checkpoints.md has the policies (rotation, abandoned history, fallback) and the fault table.
 """
 from __future__ import annotations
 

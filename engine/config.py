@@ -207,7 +207,8 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
           f"{p.micro_batch_size}; change one so the batch splits into whole micro-batches")
     from engine.pipeline.schedules import SCHEDULES
 
-    _need(p.schedule in SCHEDULES, f"parallel.schedule={p.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    _need(p.schedule in SCHEDULES, f"parallel.schedule={p.schedule!r}: unknown pipeline schedule {p.schedule!r}; "
+          f"known schedules: {', '.join(SCHEDULES)}")
     _need(p.layers_per_stage is None or p.pp > 1,
           f"parallel.layers_per_stage={p.layers_per_stage} needs parallel.pp > 1; drop it for pp=1")
     _need(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive (seconds a collective may wait)")
