@@ -55,7 +55,7 @@ def config(a, run_dir: str, async_save: bool) -> Config:
 def measure(a) -> dict:
     """Both trainers side by side, alternating rounds of ``--save-every`` steps + one save, so a
     change in machine load hits both modes alike."""
-    modes = ("sync", "async")
+    modes = tuple(a.order.split(","))
     run_dirs = {m: tempfile.mkdtemp(prefix=f"bench_ckpt_{m}_", dir=a.tmp) for m in modes}
     trainers = {m: Trainer(config(a, run_dirs[m], m == "async")) for m in modes}
     out = {m: {"steps": [], "saves": [], "after": [], "wall": 0.0} for m in modes}
@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --save-every steps and one save, per mode")
     ap.add_argument("--save-every", type=int, default=3)
+    ap.add_argument("--order", default="sync,async", choices=["sync,async", "async,sync"],
+                    help="which mode goes first in each round")
     ap.add_argument("--data-dir", default="data/bench_checkpoint")
     ap.add_argument("--tmp", default=None, help="where the checkpoints go (default: the system temp dir)")
     a = ap.parse_args()
