@@ -360,3 +360,15 @@ def test_a_failed_background_save_stops_training_and_keeps_the_previous_checkpoi
     assert names(root) == ["step_000002"] and latest(root) == "step_000002"
     ckpt.check_intact(root / "step_000002")
     assert max(r["step"] for r in read_metrics(tmp_path)) <= 6  # stopped within a step or two of the failure
+
+
+def test_overwrite_discards_the_old_run_only_when_asked(data_dir, tmp_path):
+    from engine.config import ConfigError
+
+    train_in_process(args(data_dir, tmp_path, "train.max_steps=2", "checkpoint.interval=2"))
+    with pytest.raises(ConfigError, match="already holds checkpoints .*checkpoint.overwrite=true"):
+        train_in_process(args(data_dir, tmp_path, "train.max_steps=1"))
+    assert names(tmp_path / "checkpoints") == ["step_000002"]
+    train_in_process(args(data_dir, tmp_path, "train.max_steps=1", "checkpoint.overwrite=true"))
+    assert names(tmp_path / "checkpoints") == [] and not (tmp_path / "checkpoints" / "latest").exists()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]  # the old run's records are gone too
