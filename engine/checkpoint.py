@@ -8,16 +8,20 @@ step, the layout it was saved from, free-form train state, and a SHA-256 per fil
 loads any checkpoint by reading only the slices it needs (``safe_open(...).get_slice``).
 
 A slice held by several ranks (replicated parameters, data-parallel copies) is written once, by
-the lowest rank holding it. Saving writes ``step_000123.tmp/`` and renames it into place when
-complete; ``latest`` is updated last, atomically. A crash mid-save leaves the previous
-checkpoint intact.
+the lowest rank holding it. Saving writes ``step_000123.tmp/`` (each file fsynced before its
+checksum), agrees across ranks that every write succeeded, and renames it into place; ``latest``
+is updated last, atomically, and rotation goes by parsed step number. A crash mid-save leaves the
+previous checkpoint intact; a failure on any rank raises `SaveFailed` on all of them.
+docs/checkpoints.md has the policies (rotation, abandoned history, fallback) and the fault table.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -47,7 +51,17 @@ class Entry:
 
 
 def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
+    return f"step_{step:06d}"  # six digits for readability; past 999,999 it grows, and order comes from parse_step
+
+
+_STEP_NAME = re.compile(r"step_(\d+)")
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a checkpoint directory name (``step_000123`` -> 123), None for anything else
+    (``step_000123.tmp``, ``step_000123.old``, ``latest``, ``abandoned``)."""
+    m = _STEP_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -58,6 +72,11 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -66,66 +85,181 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _owned(entries: list[Entry], group=None) -> list[Entry]:
-    """The entries this rank writes: a (key, region) held by several ranks goes to the lowest."""
-    mine = [(e.key, e.meta.offset, e.meta.shape) for e in entries]
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return entries
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    rank = dist.get_rank(group)
+class SaveFailed(OSError):
+    """A save that failed on some rank; every rank raises it with the same message (rank, path,
+    OS error). The previous checkpoint is untouched."""
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _group_rank(group) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def _all_gather(obj, group) -> list:
+    if _group_size(group) == 1:
+        return [obj]
+    out: list = [None] * _group_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _agree(error: str | None, what: str, group) -> None:
+    """Collective: raise `SaveFailed` on every rank when any rank reports an error."""
+    _raise_failed([(r, e) for r, e in enumerate(_all_gather(error, group)) if e], what)
+
+
+def _raise_failed(errors: list[tuple[int, str]], what: str) -> None:
+    if errors:
+        detail = "; ".join(f"rank {r}: {e}" for r, e in errors)
+        raise SaveFailed(f"{what} failed ({detail}); the previous checkpoint is intact — fix the cause "
+                         f"(disk space, permissions) and resume with checkpoint.resume=auto")
+
+
+def owned_indices(entries: list[Entry], group=None) -> list[int]:
+    """Collective: the indices of the entries this rank writes — a (key, region) held by several
+    ranks goes to the lowest. Fixed by the layout, so callers compute it once and reuse it."""
+    mine = [(e.key, tuple(e.meta.offset), tuple(e.meta.shape)) for e in entries]
+    everyone = _all_gather(mine, group)
+    rank = _group_rank(group)
     first_holder = {}
     for r, items in enumerate(everyone):
         for item in items:
             first_holder.setdefault(item, r)
-    return [e for e, item in zip(entries, mine) if first_holder[item] == rank]
+    return [i for i, item in enumerate(mine) if first_holder[item] == rank]
+
+
+def host_copy(entries: list[Entry], owned: list[int], *, copy: bool) -> list[tuple[Entry, torch.Tensor]]:
+    """The owned local regions as CPU tensors. ``copy`` forces a private copy even of a CPU tensor
+    (needed when training goes on while a background thread writes it)."""
+    out = []
+    with torch.no_grad():
+        for i in owned:
+            e = entries[i]
+            t = e.tensor.detach()[e.meta.local_slices()]
+            t = t.to("cpu", copy=True) if copy else t.to("cpu")
+            out.append((e, t.contiguous()))
+    return out
+
+
+def _write_local(tmp: Path, fname: str, items: list[tuple[Entry, torch.Tensor]]) -> dict:
+    """Write this rank's file into ``tmp`` and fsync it before its checksum is taken."""
+    record = {"file": fname, "tensors": []}
+    if not items:
+        return record
+    tensors, metadata = {}, {}
+    for e, t in items:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"{e.key} holds non-finite values; non-finite weights are never saved")
+        tensors[e.key] = t
+        metadata[e.key] = json.dumps({"global_shape": e.meta.global_shape, "offset": e.meta.offset})
+        record["tensors"].append({"key": e.key, "global_shape": list(e.meta.global_shape),
+                                  "offset": list(e.meta.offset), "shape": list(e.meta.shape),
+                                  "dtype": str(t.dtype).removeprefix("torch.")})
+    save_file(tensors, tmp / fname, metadata={"format": "pt", **metadata})
+    _fsync_file(tmp / fname)
+    record["sha256"] = sha256_file(tmp / fname)
+    record["bytes"] = (tmp / fname).stat().st_size
+    return record
+
+
+def _error_text(e: BaseException, path: Path) -> str:
+    return f"{type(e).__name__} writing {str(path)!r}: {e}"
+
+
+def write_checkpoint(root: str | Path, step: int, items: list[tuple[Entry, torch.Tensor]], *, model_config: dict,
+                     layout: dict, train_state: dict, keep_last: int = 0, protect: Iterable[str] = (),
+                     group=None) -> Path:
+    """Collective over ``group``: write the host copies of every rank into ``step_N.tmp/``, agree
+    that all succeeded, then (rank 0) write the manifest, swap the directory into place, point
+    ``latest`` at it and rotate. Each phase ends with an agreement, so an error on any rank raises
+    `SaveFailed` on all of them at once instead of leaving them blocked in a collective."""
+    root = Path(root)
+    rank = _group_rank(group)
+    name = step_dir_name(step)
+    final, tmp = root / name, root / (name + ".tmp")
+    error = None
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an earlier crashed save
+            tmp.mkdir()
+        except OSError as e:
+            error = _error_text(e, tmp)
+    _agree(error, f"checkpoint save of step {step}", group)
+    fname = f"rank_{_global_rank():05d}.safetensors"
+    try:
+        record, error = _write_local(tmp, fname, items), None
+    except (OSError, FloatingPointError) as e:
+        record, error = None, _error_text(e, tmp / fname)
+    records = _all_gather((record, error), group)
+    failed = [(r, err) for r, (_, err) in enumerate(records) if err]
+    if failed and rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _raise_failed(failed, f"checkpoint save of step {step}")
+    error = None
+    if rank == 0:
+        try:
+            _write_manifest(tmp, [rec for rec, _ in records], step=step, model_config=model_config, layout=layout,
+                            train_state=train_state)
+            _fsync_dir(tmp)
+            _swap_into_place(tmp, final)
+            _update_latest(root, final.name)
+        except OSError as e:
+            error = _error_text(e, final)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None and keep_last:
+            prune(root, keep_last, current=step, protect={final.name, *protect})
+    _agree(error, f"checkpoint save of step {step}", group)
+    return final
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """``tmp`` becomes ``final``. Re-saving a step moves the old directory aside first and deletes
+    it only once the new one is in place and the rename is durable (`recover` finishes the job
+    after a crash in between)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover(root: str | Path) -> None:
+    """Finish or undo what a crash interrupted (one launch per run directory holds the lock, so
+    nothing here is in use): a ``step_N.old`` whose ``step_N`` is complete is deleted, one whose
+    ``step_N`` is missing is moved back; ``*.tmp`` leftovers are deleted."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.endswith(".old") and parse_step(p.name[:-4]) is not None:
+            final = p.with_name(p.name[:-4])
+            if (final / MANIFEST).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(p, final)
+        elif p.name.endswith(".tmp") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    _fsync_dir(root)
 
 
 def save(root: str | Path, step: int, entries: list[Entry], *, model_config: dict, layout: dict,
-         train_state: dict, keep_last: int | None = None) -> Path:
-    """Collective: every rank of the default group calls it with its local entries."""
-    root = Path(root)
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an earlier crashed save
-        tmp.mkdir()
-    if distributed:
-        dist.barrier()
-    owned = _owned(entries)
-    fname = f"rank_{rank:05d}.safetensors"
-    record = {"file": fname, "tensors": []}
-    if owned:
-        tensors, metadata = {}, {}
-        for e in owned:
-            t = e.tensor.detach()[e.meta.local_slices()].to("cpu").contiguous()
-            tensors[e.key] = t
-            metadata[e.key] = json.dumps({"global_shape": e.meta.global_shape, "offset": e.meta.offset})
-            record["tensors"].append({"key": e.key, "global_shape": list(e.meta.global_shape),
-                                      "offset": list(e.meta.offset), "shape": list(e.meta.shape),
-                                      "dtype": str(t.dtype).removeprefix("torch.")})
-        save_file(tensors, tmp / fname, metadata={"format": "pt", **metadata})
-        record["sha256"] = sha256_file(tmp / fname)
-        record["bytes"] = (tmp / fname).stat().st_size
-    records: list = [None] * (dist.get_world_size() if distributed else 1)
-    if distributed:
-        dist.all_gather_object(records, record)
-    else:
-        records = [record]
-    if rank == 0:
-        _write_manifest(tmp, records, step=step, model_config=model_config, layout=layout, train_state=train_state)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside only once the new one is whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _update_latest(root, final.name)
-        if keep_last:
-            prune(root, keep_last)
-    if distributed:
-        dist.barrier()
-    return final
+         train_state: dict, keep_last: int = 0, protect: Iterable[str] = (), group=None) -> Path:
+    """Collective: every rank of ``group`` (default: the world) calls it with its local entries."""
+    items = host_copy(entries, owned_indices(entries, group), copy=False)
+    return write_checkpoint(root, step, items, model_config=model_config, layout=layout, train_state=train_state,
+                            keep_last=keep_last, protect=protect, group=group)
 
 
 def _write_manifest(d: Path, records: list[dict], **fields) -> None:
@@ -153,42 +287,75 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def _update_latest(root: Path, name: str) -> None:
     tmp = root / "latest.tmp"
-    tmp.write_text(name + "\n")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, root / "latest")
+    _fsync_dir(root)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints directly under ``root`` (not in ``abandoned/``), by step number."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and not p.name.endswith(".tmp") and (p / MANIFEST).is_file())
+    found = [(parse_step(p.name), p) for p in root.iterdir()]
+    return [p for s, p in sorted((s, p) for s, p in found if s is not None and (p / MANIFEST).is_file())]
 
 
-def prune(root: Path, keep_last: int) -> None:
-    for old in list_checkpoints(root)[:-keep_last]:
+def prune(root: Path, keep_last: int, *, current: int, protect: Iterable[str] = ()) -> list[Path]:
+    """Keep the ``keep_last`` newest checkpoints of this history (steps up to ``current``, the one
+    just written); never delete a protected name (the one just written, the one resumed from).
+    Checkpoints past ``current`` belong to an abandoned history and are not rotated here: the
+    trainer moves them to ``abandoned/`` when it resumes from an older step."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be at least 1 (0 keeps everything and does not prune)")
+    protect = set(protect)
+    mine = [p for p in list_checkpoints(root) if parse_step(p.name) <= current]
+    doomed = [p for p in mine[:-keep_last] if p.name not in protect]
+    for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
+    return doomed
 
 
-def resolve(root: str | Path, resume: str | None) -> Path | None:
-    """``checkpoint.resume``: None -> None; ``auto`` -> the latest complete checkpoint under root
-    (None when there is none yet); anything else is a checkpoint directory that must exist."""
+def check_intact(path: Path) -> None:
+    """Raise `CheckpointError` unless the manifest reads and every file matches its checksum."""
+    manifest = read_manifest(path)
+    verify_files(path, manifest, manifest["files"])
+
+
+def resolve(root: str | Path, resume: str | None, *, warn=None) -> Path | None:
+    """``checkpoint.resume``: None -> None; ``auto`` -> the newest intact checkpoint under root
+    (manifest readable, every file matching its checksum), None when there is none; a damaged newer
+    one is skipped with a warning (``warn(message)``, default stderr) naming it. When every one is
+    damaged this raises the newest one's error rather than silently starting over. Anything else
+    is a checkpoint directory that must exist."""
     if resume is None:
         return None
     if resume == "auto":
-        root = Path(root)
-        latest = root / "latest"
-        if latest.is_file():
-            cand = root / latest.read_text().strip()
-            if (cand / MANIFEST).is_file():
-                return cand
         found = list_checkpoints(root)
-        return found[-1] if found else None
+        errors = []
+        for cand in reversed(found):
+            try:
+                check_intact(cand)
+            except CheckpointError as e:
+                errors.append(e)
+                (warn or _warn)(f"warning: skipping checkpoint {str(cand)!r}: {e}")
+                continue
+            return cand
+        if errors:
+            raise errors[0]
+        return None
     path = Path(resume)
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"{resume!r} is not a checkpoint directory (no {MANIFEST}); point "
                               f"checkpoint.resume / checkpoint.load at a step_XXXXXX directory, or use 'auto'")
     return path
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -5,7 +5,10 @@ Only the entry point sees the Hydra ``DictConfig``; it converts it to `Config` w
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from models.config import ModelConfig
@@ -44,6 +47,7 @@ class TrainSchema:
     eval_only: bool = False
     log_interval: int = 10
     stop_at: Optional[int] = None  # stop (saving a checkpoint) at this step; the schedule still spans max_steps
+    max_skipped_steps: int = 5  # consecutive non-finite steps (update skipped) before the run stops with an error
 
 
 @dataclass
@@ -77,6 +81,7 @@ class OptimSchema:
 class DataSchema:
     dir: str = "data/stdlib"
     corpus: str = "stdlib"
+    force: bool = False  # scripts/prepare_data.py: replace an already prepared data.dir
 
 
 @dataclass
@@ -84,7 +89,10 @@ class CheckpointSchema:
     interval: int = 0
     resume: Optional[str] = None
     load: Optional[str] = None
-    keep_last: int = 3
+    keep_last: int = 3  # newest checkpoints of this history kept; 0 keeps all
+    overwrite: bool = False  # a fresh start may discard the checkpoints already in run_dir
+    allow_data_change: bool = False  # resume even though seed / batch / seq_len / data differ from the checkpoint
+    async_save: bool = False  # write checkpoints in a background thread (`async` is a Python keyword)
 
 
 @dataclass
@@ -132,32 +140,123 @@ def register_configs() -> None:
     cs.store(group="model", name="tandem_model_schema", node=ModelSchema)
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the key and the fix. Entry points print it as
+    ``error: ...`` and exit 2."""
+
+
+def _unknown_keys(node, schema, prefix: str = "") -> list[str]:
+    """Keys of a composed config the schema does not have (Hydra accepts ``+group.key=...`` and
+    `to_object` would silently drop it)."""
+    from dataclasses import is_dataclass
+
+    from omegaconf import DictConfig
+
+    names = {f.name: f for f in fields(schema)}
+    out = []
+    for k in node.keys():
+        if k == "hydra":
+            continue
+        if k not in names:
+            out.append(prefix + str(k))
+            continue
+        child = node._get_node(k)
+        sub = names[k].default_factory if names[k].default_factory is not dataclasses.MISSING else None
+        if isinstance(child, DictConfig) and sub is not None and is_dataclass(sub):
+            out += _unknown_keys(child, sub, f"{prefix}{k}.")
+    return out
+
+
 def to_config(cfg) -> Config:
-    """DictConfig (validated against the schema) -> plain typed `Config`."""
+    """DictConfig (validated against the schema) -> plain typed `Config`. Unknown keys are an error."""
     from omegaconf import OmegaConf
 
+    unknown = _unknown_keys(cfg, Config)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; see engine/config.py for the keys "
+                          f"(a leading '+' does not make a key known)")
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, Config):
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     return obj
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need no model or process group; each error names the key and the fix."""
-    t, p = cfg.train, cfg.parallel
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={cfg.precision!r} is not one of fp32, bf16")
-    if cfg.kernels not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernels={cfg.kernels!r} is not one of auto, triton, torch")
-    if p.recompute not in ("none", "selective", "full"):
-        raise ValueError(f"parallel.recompute={p.recompute!r} is not one of none, selective, full")
-    if cfg.optim.zero not in (0, 1):
-        raise ValueError(f"optim.zero={cfg.optim.zero} is not supported; use 0 or 1")
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, *, purpose: str = "train") -> None:
+    """Every check that needs no model, data or process group, before any work; each error names
+    the key and the fix. Shared by every entry point: ``purpose`` is train, prepare_data or plan."""
+    t, p, o, c, e = cfg.train, cfg.parallel, cfg.optim, cfg.checkpoint, cfg.eval
+    _need(cfg.precision in ("fp32", "bf16"), f"precision={cfg.precision!r} is not one of fp32, bf16")
+    _need(cfg.kernels in ("auto", "triton", "torch"), f"kernels={cfg.kernels!r} is not one of auto, triton, torch")
+    _need(p.recompute in ("none", "selective", "full"),
+          f"parallel.recompute={p.recompute!r} is not one of none, selective, full")
+    _need(o.zero in (0, 1), f"optim.zero={o.zero} is not supported; use 0 or 1")
     for key, v in (("train.global_batch_size", t.global_batch_size), ("train.seq_len", t.seq_len),
-                   ("parallel.micro_batch_size", p.micro_batch_size), ("train.max_steps", t.max_steps)):
-        if v < 1 and not (key == "train.max_steps" and v == 0):
-            raise ValueError(f"{key}={v} must be positive")
-    if t.global_batch_size % p.micro_batch_size:
-        raise ValueError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by parallel.micro_batch_size="
-            f"{p.micro_batch_size}; change one so the batch splits into whole micro-batches")
+                   ("parallel.micro_batch_size", p.micro_batch_size), ("train.max_steps", t.max_steps),
+                   ("train.log_interval", t.log_interval), ("train.max_skipped_steps", t.max_skipped_steps),
+                   ("eval.batches", e.batches), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+                   ("parallel.virtual_stages", p.virtual_stages)):
+        _need(v >= 1, f"{key}={v} must be at least 1")
+    _need(p.dp is None or p.dp >= 1, f"parallel.dp={p.dp} must be at least 1 (or unset: world / (tp × pp))")
+    _need(t.global_batch_size % p.micro_batch_size == 0,
+          f"train.global_batch_size={t.global_batch_size} is not divisible by parallel.micro_batch_size="
+          f"{p.micro_batch_size}; change one so the batch splits into whole micro-batches")
+    from engine.pipeline.schedules import SCHEDULES
+
+    _need(p.schedule in SCHEDULES, f"parallel.schedule={p.schedule!r}: unknown pipeline schedule {p.schedule!r}; "
+          f"known schedules: {', '.join(SCHEDULES)}")
+    _need(p.layers_per_stage is None or p.pp > 1,
+          f"parallel.layers_per_stage={p.layers_per_stage} needs parallel.pp > 1; drop it for pp=1")
+    _need(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive (seconds a collective may wait)")
+    _need(o.lr >= 0, f"optim.lr={o.lr} must not be negative")
+    _need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be within [0, 1]")
+    _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must not be negative")
+    _need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative")
+    _need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1={o.beta1} and optim.beta2={o.beta2} must be in [0, 1)")
+    _need(o.eps > 0, f"optim.eps={o.eps} must be positive")
+    _need(o.clip_grad >= 0, f"optim.clip_grad={o.clip_grad} must not be negative (0 disables clipping)")
+    _need(c.interval >= 0, f"checkpoint.interval={c.interval} must not be negative (0 saves only when stopping)")
+    _need(c.keep_last >= 0, f"checkpoint.keep_last={c.keep_last} must not be negative (0 keeps every checkpoint)")
+    _need(e.interval >= 0, f"eval.interval={e.interval} must not be negative (0 disables periodic eval)")
+    _need(t.stop_at is None or 1 <= t.stop_at <= t.max_steps,
+          f"train.stop_at={t.stop_at} must be within 1..train.max_steps={t.max_steps}")
+    _need(not (c.resume and c.load), f"checkpoint.resume={c.resume!r} and checkpoint.load={c.load!r} are both set; "
+          f"resume continues a run (weights, optimizer, step), load starts a new one from weights: set one")
+    _need(not (c.overwrite and c.resume), "checkpoint.overwrite=true with checkpoint.resume: resuming keeps the "
+          "checkpoints; drop one of them")
+    _need(bool(cfg.data.dir), "data.dir is empty; set it to a prepared data directory (or where to prepare one)")
+    _need(not Path(cfg.data.dir).exists() or Path(cfg.data.dir).is_dir(),
+          f"data.dir={cfg.data.dir!r} exists and is not a directory; point data.dir at a directory")
+    if purpose == "plan":
+        validate_planner(cfg)
+
+
+def validate_planner(cfg: Config) -> None:
+    from engine.pipeline.schedules import SCHEDULES
+
+    pc = cfg.planner
+    unknown = [s for s in pc.schedules if s not in SCHEDULES]
+    _need(not unknown and pc.schedules, f"planner.schedules={list(pc.schedules)} must be a non-empty list of "
+          f"{', '.join(SCHEDULES)}")
+    _need(all(v >= 1 for v in pc.virtual_stages), f"planner.virtual_stages={list(pc.virtual_stages)} must be >= 1")
+    _need(pc.micro_batch_sizes is None or all(v >= 1 for v in pc.micro_batch_sizes),
+          f"planner.micro_batch_sizes={pc.micro_batch_sizes} must be positive")
+    _need(pc.mem_budget_gb is None or pc.mem_budget_gb > 0, f"planner.mem_budget_gb={pc.mem_budget_gb} must be positive")
+    _need(pc.profile_reps >= 1, f"planner.profile_reps={pc.profile_reps} must be at least 1")
+    _need(pc.profile_threads is None or pc.profile_threads >= 1,
+          f"planner.profile_threads={pc.profile_threads} must be at least 1")
+
+
+def writable_destination(path: str | Path, key: str) -> None:
+    """An output path (file or directory) that can be created: its nearest existing ancestor is a
+    writable directory."""
+    p = Path(path).absolute()
+    existing = next(q for q in [p, *p.parents] if q.exists())
+    if existing == p:
+        existing = p.parent if not p.is_dir() else p
+    _need(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK),
+          f"{key}={str(path)!r} cannot be written: {str(existing)!r} is not a writable directory; choose another path")

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import signal
 import sys
+import threading
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import checkpoint as ckpt
-from engine.config import Config, validate
-from engine.data import TokenData, is_prepared, prepare_data
+from engine import run_dir as rundir
+from engine.checkpoint_saver import Checkpointer
+from engine.config import Config, ConfigError, validate
+from engine.data import DataError, TokenData, is_prepared, prepare_data
 from engine.mesh import Mesh, build_mesh, init_distributed
 from engine.metrics import MetricsLog, device_peak_flops
 from engine.data_parallel import OverlappedGradReducer
@@ -48,43 +54,128 @@ class SerialExecutor:
 
 
 class StopSignal:
-    """Records SIGTERM / SIGINT; ranks agree on stopping at the next step boundary."""
+    """Records SIGTERM / SIGINT; ranks agree on stopping at the next step boundary. A second SIGINT
+    exits at once (exit code 130), even while the main thread is blocked inside a collective: the
+    interpreter's C-level handler writes every signal to a wake-up pipe, which a watcher thread
+    reads, so neither signal waits for the main thread to get back to Python code."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
+        self.interrupts = 0
         self._previous = {}
+        self._pipe = None
+        self._old_wakeup = -1
 
     def __enter__(self):
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._pipe = (r, w)
+        threading.Thread(target=self._watch, args=(r,), name="stop-signal", daemon=True).start()
         return self
 
     def __exit__(self, *exc):
+        signal.set_wakeup_fd(self._old_wakeup)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        r, w = self._pipe
+        os.close(w)  # the watcher reads EOF and ends; it closes r
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame):  # the Python-level handler; the watcher did the counting
         self.requested = True
+
+    def _watch(self, r: int) -> None:
+        try:
+            while data := os.read(r, 64):
+                for signum in data:
+                    if signum in self.SIGNALS:
+                        self.requested = True
+                    if signum == signal.SIGINT:
+                        self.interrupts += 1
+                        if self.interrupts >= 2:
+                            os.write(2, b"\nsecond interrupt: exiting now, without saving\n")
+                            os._exit(130)
+        finally:
+            os.close(r)
 
 
 def resolve_model_config(cfg: Config, source: Path | None) -> ModelConfig:
-    """The model shape: from the checkpoint's manifest when loading one, else the preset + overrides."""
+    """The model shape: from the checkpoint's manifest when loading one, else the preset + overrides.
+    A ``model.<field>`` or a ``model=<preset>`` that contradicts the checkpoint is an error."""
     if source is None:
         return cfg.model.build()
-    saved = ckpt.read_manifest(source)["model_config"]
+    manifest = ckpt.read_manifest(source)
+    saved = manifest["model_config"]
     clash = {k: (v, saved[k]) for k, v in cfg.model.overrides().items() if saved.get(k) != v}
     if clash:
         detail = ", ".join(f"model.{k}={v} but the checkpoint has {s}" for k, (v, s) in clash.items())
-        raise ValueError(f"{detail}; drop the model.* override (the shape comes from the checkpoint)")
+        raise ConfigError(f"{detail}; drop the model.* override (the shape comes from the checkpoint)")
+    saved_name = manifest.get("train_state", {}).get("model_name")
+    if saved_name is not None and saved_name != cfg.model.name:
+        preset = ModelConfig.from_name(cfg.model.name).to_dict()
+        differ = sorted(k for k in preset if k in saved and preset[k] != saved[k])
+        if differ:
+            raise ConfigError(
+                f"model={cfg.model.name} but checkpoint {str(source)!r} was saved from model={saved_name} with "
+                f"another shape ({', '.join(f'{k} {saved[k]} vs {preset[k]}' for k in differ)}); "
+                f"use model={saved_name}")
     return ModelConfig.from_dict(saved)
 
 
+def rank0_then_agree(fn, *, rank: int):
+    """Run ``fn`` on rank 0 only; every rank returns its result or raises its exception (so a
+    failure there does not leave the others waiting at the next collective)."""
+    box = [None, None]
+    if rank == 0:
+        try:
+            box[0] = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            box[1] = e
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+# what a resume compares between the checkpoint's train_state and this launch (key -> config key)
+DATA_SETTINGS = {"data_seed": "train.seed", "global_batch_size": "train.global_batch_size", "seq_len": "train.seq_len",
+                 "data_dir": "data.dir"}
+
+
+def data_settings(cfg: Config, data_meta: dict | None = None) -> dict:
+    """What decides the token order of every step; recorded in each checkpoint's train_state."""
+    out = {"data_seed": cfg.train.seed, "global_batch_size": cfg.train.global_batch_size,
+           "seq_len": cfg.train.seq_len, "data_dir": str(Path(cfg.data.dir).resolve()),
+           "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("dir", "force")}}
+    if data_meta is not None:
+        out["data_meta"] = {k: data_meta[k] for k in ("corpus", "train_tokens", "val_tokens", "vocab_size")
+                            if k in data_meta}
+    return out
+
+
+def data_changes(saved: dict, now: dict) -> list[str]:
+    """The settings (config keys) whose recorded value differs; keys the checkpoint lacks are skipped."""
+    changed = [f"{key}={now[k]!r} (checkpoint: {saved[k]!r})" for k, key in DATA_SETTINGS.items()
+               if k in saved and saved[k] != now[k]]
+    for k, v in now["data"].items():
+        if k in saved.get("data", {}) and saved["data"][k] != v:
+            changed.append(f"data.{k}={v!r} (checkpoint: {saved['data'][k]!r})")
+    if "data_meta" in saved and "data_meta" in now and saved["data_meta"] != now["data_meta"]:
+        changed.append(f"the prepared data in data.dir ({now['data_meta']} vs the checkpoint's {saved['data_meta']})")
+    return changed
+
+
 def ensure_data(cfg: Config, mesh: Mesh, vocab_size: int) -> TokenData:
-    """Prepare ``data.dir`` once (rank 0; the others wait at a barrier), then open it everywhere."""
-    if mesh.rank == 0 and not is_prepared(cfg.data.dir):
-        prepare_data(cfg.data.corpus, cfg.data.dir, vocab_size)
-    dist.barrier()
+    """Prepare ``data.dir`` once (rank 0; the others wait for its outcome), then open it everywhere."""
+    def prepare():
+        if not is_prepared(cfg.data.dir):
+            prepare_data(cfg.data.corpus, cfg.data.dir, vocab_size)
+
+    rank0_then_agree(prepare, rank=mesh.rank)
     return TokenData(cfg.data.dir, vocab_size=vocab_size)
 
 
@@ -182,27 +273,71 @@ class Trainer:
         self.mesh = mesh = build_mesh(tp=p.tp, pp=p.pp, dp=p.dp)
         g, mb = cfg.train.global_batch_size, p.micro_batch_size
         if g % (mb * mesh.dp):
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={g} is not divisible by parallel.micro_batch_size={mb} × dp={mesh.dp}; "
                 f"change train.global_batch_size or parallel.micro_batch_size")
         self.n_micro = g // (mb * mesh.dp)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.resume_from = ckpt.resolve(self.ckpt_root, cfg.checkpoint.resume)
-        self.load_from = ckpt.resolve(self.ckpt_root, cfg.checkpoint.load) if cfg.checkpoint.load else None
-        self.mcfg = resolve_model_config(cfg, self.resume_from or self.load_from)
+        self.lock = rundir.RunLock(self.run_dir)
+        self._made_dirs = rundir.created_dirs(self.run_dir)
+        self.saver = None
+        try:
+            rank0_then_agree(self._claim_run_dir, rank=mesh.rank)
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0: the run directory is writable, one launch holds it, a crash's leftovers are tidied."""
+        existing = next(p for p in [self.run_dir.absolute(), *self.run_dir.absolute().parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"run_dir={self.cfg.run_dir!r} cannot be created: {str(existing)!r} is not a writable "
+                              f"directory; choose another run_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        ckpt.recover(self.ckpt_root)
+
+    def _setup(self) -> None:
+        cfg, mesh, p, c = self.cfg, self.mesh, self.cfg.parallel, self.cfg.checkpoint
+        self.resume_from = rank0_then_agree(lambda: ckpt.resolve(self.ckpt_root, c.resume), rank=mesh.rank)
+        # checkpoint.load=init names the seeded initialization explicitly (evaluating it is then intended)
+        self.load_from = ckpt.resolve(self.ckpt_root, c.load) if c.load and c.load != "init" else None
+        source = self.resume_from or self.load_from
+        if cfg.train.eval_only and source is None and c.load != "init":
+            raise ConfigError("train.eval_only=true but there is no checkpoint to evaluate (checkpoint.resume found "
+                              "none, checkpoint.load is unset); set checkpoint.load=<step dir>, checkpoint.resume, "
+                              "or checkpoint.load=init to evaluate the initialization on purpose")
+        if not cfg.train.eval_only:
+            rank0_then_agree(self._check_fresh_start, rank=mesh.rank)
+        self.mcfg = resolve_model_config(cfg, source)
         if cfg.train.seq_len > self.mcfg.max_seq_len:
-            raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
-        if mesh.tp > 1:  # before any data or model work: a shape tp cannot split is a launch error
-            from engine.tensor_parallel import validate_tp
+            raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
+        try:  # before any data or model work: a shape the mesh cannot split is a launch error
+            if mesh.tp > 1:
+                from engine.tensor_parallel import validate_tp
 
-            validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
-        if mesh.pp > 1:
-            from engine.pipeline import check_pipeline
+                validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
+            if mesh.pp > 1:
+                from engine.pipeline import check_pipeline
 
-            check_pipeline(n_layers=self.mcfg.n_layers, pp=mesh.pp, n_micro=self.n_micro, schedule=p.schedule,
-                           virtual_stages=p.virtual_stages, layers_per_stage=p.layers_per_stage)
+                check_pipeline(n_layers=self.mcfg.n_layers, pp=mesh.pp, n_micro=self.n_micro, schedule=p.schedule,
+                               virtual_stages=p.virtual_stages, layers_per_stage=p.layers_per_stage)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.step = 0
+        self.resume_manifest = ckpt.read_manifest(self.resume_from) if self.resume_from is not None else None
+        if self.resume_manifest is not None:
+            self.step = int(self.resume_manifest["train_state"]["step"])
+            if self.step >= cfg.train.max_steps and not cfg.train.eval_only:
+                raise ConfigError(f"checkpoint {str(self.resume_from)!r} is at step {self.step}, not before "
+                                  f"train.max_steps={cfg.train.max_steps}; raise train.max_steps to train on")
         self.data = ensure_data(cfg, mesh, self.mcfg.vocab_size)
+        if self.resume_manifest is not None and not cfg.train.eval_only:
+            self._check_data_settings(self.resume_manifest["train_state"])
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
         self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro)
         self.refs = param_refs(self.chunks)
@@ -210,8 +345,8 @@ class Trainer:
         o = cfg.optim
         self.optimizer = Optimizer(self.refs, mesh, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                    weight_decay=o.weight_decay, zero=o.zero)
-        self.step = 0
         self.phase = "setup"
+        self.skipped_steps = 0
         self.log = MetricsLog(self.run_dir / "metrics.jsonl" if mesh.rank == 0 else None)
         self.peak_flops, self.peak_label = device_peak_flops(mesh.device)
         # bf16 compute under autocast (CUDA, or the CPU's own autocast, so CPU runs exercise the same
@@ -221,10 +356,53 @@ class Trainer:
         for warning in precision_warnings(cfg.precision, mesh.device, self.mcfg):
             if mesh.rank == 0:
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
+        protect = (self.resume_from.name,) if self.resume_from is not None else ()
+        self.saver = Checkpointer(self.ckpt_root, keep_last=c.keep_last, async_save=c.async_save, protect=protect)
         if self.resume_from is not None:
             self._restore(self.resume_from, with_optimizer=True)
         elif self.load_from is not None:
             self._restore(self.load_from, with_optimizer=False)
+        if not cfg.train.eval_only:
+            rank0_then_agree(self._start_history, rank=mesh.rank)
+
+    def _check_fresh_start(self) -> None:
+        """Rank 0: a launch that does not resume must not silently overwrite a run's checkpoints."""
+        if self.resume_from is not None:
+            return
+        found = ckpt.list_checkpoints(self.ckpt_root)
+        if found and not self.cfg.checkpoint.overwrite:
+            raise ConfigError(
+                f"run_dir={self.cfg.run_dir!r} already holds checkpoints (newest {found[-1].name}); resume with "
+                f"checkpoint.resume=auto, choose another run_dir, or set checkpoint.overwrite=true to discard them")
+
+    def _check_data_settings(self, saved: dict) -> None:
+        changed = data_changes(saved, data_settings(self.cfg, self.data.meta))
+        if changed and not self.cfg.checkpoint.allow_data_change:
+            raise ConfigError(
+                f"resuming {str(self.resume_from)!r} with other data settings than it was saved with: "
+                f"{'; '.join(changed)}. The data order would silently change; restore them, or set "
+                f"checkpoint.allow_data_change=true to continue with the new data")
+
+    def _start_history(self) -> None:
+        """Rank 0, when training: this run continues the history ending at ``self.step``. Later
+        checkpoints move to ``abandoned/``; metrics of later steps are dropped. A fresh start with
+        checkpoint.overwrite=true discards the old checkpoints only now, after every check passed."""
+        if self.resume_from is None:
+            for old in ckpt.list_checkpoints(self.ckpt_root):
+                shutil.rmtree(old)
+            (self.ckpt_root / "latest").unlink(missing_ok=True)
+        moved = rundir.abandon_newer(self.ckpt_root, self.step)
+        if moved:
+            print(f"resumed from step {self.step}: moved the checkpoints of the abandoned later history to "
+                  f"{moved[0].parent} ({', '.join(p.name for p in moved)}); resume=auto will not pick them",
+                  flush=True)
+        rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+
+    def close(self) -> None:
+        """Release the run directory; a launch that failed before writing anything leaves no directory."""
+        if self.mesh.rank == 0:
+            self.lock.release()
+            rundir.remove_if_empty(self._made_dirs)
 
     def where(self) -> str:
         """What this rank is doing now, for the report of a timed-out or failed rank: the pipeline
@@ -243,21 +421,23 @@ class Trainer:
         return [ckpt.Entry(f"model/{r.name}", r.param, r.meta) for r in self.refs]
 
     def save(self) -> Path:
+        """Collective. With checkpoint.async_save this returns once the host copy is taken."""
         p = self.cfg.parallel
         layout = {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "virtual_stages": p.virtual_stages,
                   "layers_per_stage": p.layers_per_stage, "zero": self.cfg.optim.zero}
-        state = {"step": self.step, "data_seed": self.cfg.train.seed, "data_dir": str(Path(self.cfg.data.dir).resolve())}
+        state = {"step": self.step, "model_name": self.cfg.model.name, "skipped_steps": self.skipped_steps,
+                 **data_settings(self.cfg, self.data.meta)}
         self.phase = "checkpoint save"
         with torch.no_grad():
-            return ckpt.save(self.ckpt_root, self.step, self._model_entries() + self.optimizer.state_entries(),
-                             model_config=self.mcfg.to_dict(), layout=layout, train_state=state,
-                             keep_last=self.cfg.checkpoint.keep_last)
+            return self.saver.save(self.step, self._model_entries() + self.optimizer.state_entries(),
+                                   model_config=self.mcfg.to_dict(), layout=layout, train_state=state)
 
     def _restore(self, path: Path, *, with_optimizer: bool) -> None:
         manifest = ckpt.read_manifest(path)
         entries = self._model_entries()
         if with_optimizer:
             self.step = int(manifest["train_state"]["step"])
+            self.skipped_steps = int(manifest["train_state"].get("skipped_steps", 0))
             has_optim = any(k.startswith("optim/") for k in manifest["tensors"])
             if has_optim:
                 entries += self.optimizer.init_state_entries(self.step)
@@ -282,24 +462,27 @@ class Trainer:
             loss = self.executor.forward_backward(x, y, backward=backward)
         return loss
 
-    def _reduce_loss(self, loss, stop: bool = False) -> torch.Tensor:
-        """The loss lives on the last stage's dp × tp ranks: one all-reduce of [mean loss, stop flag]
-        (float64, on the device) brings both to every rank."""
+    def _reduce_loss(self, loss, stop: bool = False, save_failed: bool = False) -> torch.Tensor:
+        """The loss lives on the last stage's dp × tp ranks: one all-reduce of [mean loss, stop flag,
+        background-save failure flag] (float64, on the device) brings all three to every rank."""
         self.phase = "loss all-reduce"
         m = self.mesh
-        buf = torch.zeros(2, dtype=torch.float64, device=m.device)
+        buf = torch.zeros(3, dtype=torch.float64, device=m.device)
         if m.is_last_stage and loss is not None:
             buf[0] = loss.detach().double() / (m.dp * m.tp)   # stays on the device: no host read before the reduce
         buf[1] = float(stop)
+        buf[2] = float(save_failed)
         dist.all_reduce(buf)
         return buf
 
     def _global_mean(self, loss) -> float:
         return self._reduce_loss(loss)[0].item()
 
-    def _step(self, stop_requested: bool = False) -> tuple[torch.Tensor, float]:
-        """One optimizer step up to its end, without reading any value back: returns the device
-        tensor [mean loss, stop flag, global gradient norm] and the learning rate used."""
+    def _step(self, stop_requested=False) -> tuple[torch.Tensor, float]:
+        """The step's forward, backward and gradient work, without reading any value back: returns the
+        device tensor [mean loss, stop flag, save-failed flag, global gradient norm] and the learning
+        rate. ``stop_requested`` (a bool, or a callable read at the step's end) is agreed across ranks
+        in the loss all-reduce."""
         cfg = self.cfg
         inputs, targets = self.data.train_batch(self.step, seed=cfg.train.seed, batch_size=cfg.train.global_batch_size,
                                                 seq_len=cfg.train.seq_len)
@@ -310,17 +493,26 @@ class Trainer:
         grad_norm = clip_grad_norm(self.refs, cfg.optim.clip_grad, self.mesh.device)
         lr = lr_at(self.step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                    min_lr_ratio=cfg.optim.min_lr_ratio)
-        self.phase = "optimizer step (ZeRO broadcast)"
-        self.optimizer.step(lr)
-        self.optimizer.zero_grad()
-        return torch.cat([self._reduce_loss(loss, stop_requested), grad_norm.reshape(1)]), lr
+        stop = stop_requested() if callable(stop_requested) else stop_requested
+        save_failed = self.saver is not None and self.saver.failed.is_set()
+        return torch.cat([self._reduce_loss(loss, stop, save_failed), grad_norm.reshape(1)]), lr
 
-    def train_step(self, stop_requested: bool = False) -> dict:
+    def train_step(self, stop_requested=False) -> dict:
+        """One optimizer step. A non-finite loss or gradient norm (the same on every rank: both are
+        global) skips the update."""
         cfg = self.cfg
         t0 = time.perf_counter()
         scalars, lr = self._step(stop_requested)
-        loss_value, stop, grad_norm = scalars.tolist()   # the step's one read back to the host
-        stop = stop > 0
+        loss_value, stop, save_failed, grad_norm = scalars.tolist()   # the step's one read back to the host
+        stop, save_failed = stop > 0, save_failed > 0
+        if save_failed:
+            self.saver.wait()  # raises the background save's error, on every rank
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        if not skipped:
+            self.phase = "optimizer step (ZeRO broadcast)"
+            self.optimizer.step(lr)
+        self.optimizer.zero_grad()
+        self.skipped_steps += skipped
         self.phase = "between steps"
         if self.mesh.device.type == "cuda":
             torch.cuda.synchronize()
@@ -330,7 +522,8 @@ class Trainer:
         mfu = (tokens_per_s * self.mcfg.flops_per_token(cfg.train.seq_len) / (self.peak_flops * self.mesh.world_size)
                if self.peak_flops else None)
         return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s, "step_time_s": dt, "mfu": mfu, "_stop": stop}
+                "tokens_per_s": tokens_per_s, "step_time_s": dt, "mfu": mfu, "skipped": skipped,
+                "skipped_steps": self.skipped_steps, "_stop": stop}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -356,17 +549,25 @@ class Trainer:
                 self.log.write({"step": self.step, "eval_loss": ev})
             return [{"step": self.step, "eval_loss": ev}]
         with StopSignal() as stop:
-            return self._train_loop(stop)
+            records = self._train_loop(stop)
+            self.phase = "waiting for the last checkpoint save"
+            self.saver.wait()  # a normal shutdown never leaves a save half-done
+            return records
 
     def _train_loop(self, stop: StopSignal) -> list[dict]:
         cfg, m = self.cfg, self.mesh
         records = []
         bar = _progress(self.step, cfg.train.max_steps, enabled=m.rank == 0)
+        consecutive_skips = 0
         while self.step < cfg.train.max_steps:
-            rec = self.train_step(stop.requested)
+            rec = self.train_step(lambda: stop.requested)
             stopping = rec.pop("_stop") or self.step == cfg.train.stop_at
             records.append(rec)
-            if m.rank == 0:
+            consecutive_skips = consecutive_skips + 1 if rec["skipped"] else 0
+            if rec["skipped"] and m.rank == 0:
+                bar.write(f"step {self.step}: non-finite loss {rec['loss']} or gradient norm {rec['grad_norm']}; "
+                          f"update skipped ({consecutive_skips} in a row)")
+            if m.rank == 0 and consecutive_skips < cfg.train.max_skipped_steps:
                 self.log.write(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -378,6 +579,14 @@ class Trainer:
                 if m.rank == 0:
                     self.log.write(records[-1])
                     bar.write(f"step {self.step} eval_loss {ev:.4f}")
+            if consecutive_skips >= cfg.train.max_skipped_steps:
+                if m.rank == 0:
+                    self.log.write(rec)
+                raise TrainingDiverged(
+                    f"{consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                    f"gradient norm, so their updates were skipped (train.max_skipped_steps="
+                    f"{cfg.train.max_skipped_steps}); resume from the last checkpoint with a lower optim.lr or "
+                    f"stronger optim.clip_grad, or check the data")
             if stopping or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                 path = self.save()
                 if m.rank == 0:
@@ -388,6 +597,10 @@ class Trainer:
                 break
         bar.close()
         return records
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
 
 
 def _progress(start, total, enabled):
@@ -404,14 +617,16 @@ def _fmt(rec: dict) -> str:
 
 def main(cfg: Config) -> list[dict]:
     trainer = Trainer(cfg)
-    if trainer.mesh.rank == 0:
-        trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        (trainer.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     m = trainer.mesh
     reporter = HangReporter(lambda: f"step {trainer.step + 1}: {trainer.where()}", trainer.cfg.parallel.timeout_s,
                             prefix=f"rank {m.rank} (pp {m.pp_rank}, dp {m.dp_rank}, tp {m.tp_rank}) ").start()
     try:
+        if trainer.mesh.rank == 0:
+            (trainer.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         records = trainer.run()
+        dist.barrier()
+    except (ConfigError, DataError, ckpt.CheckpointError):
+        raise  # a user error, reported by the entry point as `error: ...`
     except BaseException as e:
         # A hang surfaces here as a collective/p2p timeout (parallel.timeout_s). Say where this rank was,
         # then fail: torchrun sees a non-zero exit and stops the other ranks.
@@ -422,5 +637,5 @@ def main(cfg: Config) -> list[dict]:
         raise
     finally:
         reporter.stop()
-    dist.barrier()
+        trainer.close()
     return records

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import convert  # noqa: E402
 from engine.checkpoint import CheckpointError  # noqa: E402
+from engine.config import ConfigError, writable_destination  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,9 +55,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(a) -> None:
+    """Every argument, before any work: the same kind of checks (and messages) as the config keys."""
+    for flag in ("max_shard_size", "max_file_size"):
+        text = getattr(a, flag, None)
+        if text is not None and convert.parse_size(text) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} {text} must be a positive size such as 5GB (0 would "
+                              f"not mean unlimited); omit it for the default")
+    for flag in ("tp", "pp", "virtual_stages"):
+        v = getattr(a, flag, None)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {v} must be at least 1")
+    if getattr(a, "layers_per_stage", None) is not None and min(a.layers_per_stage) < 1:
+        raise ConfigError(f"--layers-per-stage {a.layers_per_stage} must be positive counts")
+    if getattr(a, "dst", None) is not None:
+        writable_destination(a.dst, "dst")
+
+
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     try:
+        check_args(a)
         if a.command == "to-hf":
             out = convert.to_hf(a.src, a.dst, dtype=a.dtype, max_shard_size=a.max_shard_size, tokenizer=a.tokenizer,
                                 with_tokenizer=not a.no_tokenizer, force=a.force)
@@ -75,7 +94,7 @@ def main(argv=None) -> int:
             for line in convert.verify(a.src):
                 print("ok:", line)
             return 0
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

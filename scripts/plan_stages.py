@@ -3,26 +3,28 @@
 Same conf/ as scripts/train.py, so model/parallel/train keys mean the same; planner.* keys are listed
 in engine/config.py (PlannerSchema). Prints the per-stage table; with planner.out=<dir>/plan/<name>.yaml
 writes a Hydra override file that `scripts/train.py +plan=<name>` (plus `--config-dir <dir>` outside conf/)
-accepts.
+accepts. Every setting is checked first (engine.config.validate); errors print `error: ...`, exit 2.
 """
 import sys
 
 import hydra
 
-from engine.config import register_configs, to_config
+from engine.cli import run_cli
+from engine.config import ConfigError, register_configs, to_config, validate, writable_destination
 from engine.planner import Infeasible, format_plan, plan_from_config, write_plan
 
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg) -> None:
+def plan_stages(cfg) -> None:
     cfg = to_config(cfg)
+    validate(cfg, purpose="plan")
+    if cfg.planner.out:
+        writable_destination(cfg.planner.out, "planner.out")
     try:
         pl, setup = plan_from_config(cfg)
     except (Infeasible, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(str(e)) from None
     print(format_plan(pl, setup))
     if cfg.planner.out:
         cmd = write_plan(pl, setup, cfg.planner.out, cfg.model.name)
@@ -31,5 +33,10 @@ def main(cfg) -> None:
         print("(add planner.out=conf/plan/<name>.yaml to write it for `scripts/train.py +plan=<name>`)")
 
 
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg) -> None:
+    sys.exit(run_cli(plan_stages, cfg))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -118,7 +118,8 @@ def _meta_steps(rank, world, data_dir, run_root, layouts, old_grad_norm):
         contract = install("meta", dry=True)
         contract.calls.clear()
         try:
-            scalars, _ = trainer._step()
+            scalars, lr = trainer._step()
+            trainer.optimizer.step(lr)          # the ZeRO broadcast
             out[name] = {"device": str(scalars.device), "calls": dict(contract.calls), "violations": []}
         except ContractViolation as e:
             out[name] = {"device": None, "calls": dict(contract.calls), "violations": [str(e)]}

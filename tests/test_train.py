@@ -1,6 +1,7 @@
 """The single-device training launch: exact resume, eval contract, clear errors, safe saves."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_eval_contract_on_a_hand_made_token_file(tmp_path):
              "model.vocab_size=97"]
     out = train_in_process([*shape, f"data.dir={d}", f"run_dir={tmp_path / 'r'}", "train.eval_only=true",
                             "train.seq_len=8", "train.global_batch_size=5", "parallel.micro_batch_size=5",
-                            "eval.batches=1", "train.seed=7"])
+                            "eval.batches=1", "train.seed=7", "checkpoint.load=init"])
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, vocab_size=97)
     model = init_weights(Llama(cfg), seed=7, n_layers=2)
     w = torch.from_numpy(val.astype(np.int64))
@@ -92,6 +93,7 @@ def test_corrupt_or_truncated_checkpoint_is_refused(data_dir, tmp_path):
     data = bytearray(f.read_bytes())
     data[-10] ^= 0xFF
     f.write_bytes(bytes(data))
+    shutil.rmtree(root / "step_000002")  # with an intact older one, resume=auto falls back (test_checkpoint_safety)
     with pytest.raises(ckpt.CheckpointError, match="does not match its checksum"):
         train_in_process(args(data_dir, tmp_path, "train.max_steps=6", "checkpoint.resume=auto"))
     f.write_bytes(bytes(data[: len(data) // 2]))
