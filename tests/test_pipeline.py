@@ -61,7 +61,8 @@ def _run_cases(rank, world, cases):
                 names.append(name)
         out.append({"loss": None if loss is None else float(loss), "eval_loss": None if eval_loss is None else float(eval_loss),
                     "ref_loss": float(ref_loss), "worst": worst, "names": names, "live_peak": runner.live_peak,
-                    "n_serial_params": len(list(serial.named_parameters())), "tags": tags})
+                    "n_serial_params": len(list(serial.named_parameters())),
+                    "serial_names": [n for n, _ in serial.named_parameters()], "tags": tags})
     return out
 
 
@@ -118,9 +119,13 @@ def _check(results, cases):
         assert last["loss"] == pytest.approx(last["ref_loss"], rel=1e-5), case
         assert last["eval_loss"] == pytest.approx(last["ref_loss"], rel=1e-5), case
         assert all(r["loss"] is None for r in per_rank[:-1])
-        # every serial parameter is held (and was compared) somewhere; the tied copy on two ranks
+        # every serial parameter is held (and was compared) somewhere, and by one chunk only except
+        # the tied embedding, whose copy the last stage holds too
         held = [n for r in per_rank for n in r["names"]]
-        assert set(held) == {n for n in held} and len(set(held)) == last["n_serial_params"], case
+        serial = set(last["serial_names"])
+        assert set(held) == serial and len(serial) == last["n_serial_params"], case
+        twice = {"tok_embeddings.weight"} if case.get("tied") else set()
+        assert {n: held.count(n) for n in serial} == {n: 2 if n in twice else 1 for n in serial}, case
         if case.get("tied"):
             assert held.count("tok_embeddings.weight") == 2
         assert max(r["worst"] for r in per_rank) < 1e-5
