@@ -20,7 +20,8 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine.config import Config, validate
-from engine.data import TokenData, is_prepared, prepare_data
+from engine.data import DataMix, open_sources
+from engine.data.prepare import prepare_once
 from engine.mesh import Mesh, build_mesh, init_distributed
 from engine.metrics import MetricsLog, device_peak_flops
 from engine.data_parallel import OverlappedGradReducer
@@ -79,12 +80,16 @@ def resolve_model_config(cfg: Config, source: Path | None) -> ModelConfig:
     return ModelConfig.from_dict(saved)
 
 
-def ensure_data(cfg: Config, mesh: Mesh, vocab_size: int) -> TokenData:
-    """Prepare ``data.dir`` once (rank 0; the others wait at a barrier), then open it everywhere."""
-    if mesh.rank == 0 and not is_prepared(cfg.data.dir):
-        prepare_data(cfg.data.corpus, cfg.data.dir, vocab_size)
-    dist.barrier()
-    return TokenData(cfg.data.dir, vocab_size=vocab_size)
+def ensure_data(cfg: Config, mesh: Mesh, vocab_size: int) -> DataMix:
+    """``data.sources`` (prepared directories) blended by ``data.weights``; or ``data.dir``, which rank 0
+    prepares from ``data.corpus`` if needed while the other ranks wait for it."""
+    d = cfg.data
+    if d.sources:
+        return open_sources(list(d.sources), d.weights, vocab_size=vocab_size)
+    prepare_once(d.dir, rank=mesh.rank, barrier=dist.barrier, corpus=d.corpus, vocab_size=vocab_size,
+                 tokenizer=d.tokenizer, text_key=d.text_key, workers=d.workers, skip_bad=d.skip_bad,
+                 val_fraction=d.val_fraction)
+    return open_sources([d.dir], d.weights, vocab_size=vocab_size)
 
 
 def build_chunks(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> list[nn.Module]:
@@ -224,7 +229,8 @@ class Trainer:
         p = self.cfg.parallel
         layout = {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "virtual_stages": p.virtual_stages,
                   "layers_per_stage": p.layers_per_stage, "zero": self.cfg.optim.zero}
-        state = {"step": self.step, "data_seed": self.cfg.train.seed, "data_dir": str(Path(self.cfg.data.dir).resolve())}
+        state = {"step": self.step, "data_seed": self.cfg.train.seed, "data_dir": str(self.data.first.dir.resolve()),
+                 "data_sources": [str(s.dir.resolve()) for s in self.data.sources], "data_weights": self.data.weights}
         self.phase = "checkpoint save"
         with torch.no_grad():
             return ckpt.save(self.ckpt_root, self.step, self._model_entries() + self.optimizer.state_entries(),
@@ -296,8 +302,11 @@ class Trainer:
         tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_len / dt
         mfu = (tokens_per_s * self.mcfg.flops_per_token(cfg.train.seq_len) / (self.peak_flops * self.mesh.world_size)
                if self.peak_flops else None)
+        samples = self.step * cfg.train.global_batch_size
         return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s, "step_time_s": dt, "mfu": mfu, "_stop": stop}
+                "tokens_per_s": tokens_per_s, "step_time_s": dt, "mfu": mfu,
+                **self.data.position(samples, cfg.train.seq_len), "tokens_seen": samples * cfg.train.seq_len,
+                "_stop": stop}
 
     @torch.no_grad()
     def evaluate(self) -> float:
