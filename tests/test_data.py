@@ -13,15 +13,14 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from engine.data import DataError, DataMix, TokenData, load_tokenizer, open_sources, permute, prepare_data
 from engine.data.prepare import is_val_doc, prepare_once
 from tests.conftest import TEST_VOCAB
 from tests.launch import SMALL_MODEL, losses, read_metrics, train_in_process
-
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
 
 
 @pytest.fixture(scope="module")
