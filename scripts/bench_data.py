@@ -66,7 +66,8 @@ def make_tokenizer(out: Path) -> tuple[Path, Path]:
         hf_dir.mkdir(exist_ok=True)
         sentencepiece_to_hf(tok.blob).save(str(hf_dir / "tokenizer.json"))
         (hf_dir / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+             "split_special_tokens": True}))
     return model, hf_dir
 
 
@@ -147,6 +148,7 @@ def main(argv=None) -> None:
     p.add_argument("--gb", type=float, default=1.0)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--formats", nargs="+", default=["jsonl", "parquet"], choices=["jsonl", "parquet"])
+    p.add_argument("--no-baseline", action="store_true", help="skip the datasets column")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "tandem_bench_data"))
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -161,7 +163,7 @@ def main(argv=None) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     try:
         import datasets  # noqa: F401
-        have_datasets = True
+        have_datasets = not a.no_baseline
     except ImportError:
         have_datasets = False
     rows = []
@@ -187,7 +189,8 @@ def main(argv=None) -> None:
     for row in rows:
         print(_row(*row))
     if not have_datasets:
-        print("\n(the `datasets` baseline was skipped: `datasets` is not installed; `pip install datasets`)")
+        why = "--no-baseline" if a.no_baseline else "`datasets` is not installed; `pip install datasets`"
+        print(f"\n(the `datasets` baseline was skipped: {why})")
 
 
 def _row(fmt, size, how, r) -> str:

@@ -138,7 +138,8 @@ def assert_same_ids_as_tandem(hf_dir: Path, data_dir: Path) -> None:
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     sp = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model"))
     meta = json.loads((data_dir / "meta.json").read_text())
-    sample = [Path(f).read_text() for f in meta["sources"][::3]] + ["x = 12345  # héllo, 日本語 😀\n\t\tpass"]
+    sample = [Path(f).read_text() for f in meta["sources"][::3]] + ["x = 12345  # héllo, 日本語 😀\n\t\tpass",
+                                                                   "a literal '<s>' and '</s>' <unk> is text"]
     for text in sample:
         ids = hf_tok(text, add_special_tokens=False)["input_ids"]
         assert ids == sp.encode(text)

@@ -35,7 +35,8 @@ def docs(corpus_dir) -> list[str]:
             if len(piece) > 1500:
                 out.append(piece)
                 piece = ""
-    return out + ["naïve café — 日本語のテキスト 😀\n" * 3, "x = 12345\n\t\ty = 'é'\n"]
+    return out + ["naïve café — 日本語のテキスト 😀\n" * 3, "x = 12345\n\t\ty = 'é'\n",
+                  "a literal '<s>' or '</s>' in a document is text, not a special token\n"]
 
 
 @pytest.fixture(scope="module")

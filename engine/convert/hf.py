@@ -84,7 +84,7 @@ def write_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
     write_json_atomic(dst / "tokenizer_config.json", {
         "tokenizer_class": "LlamaTokenizer", **tokens, "add_bos_token": True, "add_eos_token": False,
         "legacy": False, "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-        "sp_model_kwargs": {}})
+        "sp_model_kwargs": {}, "split_special_tokens": True})  # "<s>" in a text is text, as in SentencePiece
     write_json_atomic(dst / "special_tokens_map.json", tokens)
     return {k: (i if i >= 0 else None) for k, i in ids.items()}
 
@@ -98,6 +98,7 @@ def _copy_hf_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     cfg.setdefault("model_max_length", max_len)
+    cfg.setdefault("split_special_tokens", True)  # as Tandem's data path encoded the training text
     tok = Tokenizer.from_file(str(tokenizer))
     if "eos_token" not in cfg:
         cfg["eos_token"] = next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)

@@ -36,6 +36,9 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self._hf = HFTokenizer.from_str(blob.decode("utf-8"))
+            # a document that contains "<s>" or "<|end_of_text|>" means the characters, as SentencePiece
+            # reads them: special tokens come only from the data path (EOS) and the model's user
+            self._hf.encode_special_tokens = True
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             self.eos_id = _hf_eos_id(self._hf, eos_token, origin)
         self.eos_token = eos_token
@@ -142,7 +145,9 @@ def sentencepiece_to_hf(model: bytes):
     """The ``tokenizers`` equivalent of a SentencePiece BPE model: same vocabulary and ids, merges
     derived from the vocabulary (every split of a piece into two pieces, ranked by the piece's score,
     which is the order SentencePiece's BPE applies them), byte fallback, the ``▁`` space marker with
-    SentencePiece's dummy prefix, and BOS added like Llama's. Needs no protobuf."""
+    SentencePiece's dummy prefix, and BOS added like Llama's. Needs no protobuf. Control tokens
+    (``<s>``) written in the text are text to SentencePiece: encode with ``encode_special_tokens`` (in
+    transformers, ``split_special_tokens``) for the same ids."""
     import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, processors
 
