@@ -80,7 +80,14 @@ class OptimSchema:
 @dataclass
 class DataSchema:
     dir: str = "data/stdlib"
-    corpus: str = "stdlib"
+    corpus: str = "stdlib"  # stdlib | a file | a directory | a glob; text, .jsonl, .jsonl.gz, .parquet
+    tokenizer: Optional[str] = None  # a SentencePiece .model or a tokenizer.json; default: train one
+    text_key: str = "text"  # the JSONL key / Parquet column holding the text
+    workers: int = 1  # tokenizing processes while preparing; the output is the same for any number
+    skip_bad: bool = False  # skip (and count) invalid JSON lines instead of stopping
+    val_fraction: float = 0.01  # documents held out for validation
+    sources: Optional[list[str]] = None  # prepared directories to blend; default: [data.dir]
+    weights: Optional[list[float]] = None  # one positive weight per source; default: equal
     force: bool = False  # scripts/prepare_data.py: replace an already prepared data.dir
 
 

@@ -26,7 +26,8 @@ from engine import checkpoint as ckpt
 from engine import run_dir as rundir
 from engine.checkpoint_saver import Checkpointer
 from engine.config import Config, ConfigError, validate
-from engine.data import DataError, TokenData, is_prepared, prepare_data
+from engine.data import DataError, DataMix, open_sources
+from engine.data.prepare import prepare_once
 from engine.mesh import Mesh, build_mesh, init_distributed
 from engine.metrics import MetricsLog, device_peak_flops
 from engine.data_parallel import OverlappedGradReducer
@@ -146,14 +147,16 @@ DATA_SETTINGS = {"data_seed": "train.seed", "global_batch_size": "train.global_b
                  "data_dir": "data.dir"}
 
 
-def data_settings(cfg: Config, data_meta: dict | None = None) -> dict:
-    """What decides the token order of every step; recorded in each checkpoint's train_state."""
+def data_settings(cfg: Config, data: DataMix | None = None) -> dict:
+    """What decides the token order of every step; recorded in each checkpoint's train_state.
+    ``data.workers`` is left out: the prepared bytes are the same for any number of workers."""
+    d = cfg.data
     out = {"data_seed": cfg.train.seed, "global_batch_size": cfg.train.global_batch_size,
-           "seq_len": cfg.train.seq_len, "data_dir": str(Path(cfg.data.dir).resolve()),
-           "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("dir", "force")}}
-    if data_meta is not None:
-        out["data_meta"] = {k: data_meta[k] for k in ("corpus", "train_tokens", "val_tokens", "vocab_size")
-                            if k in data_meta}
+           "seq_len": cfg.train.seq_len, "data_dir": str(Path(d.sources[0] if d.sources else d.dir).resolve()),
+           "data": {k: v for k, v in asdict(d).items() if k not in ("dir", "force", "workers")}}
+    if data is not None:   # what each prepared source holds, so a re-prepared directory is noticed too
+        out["data_meta"] = [{k: s.meta[k] for k in ("corpus", "train_tokens", "val_tokens", "vocab_size") if k in s.meta}
+                            for s in data.sources]
     return out
 
 
@@ -169,14 +172,16 @@ def data_changes(saved: dict, now: dict) -> list[str]:
     return changed
 
 
-def ensure_data(cfg: Config, mesh: Mesh, vocab_size: int) -> TokenData:
-    """Prepare ``data.dir`` once (rank 0; the others wait for its outcome), then open it everywhere."""
-    def prepare():
-        if not is_prepared(cfg.data.dir):
-            prepare_data(cfg.data.corpus, cfg.data.dir, vocab_size)
-
-    rank0_then_agree(prepare, rank=mesh.rank)
-    return TokenData(cfg.data.dir, vocab_size=vocab_size)
+def ensure_data(cfg: Config, mesh: Mesh, vocab_size: int) -> DataMix:
+    """``data.sources`` (prepared directories) blended by ``data.weights``; or ``data.dir``, which rank 0
+    prepares from ``data.corpus`` if needed while the other ranks wait for it."""
+    d = cfg.data
+    if d.sources:
+        return open_sources(list(d.sources), d.weights, vocab_size=vocab_size)
+    prepare_once(d.dir, rank=mesh.rank, barrier=dist.barrier, corpus=d.corpus, vocab_size=vocab_size,
+                 tokenizer=d.tokenizer, text_key=d.text_key, workers=d.workers, skip_bad=d.skip_bad,
+                 val_fraction=d.val_fraction)
+    return open_sources([d.dir], d.weights, vocab_size=vocab_size)
 
 
 def build_chunks(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> list[nn.Module]:
@@ -376,7 +381,7 @@ class Trainer:
                 f"checkpoint.resume=auto, choose another run_dir, or set checkpoint.overwrite=true to discard them")
 
     def _check_data_settings(self, saved: dict) -> None:
-        changed = data_changes(saved, data_settings(self.cfg, self.data.meta))
+        changed = data_changes(saved, data_settings(self.cfg, self.data))
         if changed and not self.cfg.checkpoint.allow_data_change:
             raise ConfigError(
                 f"resuming {str(self.resume_from)!r} with other data settings than it was saved with: "
@@ -426,7 +431,8 @@ class Trainer:
         layout = {"tp": self.mesh.tp, "pp": self.mesh.pp, "dp": self.mesh.dp, "virtual_stages": p.virtual_stages,
                   "layers_per_stage": p.layers_per_stage, "zero": self.cfg.optim.zero}
         state = {"step": self.step, "model_name": self.cfg.model.name, "skipped_steps": self.skipped_steps,
-                 **data_settings(self.cfg, self.data.meta)}
+                 **data_settings(self.cfg, self.data), "data_sources": [str(s.dir.resolve()) for s in self.data.sources],
+                 "data_weights": self.data.weights}
         self.phase = "checkpoint save"
         with torch.no_grad():
             return self.saver.save(self.step, self._model_entries() + self.optimizer.state_entries(),
@@ -521,9 +527,11 @@ class Trainer:
         tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_len / dt
         mfu = (tokens_per_s * self.mcfg.flops_per_token(cfg.train.seq_len) / (self.peak_flops * self.mesh.world_size)
                if self.peak_flops else None)
+        samples = self.step * cfg.train.global_batch_size
         return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "step_time_s": dt, "mfu": mfu, "skipped": skipped,
-                "skipped_steps": self.skipped_steps, "_stop": stop}
+                "skipped_steps": self.skipped_steps, **self.data.position(samples, cfg.train.seq_len),
+                "tokens_seen": samples * cfg.train.seq_len, "_stop": stop}
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -31,8 +31,10 @@ def import_scripts(failures: dict[str, str]) -> int:
         if path.name == Path(__file__).name:
             continue
         spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module   # dataclasses look their module up while the script runs
         try:
-            spec.loader.exec_module(importlib.util.module_from_spec(spec))  # scripts run only under __main__
+            spec.loader.exec_module(module)  # scripts do their work only under __main__
             count += 1
         except ImportError as e:
             failures[f"scripts/{path.name}"] = f"{type(e).__name__}: {e}"

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     c = cmd("to-hf", "Tandem checkpoint -> Hugging Face Llama directory")
     c.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype (default: the checkpoint's)")
     c.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    c.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the one the checkpoint records)")
+    c.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json, or a directory holding one "
+                                          "(default: the one the checkpoint records)")
     c.add_argument("--no-tokenizer", action="store_true", help="write the weights and configs only")
     c = cmd("from-hf", "Hugging Face Llama directory -> Tandem checkpoint")
     c.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32", help="stored dtype (default fp32)")

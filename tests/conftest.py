@@ -28,9 +28,10 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir(corpus_dir, tmp_path_factory) -> Path:
-    """The small corpus, prepared once per session (vocab 512)."""
+    """The small corpus, prepared once per session (vocab 512). Its 25 files are 25 documents: one in
+    ten is held out for validation (the default 1 % would hold out none of so few)."""
     from engine.data import prepare_data
 
     d = tmp_path_factory.mktemp("data")
-    prepare_data(str(corpus_dir), d, TEST_VOCAB, progress=False)
+    prepare_data(str(corpus_dir), d, TEST_VOCAB, val_fraction=0.1, progress=False)
     return d

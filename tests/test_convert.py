@@ -119,17 +119,45 @@ def test_to_hf_from_pretrained_gives_tandem_loss_and_logits(trained, data_dir, t
     assert loss == pytest.approx(tandem_eval(data_dir, trained, tmp_path / "run"), rel=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(logits, tandem_model(trained)(x), rtol=1e-5, atol=1e-5)
-    # the tokenizer travels: the data dir's SentencePiece model, with the config LlamaTokenizer reads
-    # (loading it through transformers >= 5 needs protobuf, which this environment lacks)
+    # the tokenizer travels: the data dir's SentencePiece model, with the configs LlamaTokenizer reads, and
+    # a tokenizer.json that AutoTokenizer loads with transformers + tokenizers alone (no protobuf)
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (data_dir / "tokenizer.model").read_bytes()
     tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "LlamaTokenizer" and (tok_cfg["bos_token"], tok_cfg["eos_token"]) == ("<s>", "</s>")
+    assert "tokenizer.json" in files
+    assert_same_ids_as_tandem(tmp_path / "hf", data_dir)
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (1, 2)
 
 
-def test_round_trip_tandem_hf_tandem_is_bit_identical(trained, tmp_path):
+def assert_same_ids_as_tandem(hf_dir: Path, data_dir: Path) -> None:
+    """AutoTokenizer on the exported directory encodes a sample of the corpus (Python source: deep
+    indentation, digits, non-ASCII) to exactly the ids of the data directory's tokenizer, adds BOS like
+    Llama, and decodes back to the text."""
+    import sentencepiece as spm
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model"))
+    meta = json.loads((data_dir / "meta.json").read_text())
+    sample = [Path(f).read_text() for f in meta["sources"][::3]] + ["x = 12345  # héllo, 日本語 😀\n\t\tpass",
+                                                                   "a literal '<s>' and '</s>' <unk> is text"]
+    for text in sample:
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == sp.encode(text)
+        assert hf_tok.decode(ids) == text
+    assert hf_tok("a")["input_ids"][0] == sp.bos_id()
+
+
+def test_round_trip_tandem_hf_tandem_is_bit_identical(trained, data_dir, tmp_path):
     convert.to_hf(trained, tmp_path / "hf")
     convert.from_hf(tmp_path / "hf", tmp_path / "back")
+    # from-hf carries the tokenizer into the checkpoint, where data.tokenizer=<checkpoint dir> finds it
+    from engine.data import load_tokenizer
+
+    assert (tmp_path / "back" / "tokenizer.json").is_file() and (tmp_path / "back" / "tokenizer.model").is_file()
+    carried = load_tokenizer(tmp_path / "back")
+    assert carried.kind == "hf" and carried.vocab_size == 512
+    text = (data_dir / "meta.json").read_text()
+    assert carried.encode_batch([text]) == [load_tokenizer(data_dir / "tokenizer.model").encode_batch([text])[0]]
     before, after = tensors_of(trained), tensors_of(tmp_path / "back")
     model_keys = {k for k in before if k.startswith("model/")}
     assert model_keys == set(after)

@@ -2,7 +2,7 @@
 
 ``to_hf``: any Tandem checkpoint (whatever layout saved it) -> ``model-0000k-of-0000n.safetensors``
 shards, ``model.safetensors.index.json``, ``config.json`` (LlamaForCausalLM), ``generation_config.json``
-and the SentencePiece tokenizer with its config. Tied embeddings the Hugging Face way: no
+and the tokenizer: ``tokenizer.json`` (copied, or built from the SentencePiece model) with its config. Tied embeddings the Hugging Face way: no
 ``lm_head.weight``, ``tie_word_embeddings: true``.
 
 ``from_hf``: a Hugging Face Llama directory -> a Tandem checkpoint that ``checkpoint.load=`` and
@@ -12,6 +12,7 @@ Both stream: one tensor is in memory at a time.
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -23,8 +24,12 @@ from engine.convert.names import hf_config, param_names, to_hf_name
 from engine.convert.sources import HFSource, TandemSource
 from engine.convert.stream import StreamWriter, TensorSpec, dtype_from_name, dtype_name
 from engine.convert.tandem import Region, pack, staged_output, write_tandem
+from engine.data.tokenizer import EOS_CANDIDATES, sentencepiece_to_hf
 
-TOKENIZER = "tokenizer.model"
+TOKENIZER, HF_TOKENIZER = "tokenizer.model", "tokenizer.json"
+TOKENIZER_FILES = (HF_TOKENIZER, TOKENIZER)  # the Hugging Face form first: it is what transformers loads
+# files of a Hugging Face tokenizer that travel along with it
+TOKENIZER_EXTRAS = (HF_TOKENIZER, TOKENIZER, "tokenizer_config.json", "special_tokens_map.json")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -40,20 +45,21 @@ def parse_size(text: str | int | None) -> int | None:
 
 # -- tokenizer ---------------------------------------------------------------------------------
 def find_tokenizer(src: TandemSource, explicit: str | Path | None) -> Path:
-    """--tokenizer, else the one stored beside the checkpoint, else the recorded data dir's."""
+    """--tokenizer, else the one stored beside the checkpoint, else the recorded data dir's: a
+    ``tokenizer.json`` or a SentencePiece ``tokenizer.model``."""
     if explicit is not None:
         p = Path(explicit)
-        p = p / TOKENIZER if p.is_dir() else p
-        if not p.is_file():
-            raise CheckpointError(f"--tokenizer {str(explicit)!r}: no SentencePiece model there; pass the "
-                                  f"{TOKENIZER} of the data directory the model was trained on")
-        return p
+        found = [p / n for n in TOKENIZER_FILES if (p / n).is_file()] if p.is_dir() else [p]
+        if not found or not found[0].is_file():
+            raise CheckpointError(f"--tokenizer {str(explicit)!r}: no tokenizer there; pass the {TOKENIZER} or "
+                                  f"{HF_TOKENIZER} of the data directory the model was trained on")
+        return found[0]
     state = src.manifest.get("train_state", {})
     candidates = []
     if state.get("tokenizer"):
         candidates.append(src.path / state["tokenizer"])
     if state.get("data_dir"):
-        candidates.append(Path(state["data_dir"]) / TOKENIZER)
+        candidates += [Path(state["data_dir"]) / n for n in TOKENIZER_FILES]
     for c in candidates:
         if c.is_file():
             return c
@@ -63,20 +69,49 @@ def find_tokenizer(src: TandemSource, explicit: str | Path | None) -> Path:
 
 
 def write_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
-    """Copy the SentencePiece model and write the configs ``LlamaTokenizer`` reads. Returns the
-    special-token ids."""
+    """The tokenizer in the form ``AutoTokenizer`` loads with ``transformers`` and ``tokenizers`` alone: a
+    ``tokenizer.json`` (copied, or built from the SentencePiece model, which is copied too) and its
+    configs. Returns the special-token ids."""
+    if tokenizer.suffix == ".json":
+        return _copy_hf_tokenizer(tokenizer, dst, max_len)
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     shutil.copy(tokenizer, dst / TOKENIZER)
+    sentencepiece_to_hf(tokenizer.read_bytes()).save(str(dst / HF_TOKENIZER))
     ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
     tokens = {f"{k}_token": sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
     write_json_atomic(dst / "tokenizer_config.json", {
         "tokenizer_class": "LlamaTokenizer", **tokens, "add_bos_token": True, "add_eos_token": False,
         "legacy": False, "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-        "sp_model_kwargs": {}})
+        "sp_model_kwargs": {}, "split_special_tokens": True})  # "<s>" in a text is text, as in SentencePiece
     write_json_atomic(dst / "special_tokens_map.json", tokens)
     return {k: (i if i >= 0 else None) for k, i in ids.items()}
+
+
+def _copy_hf_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
+    """A run that used a Hugging Face tokenizer: copy it with the configs found beside it."""
+    from tokenizers import Tokenizer
+
+    shutil.copy(tokenizer, dst / HF_TOKENIZER)
+    cfg_path = tokenizer.parent / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    cfg.setdefault("model_max_length", max_len)
+    cfg.setdefault("split_special_tokens", True)  # as Tandem's data path encoded the training text
+    tok = Tokenizer.from_file(str(tokenizer))
+    if "eos_token" not in cfg:
+        cfg["eos_token"] = next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+    write_json_atomic(dst / "tokenizer_config.json", cfg)
+    if (tokenizer.parent / "special_tokens_map.json").is_file():
+        shutil.copy(tokenizer.parent / "special_tokens_map.json", dst / "special_tokens_map.json")
+
+    def token_id(key):
+        t = cfg.get(f"{key}_token")
+        t = t.get("content") if isinstance(t, dict) else t
+        return tok.token_to_id(t) if t else None
+
+    return {k: token_id(k) for k in ("bos", "eos", "unk", "pad")}
 
 
 # -- to Hugging Face ---------------------------------------------------------------------------
@@ -125,9 +160,13 @@ def from_hf(src: str | Path, dst: str | Path, *, dtype: str = "fp32", max_file_s
     files = {f"part_{i:05d}.safetensors": f for i, f in enumerate(pack(regions, parse_size(max_file_size)))}
     state: dict = {"step": 0, "converted_from": str(Path(src).resolve())}
     with staged_output(dst, force=force) as tmp:
-        if (h.path / TOKENIZER).is_file():
-            shutil.copy(h.path / TOKENIZER, tmp / TOKENIZER)
-            state["tokenizer"] = TOKENIZER
+        # the source's tokenizer comes along, so continued pretraining can set data.tokenizer=DST
+        for name in TOKENIZER_EXTRAS:
+            if (h.path / name).is_file():
+                shutil.copy(h.path / name, tmp / name)
+        found = [n for n in TOKENIZER_FILES if (tmp / n).is_file()]
+        if found:
+            state["tokenizer"] = found[0]
         write_tandem(tmp, files, lambda r: h.read(r.key.removeprefix("model/")).to(r.dtype),
                      model_config=cfg.to_dict(), layout={"tp": 1, "pp": 1, "dp": 1, "converted": "from-hf"},
                      train_state=state, step=0)

@@ -97,10 +97,13 @@ def write_tandem(dst: Path, files: dict[str, list[Region]], read: Callable[[Regi
 
 
 def _copy_extras(src: TandemSource, dst: Path) -> None:
-    """A tokenizer recorded in the checkpoint directory travels with it."""
+    """A tokenizer recorded in the checkpoint directory travels with it, with its companion files."""
     tok = src.manifest.get("train_state", {}).get("tokenizer")
-    if tok and (src.path / tok).is_file():
-        shutil.copy(src.path / tok, dst / tok)
+    if not tok:
+        return
+    for name in {tok, "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}:
+        if (src.path / name).is_file():
+            shutil.copy(src.path / name, dst / name)
 
 
 def _rewrite(src: TandemSource, dst: str | Path, files: dict[str, list[Region]], *, force: bool, how: dict) -> Path:
