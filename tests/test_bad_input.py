@@ -132,3 +132,60 @@ def test_scripts_print_one_error_line_exit_2_and_leave_nothing_behind(data_dir, 
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("error: ") and named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert list(cwd.iterdir()) == []  # no runs/<model>/, no outputs/
+
+
+def _damage(kind, d):
+    """Damage a copy of a prepared data directory the way a user's disk or hands do."""
+    import json
+
+    meta = json.loads((d / "meta.json").read_text())
+    shard = d / meta["splits"]["train"]["shards"][0]["file"]
+    if kind == "missing token file":
+        shard.unlink()
+    elif kind == "token file of odd size":
+        with open(shard, "ab") as f:
+            f.write(b"\0")
+    elif kind == "invalid meta.json":
+        (d / "meta.json").write_text("{not json")
+    elif kind == "ids >= vocab":
+        meta["splits"]["train"]["max_id"] = meta["vocab_size"] + 7
+        (d / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind", ["missing token file", "token file of odd size", "invalid meta.json", "ids >= vocab"])
+def test_a_damaged_data_dir_is_refused_before_step_1(data_dir, tmp_path, capfd, kind):
+    import shutil
+
+    damaged = tmp_path / "data"
+    shutil.copytree(data_dir, damaged)
+    _damage(kind, damaged)
+    code = run_cli(train_in_process, [*SMALL_MODEL, f"data.dir={damaged}", f"run_dir={tmp_path / 'run'}"])
+    err = capfd.readouterr().err
+    line = next((ln for ln in err.splitlines() if ln.startswith("error: ")), err)
+    assert code == 2 and str(damaged) in line and "prepare" in line, err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_binary_corpus_is_a_clear_error(tmp_path, capfd):
+    from scripts.prepare_data import prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "blob.txt").write_bytes(bytes(range(256)) * 64)
+    code = run_cli(prepare, compose_raw([f"data.corpus={corpus}", f"data.dir={tmp_path / 'out'}",
+                                         "model.vocab_size=512"]), False)
+    err = capfd.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "data." in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_to_hf_with_a_tokenizer_that_is_not_one(run_with_checkpoint, tmp_path, capfd):
+    from scripts.convert_checkpoint import main
+
+    bogus = tmp_path / "tokenizer.model"
+    bogus.write_bytes(b"this is not a SentencePiece model")
+    code = main(["to-hf", str(run_with_checkpoint / "checkpoints" / "step_000002"), str(tmp_path / "hf"),
+                 "--tokenizer", str(bogus)])
+    err = capfd.readouterr().err
+    assert code == 2 and "--tokenizer" in err and str(bogus) in err, err[-2000:]
+    assert not (tmp_path / "hf").exists()

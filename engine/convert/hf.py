@@ -24,7 +24,8 @@ from engine.convert.names import hf_config, param_names, to_hf_name
 from engine.convert.sources import HFSource, TandemSource
 from engine.convert.stream import StreamWriter, TensorSpec, dtype_from_name, dtype_name
 from engine.convert.tandem import Region, pack, staged_output, write_tandem
-from engine.data.tokenizer import EOS_CANDIDATES, sentencepiece_to_hf
+from engine.data.errors import DataError
+from engine.data.tokenizer import EOS_CANDIDATES, load_tokenizer, sentencepiece_to_hf
 
 TOKENIZER, HF_TOKENIZER = "tokenizer.model", "tokenizer.json"
 TOKENIZER_FILES = (HF_TOKENIZER, TOKENIZER)  # the Hugging Face form first: it is what transformers loads
@@ -53,6 +54,11 @@ def find_tokenizer(src: TandemSource, explicit: str | Path | None) -> Path:
         if not found or not found[0].is_file():
             raise CheckpointError(f"--tokenizer {str(explicit)!r}: no tokenizer there; pass the {TOKENIZER} or "
                                   f"{HF_TOKENIZER} of the data directory the model was trained on")
+        try:   # before any output is written: a file that does not load is not a tokenizer
+            load_tokenizer(found[0])
+        except DataError as e:
+            raise CheckpointError(f"--tokenizer {str(explicit)!r} does not load as a tokenizer ({e}); pass the "
+                                  f"{TOKENIZER} or {HF_TOKENIZER} of the data directory the model was trained on") from None
         return found[0]
     state = src.manifest.get("train_state", {})
     candidates = []

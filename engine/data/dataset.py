@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.data.errors import DataError
-from engine.data.prepare import FORMAT, is_prepared, tokenizer_hash
+from engine.data.prepare import FORMAT, is_prepared, read_meta, tokenizer_hash
 
 BLEND_PERIOD = 4096  # samples in one repetition of the blending pattern
 
@@ -52,7 +52,7 @@ class TokenData:
         if not is_prepared(d):
             raise DataError(f"{str(d)!r} is not a prepared data directory (no meta.json); run "
                             f"`python scripts/prepare_data.py data.dir={d}` or point data.dir at one")
-        self.dir, self.meta = d, json.loads((d / "meta.json").read_text())
+        self.dir, self.meta = d, read_meta(d)
         if vocab_size is not None and self.meta["vocab_size"] != vocab_size:
             raise DataError(
                 f"the tokenizer in {str(d)!r} has vocab size {self.meta['vocab_size']} but model.vocab_size is "

@@ -83,7 +83,11 @@ def read_chunks(files: list[Path], *, text_key: str, chunk_bytes: int = 1 << 20)
             if pending.items and size + f.stat().st_size > chunk_bytes:
                 yield pending
                 pending, size = Chunk("", "text", 1), 0
-            pending.items.append(f.read_bytes())
+            data = f.read_bytes()
+            if b"\0" in data:  # no text format holds NUL bytes; a tokenizer would learn the binary
+                raise DataError(f"{f} holds NUL bytes: it is a binary file, not text; remove it from data.corpus "
+                                f"or point data.corpus at a glob that leaves it out")
+            pending.items.append(data)
             pending.disk_bytes += f.stat().st_size
             pending.path = pending.path or str(f)
             size += f.stat().st_size

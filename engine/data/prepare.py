@@ -32,6 +32,19 @@ FORMAT = "tandem-data/2"
 SPLIT_SEED = 0  # the validation sample and the tokenizer's training sample do not depend on train.seed
 
 
+def read_meta(data_dir: str | Path) -> dict:
+    """A prepared directory's meta.json, or a DataError saying it is damaged."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}); the prepared directory is damaged, "
+                        f"prepare it again (scripts/prepare_data.py data.dir=... data.force=true)") from None
+    if not isinstance(meta, dict) or "vocab_size" not in meta or "dtype" not in meta:
+        raise DataError(f"{path} is not a Tandem data meta.json (no vocab_size/dtype); prepare the directory again")
+    return meta
+
+
 def is_prepared(data_dir: str | Path) -> bool:
     return (Path(data_dir) / "meta.json").is_file()
 
@@ -277,7 +290,7 @@ def _report(meta: dict, out: Path) -> None:
 def tokenizer_hash(data_dir: str | Path) -> str:
     """The sha256 of a prepared directory's tokenizer (from its meta, or hashed for an older format)."""
     d = Path(data_dir)
-    meta = json.loads((d / "meta.json").read_text())
+    meta = read_meta(d)
     if "tokenizer" in meta:
         return meta["tokenizer"]["sha256"]
     f = d / "tokenizer.model"
