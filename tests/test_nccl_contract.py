@@ -12,6 +12,7 @@
   norm, the loss reduce and the ZeRO broadcast in one go.
 """
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -157,3 +158,17 @@ def test_a_gradient_norm_summed_on_the_host_is_refused(data_dir, tmp_path):
                                    nccl_contract=False):
         (violation,) = results["dp2"]["violations"]
         assert violation.startswith("all_reduce: tensor argument 0 is on cpu, not on the process's meta device")
+
+
+def test_torchrun_launches_of_the_tests_run_under_the_contract():
+    """tests/launch.py's environment (what every torchrun test launch gets) puts each process under the
+    layer before the training script runs."""
+    import subprocess
+
+    from tests.launch import _torchrun_cmd
+
+    _, env = _torchrun_cmd(1, [])
+    probe = ("import torch.distributed as dist; layer = getattr(dist, '_tandem_nccl_contract', None); "
+             "print(type(layer).__name__, dist.batch_isend_irecv.__name__ == 'batch_isend_irecv' and layer is not None)")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["NcclContract", "True"], out.stderr[-2000:]
