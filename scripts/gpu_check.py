@@ -307,7 +307,8 @@ def max_rel_diff(a: list[float], b: list[float]) -> tuple[float, int]:
 # ---- data --------------------------------------------------------------------------------------------
 
 def write_synthetic_data(out_dir: Path, *, vocab_size: int, n_tokens: int, seed: int = 0) -> Path:
-    """A prepared data directory (engine/data.py's meta.json, train.bin, val.bin; no tokenizer.model, as
+    """A prepared data directory in the flat ``tandem-data/1`` layout, which engine/data still reads
+    (meta.json, train.bin, val.bin; no tokenizer.model, as
     nothing here decodes text) of learnable synthetic tokens at any vocabulary size.
 
     Documents are random sequences of phrases from a fixed bank of 2048, and phrase tokens follow a Zipf
@@ -316,7 +317,7 @@ def write_synthetic_data(out_dir: Path, *, vocab_size: int, n_tokens: int, seed:
     model's vocabulary (128256 for llama3_1b); the stdlib one has 4096."""
     import numpy as np
 
-    from engine.data import META_FORMAT, is_prepared
+    from engine.data import is_prepared
 
     out_dir = Path(out_dir)
     if is_prepared(out_dir):
@@ -333,7 +334,7 @@ def write_synthetic_data(out_dir: Path, *, vocab_size: int, n_tokens: int, seed:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens[:-n_val].tofile(out_dir / "train.bin")
     tokens[-n_val:].tofile(out_dir / "val.bin")
-    meta = {"format": META_FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size,
+    meta = {"format": "tandem-data/1", "dtype": np.dtype(dtype).name, "vocab_size": vocab_size,
             "train_tokens": int(n_tokens - n_val), "val_tokens": int(n_val), "corpus": "synthetic (gpu_check.py)",
             "corpus_files": 0, "eos_id": None}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))  # last: it marks the directory complete

@@ -164,12 +164,12 @@ def test_gpu_groups_follow_an_inherited_cuda_visible_devices(gc, tmp_path, monke
 
 
 def test_synthetic_data_is_a_prepared_directory_of_the_asked_vocabulary(gc, tmp_path):
-    from engine.data import TokenData
+    from engine.data import TokenData, open_sources
 
     d = gc.write_synthetic_data(tmp_path / "d", vocab_size=70_000, n_tokens=50_000)
     data = TokenData(d, vocab_size=70_000)
     assert data.meta["dtype"] == "uint32" and len(data.train) + len(data.val) == 50_000
-    x, y = data.train_batch(0, seed=1, batch_size=4, seq_len=64)
+    x, y = open_sources([str(d)], None, vocab_size=70_000).train_batch(0, seed=1, batch_size=4, seq_len=64)
     assert x.shape == (4, 64) and int(x.max()) < 70_000 and (x[:, 1:] == y[:, :-1]).all()
     # learnable: far fewer distinct tokens than the vocabulary (a Zipf law over phrases), so loss can fall
-    assert len(set(data.train.tolist())) < 20_000
+    assert len(set(data.train.read(0, len(data.train)).tolist())) < 20_000
