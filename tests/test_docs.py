@@ -13,7 +13,7 @@ import pytest
 
 from engine.config import Config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # any tests/ depth
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 PAGES = ("design", "parallelism", "schedules", "planner", "kernels", "checkpoints", "conversion",
