@@ -212,7 +212,7 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
     _need(t.global_batch_size % p.micro_batch_size == 0,
           f"train.global_batch_size={t.global_batch_size} is not divisible by parallel.micro_batch_size="
           f"{p.micro_batch_size}; change one so the batch splits into whole micro-batches")
-    from engine.pipeline.schedules import SCHEDULES
+    from engine.pipeline.generators import SCHEDULES
 
     _need(p.schedule in SCHEDULES, f"parallel.schedule={p.schedule!r}: unknown pipeline schedule {p.schedule!r}; "
           f"known schedules: {', '.join(SCHEDULES)}")
@@ -243,7 +243,7 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
 
 
 def validate_planner(cfg: Config) -> None:
-    from engine.pipeline.schedules import SCHEDULES
+    from engine.pipeline.generators import SCHEDULES
 
     pc = cfg.planner
     unknown = [s for s in pc.schedules if s not in SCHEDULES]
