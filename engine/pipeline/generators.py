@@ -2,7 +2,8 @@
 
 A generator only chooses the order of each rank's compute actions; `engine.pipeline.lowering`
 then inserts the p2p actions. `check_schedule_args` is the one place the arguments are checked;
-`build_schedule` runs it before generating anything.
+`build_schedule` runs it before generating anything (`check_schedule_name`, its first part, is
+also the config's check of parallel.schedule).
 """
 from __future__ import annotations
 
@@ -88,11 +89,17 @@ SCHEDULES: dict[str, Callable[[int, int, int], list[list[Action]]]] = {
 }
 
 
+def check_schedule_name(name: str) -> None:
+    """Raise ValueError unless `name` is a known schedule: the part of the check a config can
+    fail at pp=1 too, where no lists are built (`engine.config.validate`)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"parallel.schedule={name!r}: unknown pipeline schedule {name!r}; "
+                         f"known schedules: {', '.join(SCHEDULES)}")
+
+
 def check_schedule_args(name: str, pp: int, n_micro: int, virtual_stages: int = 1) -> None:
     """Raise ValueError naming the bad argument and the fix, before any work is done."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {name!r}; known schedules: {', '.join(SCHEDULES)} "
-                         f"(set parallel.schedule)")
+    check_schedule_name(name)
     if pp < 1 or n_micro < 1 or virtual_stages < 1:
         raise ValueError(f"pp={pp}, micro-batches={n_micro} and virtual_stages={virtual_stages} must all be >= 1")
     if name == "interleaved_1f1b":
