@@ -212,10 +212,12 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
     _need(t.global_batch_size % p.micro_batch_size == 0,
           f"train.global_batch_size={t.global_batch_size} is not divisible by parallel.micro_batch_size="
           f"{p.micro_batch_size}; change one so the batch splits into whole micro-batches")
-    from engine.pipeline.schedules import SCHEDULES
+    from engine.pipeline.generators import check_schedule_name
 
-    _need(p.schedule in SCHEDULES, f"parallel.schedule={p.schedule!r}: unknown pipeline schedule {p.schedule!r}; "
-          f"known schedules: {', '.join(SCHEDULES)}")
+    try:
+        check_schedule_name(p.schedule)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _need(p.layers_per_stage is None or p.pp > 1,
           f"parallel.layers_per_stage={p.layers_per_stage} needs parallel.pp > 1; drop it for pp=1")
     _need(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive (seconds a collective may wait)")
@@ -243,7 +245,7 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
 
 
 def validate_planner(cfg: Config) -> None:
-    from engine.pipeline.schedules import SCHEDULES
+    from engine.pipeline.generators import SCHEDULES
 
     pc = cfg.planner
     unknown = [s for s in pc.schedules if s not in SCHEDULES]

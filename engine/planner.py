@@ -21,6 +21,9 @@ from dataclasses import dataclass, field, replace
 
 from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setup,  # noqa: F401 (re-exported)
                                get_device, profile_items)
+from engine.pipeline.actions import Kind
+from engine.pipeline.generators import build_schedule
+from engine.pipeline.simulate import simulate
 
 
 # -- stages -------------------------------------------------------------------------------------------
@@ -141,9 +144,9 @@ def in_flight_counts(actions_per_rank) -> list[dict[int, int]]:
         total = best_total = 0
         at_best: dict[int, int] = {}
         for a in acts:
-            if a.kind not in ("F", "B", "W"):
+            if a.kind not in (Kind.F, Kind.B, Kind.W):
                 continue
-            step = 1 if a.kind == "F" else -1
+            step = 1 if a.kind == Kind.F else -1
             live[a.stage] = live.get(a.stage, 0) + step
             total += step
             if total > best_total:
@@ -200,8 +203,8 @@ class Candidate:
     peaks: list  # per rank: {virtual stage: count}
 
 
-def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts: list[int], simulate,
-              p2p_time: float, bytes_per_param: float):
+def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts: list[int], p2p_time: float,
+              bytes_per_param: float):
     """Simulated step time, bubble and per-rank reports of a partition."""
     p, v, S = setup.pp, cand.v, setup.pp * cand.v
     starts = [sum(cuts[:k]) for k in range(S)]
@@ -232,9 +235,6 @@ def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: li
                        micro_batch: int, virtual_stages: int = 1, items: list[Item] | None = None):
     """(predicted step seconds, bubble, per-rank `StageReport`s) of one given partition: what the
     planner predicts for a layout chosen by hand (the even split, say)."""
-    from engine.pipeline.schedules import build_schedule
-    from engine.pipeline.simulate import simulate
-
     S = setup.pp * virtual_stages
     if len(layers_per_stage) != S or sum(layers_per_stage) != setup.mcfg.n_layers or min(layers_per_stage) < 1:
         raise ValueError(f"layers_per_stage={list(layers_per_stage)} must give each of the {S} stages at least one "
@@ -243,7 +243,7 @@ def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: li
     cm = CostModel(setup, device, micro_batch)
     actions = build_schedule(schedule, setup.pp, n_micro, virtual_stages=virtual_stages)
     cand = Candidate(schedule, virtual_stages, micro_batch, n_micro, actions, in_flight_counts(actions))
-    return _evaluate(setup, device, items or cm.items(), cand, list(layers_per_stage), simulate, cm.p2p_time(),
+    return _evaluate(setup, device, items or cm.items(), cand, list(layers_per_stage), cm.p2p_time(),
                      cm.state_bytes_per_param())
 
 
@@ -265,9 +265,6 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
 
     ``items_for(mb)`` overrides the analytic per-item costs (profile mode). Raises `Infeasible`
     naming the smallest memory per device that would work when nothing fits."""
-    from engine.pipeline.schedules import build_schedule
-    from engine.pipeline.simulate import simulate
-
     budget = (mem_budget_gb if mem_budget_gb is not None else device.mem_gb) * GB
     limit = budget - device.reserve_gb * GB
     p, L = setup.pp, setup.mcfg.n_layers
@@ -303,7 +300,7 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                 options = [c for c in (cuts, even) if c is not None]
                 results = []
                 for c in options:
-                    step, bubble, reps = _evaluate(setup, device, items, cand, c, simulate, cm.p2p_time(), bpp)
+                    step, bubble, reps = _evaluate(setup, device, items, cand, c, cm.p2p_time(), bpp)
                     peak = max(r.peak_mem for r in reps)
                     if peak + device.reserve_gb * GB < min_needed:
                         min_needed, min_at = peak + device.reserve_gb * GB, (sched, v, mb)

@@ -33,6 +33,7 @@ from engine.metrics import MetricsLog, device_peak_flops
 from engine.data_parallel import OverlappedGradReducer
 from engine.hang import HangReporter
 from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
+from engine.pipeline import PipelineRunner, StepActions, build_step_actions, stage_layer_ranges
 from models import Llama, ModelConfig, init_weights
 
 
@@ -227,14 +228,14 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
         target.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
 
 
-def build_executor(cfg: Config, mcfg: ModelConfig, mesh: Mesh, chunks, n_micro: int):
+def build_executor(cfg: Config, mcfg: ModelConfig, mesh: Mesh, chunks, n_micro: int,
+                   step_actions: StepActions | None = None):
+    """The serial executor for pp=1, else a PipelineRunner over `step_actions` (the launch's proven
+    lists, `build_step_actions`; required when pp > 1)."""
     if mesh.pp == 1:
         return SerialExecutor(chunks[0], n_micro)
-    from engine.pipeline import PipelineRunner
-
     t_local = cfg.train.seq_len // mesh.tp if cfg.parallel.sequence_parallel else cfg.train.seq_len
-    return PipelineRunner(chunks, mesh, schedule=cfg.parallel.schedule, n_microbatches=n_micro,
-                          virtual_stages=cfg.parallel.virtual_stages,
+    return PipelineRunner(chunks, mesh, step_actions,
                           hidden_shape=(cfg.parallel.micro_batch_size, t_local, mcfg.dim))
 
 
@@ -324,11 +325,10 @@ class Trainer:
                 from engine.tensor_parallel import validate_tp
 
                 validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
-            if mesh.pp > 1:
-                from engine.pipeline import check_pipeline
-
-                check_pipeline(n_layers=self.mcfg.n_layers, pp=mesh.pp, n_micro=self.n_micro, schedule=p.schedule,
-                               virtual_stages=p.virtual_stages, layers_per_stage=p.layers_per_stage)
+            self.step_actions = None
+            if mesh.pp > 1:   # the schedule is checked, built and proven here, once per launch
+                stage_layer_ranges(self.mcfg.n_layers, mesh.pp, p.virtual_stages, p.layers_per_stage)
+                self.step_actions = build_step_actions(p.schedule, mesh.pp, self.n_micro, p.virtual_stages)
         except ConfigError:
             raise
         except ValueError as e:
@@ -344,7 +344,7 @@ class Trainer:
         if self.resume_manifest is not None and not cfg.train.eval_only:
             self._check_data_settings(self.resume_manifest["train_state"])
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
-        self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro)
+        self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro, self.step_actions)
         self.refs = param_refs(self.chunks)
         self.dp_reducer = OverlappedGradReducer([r.param for r in self.refs], mesh.dp_group, self.n_micro)
         o = cfg.optim

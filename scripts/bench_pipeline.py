@@ -77,14 +77,14 @@ def _make_step(engine, schedule, args, rank, world):
     None, torch's stages or None)."""
     v = 2 if schedule == "interleaved_1f1b" else 1
     mesh, cfg, chunks = _build(args, world, rank, v)
-    m, mb, T = args.micro, args.mb, args.seq
-    tokens = torch.randint(0, cfg.vocab_size, (m * mb, T + 1), generator=torch.Generator().manual_seed(0))
+    n_micro, mb, T = args.micro, args.mb, args.seq
+    tokens = torch.randint(0, cfg.vocab_size, (n_micro * mb, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
     first, last = mesh.is_first_stage, mesh.is_last_stage
     if engine == "tandem":
-        from engine.pipeline import PipelineRunner
+        from engine.pipeline import PipelineRunner, build_step_actions
 
-        runner = PipelineRunner(chunks, mesh, schedule=schedule, n_microbatches=m, virtual_stages=v,
+        runner = PipelineRunner(chunks, mesh, build_step_actions(schedule, world, n_micro, v),
                                 hidden_shape=(mb, T, cfg.dim))
 
         def step():
@@ -101,7 +101,7 @@ def _make_step(engine, schedule, args, rank, world):
             return head.loss_fn(logits, target)       # the same loss op Tandem's last stage runs
 
         cls = getattr(pipelining, PEER[schedule])
-        sched = cls(stages[0] if cls is pipelining.Schedule1F1B else stages, n_microbatches=m, loss_fn=loss_fn)
+        sched = cls(stages[0] if cls is pipelining.Schedule1F1B else stages, n_microbatches=n_micro, loss_fn=loss_fn)
 
         def step():
             if first:
@@ -164,9 +164,11 @@ def _worker(rank, world, schedule, args, measure):
 
 def _compute_summary(timings):
     """(total compute seconds, {action: seconds}) of one step."""
+    from engine.pipeline.actions import parse_action
+
     per = {}
     for label, start, end in timings:
-        if " " not in label and label[0] in "FBIW" and label[1].isdigit():
+        if " " not in label and parse_action(label).is_compute:
             per[label] = end - start
     return sum(per.values()), per
 
@@ -174,7 +176,7 @@ def _compute_summary(timings):
 def _simulate_measured(results):
     """Simulate Tandem's lists with each rank's measured mean cost per action kind: (simulated
     bubble with the measured p2p-free costs, makespan in seconds)."""
-    from engine.pipeline.schedules import parse_action
+    from engine.pipeline.actions import parse_action
     from engine.pipeline.simulate import simulate
 
     actions, mean = [], []
@@ -183,7 +185,7 @@ def _simulate_measured(results):
         by_kind: dict[str, list[float]] = {}
         for _, per in r["tandem"]["compute"]:
             for label, dt in per.items():
-                by_kind.setdefault(label[0], []).append(dt)
+                by_kind.setdefault(parse_action(label).kind, []).append(dt)
         mean.append({k: statistics.mean(v) for k, v in by_kind.items()})
     sim = simulate(actions, lambda rank, a: mean[rank][a.kind])
     return sim.bubble, sim.makespan

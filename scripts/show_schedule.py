@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.pipeline.schedules import SCHEDULES, build_schedule, format_actions  # noqa: E402
+from engine.pipeline.actions import format_actions  # noqa: E402
+from engine.pipeline.generators import SCHEDULES, build_schedule  # noqa: E402
 from engine.pipeline.simulate import simulate, uniform_cost  # noqa: E402
 
 

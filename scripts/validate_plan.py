@@ -28,6 +28,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from engine import planner as P  # noqa: E402
 from engine.config import Config, ModelSchema, ParallelSchema, TrainSchema  # noqa: E402
+from engine.pipeline.actions import parse_action  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def _worker(rank, port, a, layouts, queue):
     import torch.distributed as dist
 
     from engine.mesh import build_mesh
+    from engine.pipeline import build_step_actions
     from engine.trainer import build_chunks, build_executor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(a.pp),
@@ -77,7 +79,8 @@ def _worker(rank, port, a, layouts, queue):
             cfg = _config(a, lps)
             mcfg = cfg.model.build()
             chunks = build_chunks(cfg, mcfg, mesh)
-            runner = build_executor(cfg, mcfg, mesh, chunks, n_micro)
+            actions = build_step_actions(cfg.parallel.schedule, mesh.pp, n_micro, cfg.parallel.virtual_stages)
+            runner = build_executor(cfg, mcfg, mesh, chunks, n_micro, actions)
             _count_cpu_time(runner)
             runs.append((chunks, runner))
         x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
@@ -94,10 +97,10 @@ def _worker(rank, port, a, layouts, queue):
                     continue
                 res["step"].append(dt)
                 per = {"F": 0.0, "B": 0.0}
-                for label, start, end in runner.timings:  # compute actions are labelled like "F3c0"
-                    kind = label.rstrip("0123456789").rstrip("c").rstrip("0123456789")
-                    if " " not in label and kind in ("F", "B", "I", "W"):
-                        per["F" if kind == "F" else "B"] += end - start
+                for label, start, end in runner.timings:  # compute actions are labelled like "0F3"
+                    a = None if " " in label else parse_action(label)
+                    if a is not None and a.is_compute:
+                        per["F" if a.kind == "F" else "B"] += end - start
                 res["fwd"].append(per["F"] / n_micro)
                 res["bwd"].append(per["B"] / n_micro)
                 res["cpu"].append(sum(runner.cpu_time.values()) / n_micro)
@@ -182,7 +185,7 @@ def main() -> None:
 def replay_step(a, meas) -> float:
     """The 1F1B schedule's makespan with every compute action costing its measured CPU time (the
     fastest over the steps) and free p2p: the step a quiet machine would take, from real timings."""
-    from engine.pipeline.schedules import build_schedule
+    from engine.pipeline.generators import build_schedule
     from engine.pipeline.simulate import simulate
 
     costs = {k: v for m in meas for k, v in m["action_cpu"].items()}

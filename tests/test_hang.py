@@ -65,7 +65,7 @@ def test_reporter_names_a_wait_that_makes_no_progress_and_only_that():
     from engine.hang import HangReporter
 
     out = io.StringIO()
-    stuck = HangReporter(lambda: "step 3: pipeline action RB1c0 (for B1c0) of the 1f1b schedule", 1.0,
+    stuck = HangReporter(lambda: "step 3: pipeline action 0RB1 (for 0B1) of the 1f1b schedule", 1.0,
                          prefix="rank 0 (pp 0, dp 0, tp 0) ", report_after_s=0.3, poll_s=0.02, out=out).start()
     ticks = iter(range(10**9))
     moving = HangReporter(lambda: f"step {next(ticks)}", 1.0, report_after_s=0.3, poll_s=0.02, out=out).start()
@@ -73,7 +73,7 @@ def test_reporter_names_a_wait_that_makes_no_progress_and_only_that():
     stuck.stop(), moving.stop()
     assert len(stuck.reports) == 1 and moving.reports == []   # reported once, not every poll
     assert stuck.reports[0].startswith("rank 0 (pp 0, dp 0, tp 0) no progress for ")
-    assert "waiting on step 3: pipeline action RB1c0 (for B1c0) of the 1f1b schedule" in out.getvalue()
+    assert "waiting on step 3: pipeline action 0RB1 (for 0B1) of the 1f1b schedule" in out.getvalue()
 
 
 def test_on_cuda_the_report_names_the_action_the_gpu_has_not_finished():
@@ -88,7 +88,7 @@ def test_on_cuda_the_report_names_the_action_the_gpu_has_not_finished():
             return self.done
 
     runner = PipelineRunner.__new__(PipelineRunner)
-    runner._events = [("F0c0", Event(True)), ("SF0c0", Event(True)), ("RB0c0", Event(False)), ("B0c0", Event(False))]
-    assert runner.stuck_action() == "RB0c0"
-    runner._events = [("F0c0", Event(True))]
+    runner._events = [("0F0", Event(True)), ("0SF0", Event(True)), ("0RB0", Event(False)), ("0B0", Event(False))]
+    assert runner.stuck_action() == "0RB0"
+    runner._events = [("0F0", Event(True))]
     assert runner.stuck_action() is None

@@ -25,9 +25,16 @@ def _serial(cfg, x, y):
     return model, loss.detach()
 
 
+def _runner(chunks, mesh, schedule: str, n_micro: int, virtual_stages: int = 1, **kwargs):
+    """A runner over the proven lists the trainer would hand it (built here once per runner)."""
+    from engine.pipeline import PipelineRunner, build_step_actions
+
+    return PipelineRunner(chunks, mesh, build_step_actions(schedule, mesh.pp, n_micro, virtual_stages), **kwargs)
+
+
 def _run_cases(rank, world, cases):
     from engine.mesh import build_mesh
-    from engine.pipeline import PipelineRunner, build_stage_chunks, sync_tied_grads
+    from engine.pipeline import build_stage_chunks, sync_tied_grads
     from models import ModelConfig, init_weights
 
     mesh = build_mesh(pp=world)
@@ -43,8 +50,7 @@ def _run_cases(rank, world, cases):
         chunks = build_stage_chunks(cfg, mesh, layers_per_stage=case.get("layers"), virtual_stages=v)
         for c in chunks:
             init_weights(c, seed=0, n_layers=cfg.n_layers, device="cpu")
-        runner = PipelineRunner(chunks, mesh, schedule=case["schedule"], n_microbatches=m, virtual_stages=v,
-                                hidden_shape=(MB, T, cfg.dim))
+        runner = _runner(chunks, mesh, case["schedule"], m, v, hidden_shape=(MB, T, cfg.dim))
         inputs = x if mesh.is_first_stage else None
         targets = y if mesh.is_last_stage else None
         with torch.no_grad():
@@ -85,21 +91,24 @@ def _record_p2p_tags() -> list[int]:
 def _runtime_errors(rank, world):
     """Bad runner input is a clear error before any communication."""
     from engine.mesh import build_mesh
-    from engine.pipeline import PipelineRunner, build_stage_chunks
+    from engine.pipeline import PipelineRunner, build_stage_chunks, build_step_actions
     from models import ModelConfig, init_weights
 
     mesh = build_mesh(pp=world)
     cfg = ModelConfig(**BASE, n_layers=4)
     chunks = [init_weights(c, seed=0, n_layers=4, device="cpu") for c in build_stage_chunks(cfg, mesh)]
     messages = []
-    for kwargs in ({"schedule": "1f1b", "n_microbatches": 2, "virtual_stages": 2},
-                   {"schedule": "interleaved_1f1b", "n_microbatches": 3, "virtual_stages": 2},
-                   {"schedule": "looped", "n_microbatches": 2}):
+    for args in (("1f1b", 2, 2), ("interleaved_1f1b", 3, 2), ("looped", 2)):
         try:
-            PipelineRunner(chunks, mesh, hidden_shape=(MB, T, cfg.dim), **kwargs)
+            _runner(chunks, mesh, *args, hidden_shape=(MB, T, cfg.dim))
         except ValueError as e:
             messages.append(str(e))
-    runner = PipelineRunner(chunks, mesh, schedule="1f1b", n_microbatches=2, hidden_shape=(MB, T, cfg.dim))
+    for actions in (build_step_actions("1f1b", 2 * world, 2), build_step_actions("gpipe", world, 2, 2)):
+        try:
+            PipelineRunner(chunks, mesh, actions, hidden_shape=(MB, T, cfg.dim))
+        except ValueError as e:
+            messages.append(str(e))
+    runner = _runner(chunks, mesh, "1f1b", 2, hidden_shape=(MB, T, cfg.dim))
     wrong = torch.zeros(3 * MB, T, dtype=torch.long)
     try:
         runner.forward_backward(wrong if mesh.is_first_stage else None, wrong if mesh.is_last_stage else None)
@@ -155,7 +164,7 @@ def _tp_zero_bubble_cases(rank, world, cases):
     gradients each action changed. Then loss and every gradient, gathered to global shape, against
     the serial model."""
     from engine.mesh import build_mesh
-    from engine.pipeline import PipelineRunner, build_stage_chunks, sync_tied_grads
+    from engine.pipeline import build_stage_chunks, sync_tied_grads
     from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear, parallelize, sync_tp_grads
     from engine.trainer import apply_recompute
     from models import ModelConfig, init_weights
@@ -175,8 +184,8 @@ def _tp_zero_bubble_cases(rank, world, cases):
         parallelize(chunk, mesh, sequence_parallel=sp)
         init_weights(chunk, seed=0, n_layers=cfg.n_layers, device="cpu")
         apply_recompute(chunk, case.get("recompute", "none"))
-        runner = PipelineRunner([chunk], mesh, schedule="zb_h1", n_microbatches=m,
-                                hidden_shape=(MB, T // mesh.tp if sp else T, cfg.dim))
+        runner = _runner([chunk], mesh, "zb_h1", m,
+                         hidden_shape=(MB, T // mesh.tp if sp else T, cfg.dim))
         params = dict(chunk.named_parameters())
         name_of = {id(p): n for n, p in params.items()}
         deferred = {f"{n}.weight" for n, mod in chunk.named_modules()
@@ -306,11 +315,13 @@ def test_activations_are_released_within_the_schedule_bound_and_bad_input_is_ref
     assert max(r[2]["live_peak"] for r in results) <= 2
     # same world: bad runner input is a clear error before any communication
     for _, messages in both:
-        assert len(messages) == 4
+        assert len(messages) == 6
         assert "1f1b runs one chunk per rank but parallel.virtual_stages=2" in messages[0]
         assert "micro-batches (3) to be a multiple of pp=2" in messages[1]
         assert "unknown pipeline schedule 'looped'; known schedules: gpipe, 1f1b, interleaved_1f1b, zb_h1" in messages[2]
-        assert "expects" in messages[3] and "2 micro-batches × 2 rows, got (6, 8)" in messages[3]
+        assert "action lists built for pp=4 given to a mesh with pp=2" in messages[3]
+        assert "got 1 model chunks for virtual_stages=2" in messages[4]
+        assert "expects" in messages[5] and "2 micro-batches × 2 rows, got (6, 8)" in messages[5]
 
 
 @pytest.mark.parametrize("args,match", [

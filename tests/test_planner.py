@@ -130,7 +130,7 @@ def test_bad_input_errors_name_the_fix():
 
 
 def test_in_flight_activations_follow_the_schedule():
-    from engine.pipeline.schedules import build_schedule
+    from engine.pipeline.generators import build_schedule
 
     p, m = 4, 8
     assert [sum(d.values()) for d in P.in_flight_counts(build_schedule("1f1b", p, m))] == [4, 3, 2, 1]

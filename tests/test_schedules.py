@@ -1,8 +1,10 @@
 """Pipeline schedules and the simulator: pure Python, no processes."""
 import pytest
 
-from engine.pipeline.schedules import (SCHEDULES, Action, build_schedule, check_p2p_order, format_actions,
-                                       p2p_streams, parse_action, validate_schedule)
+from engine.pipeline.actions import Action, Kind, format_actions, parse_action
+from engine.pipeline.generators import SCHEDULES, build_schedule
+from engine.pipeline.lowering import p2p_streams
+from engine.pipeline.validate import build_step_actions, check_p2p_order, validate_schedule
 from engine.pipeline.simulate import simulate, uniform_cost
 
 COMBOS = [(name, pp, m, v)
@@ -80,14 +82,27 @@ def test_unequal_costs_and_p2p_time_lengthen_the_makespan():
 
 
 def test_action_text_round_trips_and_prints_compactly():
-    a = Action("F", 3, 1)
-    assert str(a) == "F3c1" and parse_action("F3c1") == a
-    assert parse_action("SB12c7") == Action("SB", 12, 7)
-    assert Action("SF", 2, 0).partner() == Action("RF", 2, 1)
+    a = Action(1, "F", 3)
+    assert str(a) == "1F3" and parse_action("1F3") == a
+    assert parse_action("7SB12") == Action(7, "SB", 12)
+    assert Action(0, "SF", 2).partner() == Action(1, "RF", 2)
     text = format_actions(build_schedule("1f1b", 2, 2))
-    assert text.splitlines()[0].startswith("rank 0: F0c0 SF0c0")
+    assert text.splitlines()[0].startswith("rank 0: 0F0 0SF0")
     with pytest.raises(ValueError, match="unknown action kind"):
-        Action("X", 0, 0)
+        Action(0, "X", 0)
+
+
+def test_every_kind_round_trips_with_the_stage_first():
+    for kind in Kind:
+        a = Action(12, kind, 7)
+        assert str(a) == f"12{kind.value}7" and parse_action(str(a)) == a and a.kind is kind
+        assert a.is_compute == (kind in ("F", "B", "I", "W")) and a.is_p2p != a.is_compute
+    assert Action(1, "F", 3) == Action(1, Kind.F, 3) and len({Action(1, "F", 3), Action(1, Kind.F, 3)}) == 1
+    assert sorted([Action(1, "B", 0), Action(0, "F", 1), Action(0, "B", 2)]) == \
+        [Action(0, "B", 2), Action(0, "F", 1), Action(1, "B", 0)]
+    for text in ("F3c1", "1F", "F3", "1f3"):
+        with pytest.raises(ValueError, match="cannot parse action"):
+            parse_action(text)
 
 
 def test_chart_draws_every_rank():
@@ -100,19 +115,19 @@ def test_chart_draws_every_rank():
 
 def test_validator_rejects_incomplete_and_misordered_lists():
     good = build_schedule("1f1b", 2, 2)
-    missing = [list(good[0]), [a for a in good[1] if a != Action("B", 1, 1)]]
-    with pytest.raises(ValueError, match="missing B1c1"):
+    missing = [list(good[0]), [a for a in good[1] if a != Action(1, "B", 1)]]
+    with pytest.raises(ValueError, match="missing 1B1"):
         validate_schedule(missing, 2, 2)
-    unmatched = [list(good[0]), [a for a in good[1] if a != Action("SB", 0, 1)]]
-    with pytest.raises(ValueError, match="no matching SB0c1"):
+    unmatched = [list(good[0]), [a for a in good[1] if a != Action(1, "SB", 0)]]
+    with pytest.raises(ValueError, match="no matching 1SB0"):
         validate_schedule(unmatched, 2, 2)
-    wrong_rank = [list(good[0]) + [Action("F", 0, 1)], list(good[1])]
+    wrong_rank = [list(good[0]) + [Action(1, "F", 0)], list(good[1])]
     with pytest.raises(ValueError, match="lives on rank 1"):
         validate_schedule(wrong_rank, 2, 2)
     backward_first = [list(good[0]), list(good[1])]
-    i, j = backward_first[1].index(Action("F", 0, 1)), backward_first[1].index(Action("B", 0, 1))
+    i, j = backward_first[1].index(Action(1, "F", 0)), backward_first[1].index(Action(1, "B", 0))
     backward_first[1][i], backward_first[1][j] = backward_first[1][j], backward_first[1][i]
-    with pytest.raises(ValueError, match="B0c1 runs before F0c1"):
+    with pytest.raises(ValueError, match="1B0 runs before 1F0"):
         validate_schedule(backward_first, 2, 2)
 
 
@@ -133,6 +148,8 @@ def test_every_rank_pair_receives_in_send_order():
         actions = build_schedule(name, pp, m, v)
         validate_schedule(actions, pp, m, v)           # runs check_p2p_order
         forward_only = [[a for a in acts if a.kind in ("F", "SF", "RF")] for acts in build_schedule("gpipe", pp, m, v)]
+        step = build_step_actions(name, pp, m, v)    # what the trainer hands the runtime
+        assert (step.train, step.forward, step.n_micro, step.virtual_stages) == (actions, forward_only, m, v)
         for lists in (actions, forward_only):
             check_p2p_order(lists, pp)
             for (src, dst), (sends, recvs) in p2p_streams(lists, pp).items():
@@ -144,29 +161,29 @@ def test_every_rank_pair_receives_in_send_order():
 
 def test_validator_rejects_sends_in_another_order_than_their_receives():
     # rank 0 posts micro-batch 1's activation before micro-batch 0's; rank 1 receives 0 first.
-    # Tags would sort this out; NCCL would hand F0c1 micro-batch 1's activation.
+    # Tags would sort this out; NCCL would hand 1F0 micro-batch 1's activation.
     good = build_schedule("gpipe", 2, 2)
-    swapped = [[Action("F", 0, 0), Action("F", 1, 0), Action("SF", 1, 0), Action("SF", 0, 0)]
+    swapped = [[Action(0, "F", 0), Action(0, "F", 1), Action(0, "SF", 1), Action(0, "SF", 0)]
                + good[0][4:], list(good[1])]
     with pytest.raises(ValueError, match=r"p2p order mismatch from rank 0 to rank 1 at message 0: rank 0 posts "
-                                         r"SF1c0 \(micro-batch 1, activation from stage 0 to stage 1\), but rank 1 "
-                                         r"posts RF0c1, which expects SF0c0 \(micro-batch 0"):
+                                         r"0SF1 \(micro-batch 1, activation from stage 0 to stage 1\), but rank 1 "
+                                         r"posts 1RF0, which expects 0SF0 \(micro-batch 0"):
         validate_schedule(swapped, 2, 2)
     # the interleaved case the generator once got wrong: two receives of one batch sorted by stage
     actions = build_schedule("interleaved_1f1b", 4, 8, 2)
-    i, j = actions[2].index(Action("RF", 3, 6)), actions[2].index(Action("RF", 4, 2))
+    i, j = actions[2].index(Action(6, "RF", 3)), actions[2].index(Action(2, "RF", 4))
     assert j == i + 1
     actions[2][i], actions[2][j] = actions[2][j], actions[2][i]
-    with pytest.raises(ValueError, match=r"from rank 1 to rank 2 at message 7: rank 1 posts SF3c5 .* but rank 2 "
-                                         r"posts RF4c2, which expects SF4c1"):
+    with pytest.raises(ValueError, match=r"from rank 1 to rank 2 at message 7: rank 1 posts 5SF3 .* but rank 2 "
+                                         r"posts 2RF4, which expects 1SF4"):
         validate_schedule(actions, 4, 8, 2)
 
 
 def test_validator_finds_deadlock():
     # rank 0 waits for the gradient before sending the activation the gradient depends on
-    deadlock = [[Action("RB", 0, 0), Action("F", 0, 0), Action("SF", 0, 0), Action("B", 0, 0)],
-                [Action("RF", 0, 1), Action("F", 0, 1), Action("B", 0, 1), Action("SB", 0, 1)]]
-    with pytest.raises(ValueError, match="deadlocks: rank 0 waits in batch \\[RB0c0\\]"):
+    deadlock = [[Action(0, "RB", 0), Action(0, "F", 0), Action(0, "SF", 0), Action(0, "B", 0)],
+                [Action(1, "RF", 0), Action(1, "F", 0), Action(1, "B", 0), Action(1, "SB", 0)]]
+    with pytest.raises(ValueError, match="deadlocks: rank 0 waits in batch \\[0RB0\\]"):
         validate_schedule(deadlock, 2, 1)
 
 

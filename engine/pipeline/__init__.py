@@ -1,11 +1,19 @@
-"""Pipeline parallelism: schedules as data, a simulator, and the runtime that executes them.
+"""Pipeline parallelism: schedules as data, proven before they run, and the runtime that executes them.
 
-    schedules.py  per-rank action lists for gpipe, 1f1b, interleaved_1f1b, zb_h1, and their validator
-    simulate.py   action lists + costs -> timeline, bubble, peak activations, ASCII chart
-    stages.py     layer ranges per stage, this rank's chunks, tied-embedding gradient exchange
-    runtime.py    PipelineRunner: executes one rank's list with batched non-blocking p2p
+Dependencies point down this list; each module imports only those above it.
+
+    actions.py     the IR: Action (stage, Kind, micro-batch), text form "1F3", the dependency rule
+    lowering.py    compute orders -> lists with SF/RF/SB/RB placed; p2p batches and per-pair streams
+    generators.py  gpipe, 1f1b, interleaved_1f1b, zb_h1; the one check of schedule arguments
+    simulate.py    event simulation: lists + costs -> timeline, bubble, peak activations, ASCII chart
+    validate.py    the proof (complete, ordered, NCCL-order consistent, deadlock-free) and
+                   build_step_actions: a launch's lists, built and proven once
+    stages.py      layer ranges per stage, this rank's chunks, tied-embedding gradient exchange
+    runtime.py     PipelineRunner: executes one rank's proven lists with batched non-blocking p2p
 """
 from engine.pipeline.runtime import PipelineRunner
-from engine.pipeline.stages import build_stage_chunks, check_pipeline, stage_layer_ranges, sync_tied_grads
+from engine.pipeline.stages import build_stage_chunks, stage_layer_ranges, sync_tied_grads
+from engine.pipeline.validate import StepActions, build_step_actions
 
-__all__ = ["PipelineRunner", "build_stage_chunks", "check_pipeline", "stage_layer_ranges", "sync_tied_grads"]
+__all__ = ["PipelineRunner", "StepActions", "build_stage_chunks", "build_step_actions", "stage_layer_ranges",
+           "sync_tied_grads"]

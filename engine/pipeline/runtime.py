@@ -8,11 +8,11 @@
   and matches a rank pair's messages in posting order, and gloo matches same-tag messages of a
   pair in posting order too, so CPU runs exercise the very matching GPUs do. That is correct
   because the validator proves, for every ordered rank pair, that the receives are posted in the
-  order of the sends (`schedules.check_p2p_order`). Peers are the pp ranks with
+  order of the sends (`validate.check_p2p_order`). Peers are the pp ranks with
   this rank's dp and tp coordinates, so the runtime composes with tensor and data parallelism.
 * Memory: a stage's input and output for a micro-batch are kept from its F until its backward
   (B, or I for the graph) and dropped then; `live_peak` records the most that were alive at once.
-* Loss: each micro-batch's loss is scaled by 1/m before backward, so the accumulated gradients
+* Loss: each micro-batch's loss is scaled by 1/n_micro before backward, so the accumulated gradients
   equal the serial step's over the whole batch.
 * Zero-bubble (I/W): every `nn.Linear` in the chunks, the matmul of every tensor-parallel linear
   (the vocab-parallel head included) and a last stage's tied head run through `_DeferredWeightGrad`
@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.mesh import Mesh
-from engine.pipeline.schedules import Action, build_schedule, check_schedule_args, p2p_batches, validate_schedule
+from engine.pipeline.actions import Action, Kind
+from engine.pipeline.lowering import p2p_batches
+from engine.pipeline.validate import StepActions
 from engine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, linear_weight_grad, save_matmul_input,
                                     unpack_matmul_input)
 
@@ -160,28 +162,27 @@ def defer_weight_grads(chunks: Sequence[nn.Module], store: WeightGradStore) -> N
 
 
 class PipelineRunner:
-    """Runs a step's micro-batches through this rank's chunks following the named schedule."""
+    """Runs a step's micro-batches through this rank's chunks following proven action lists
+    (`engine.pipeline.validate.build_step_actions`, built once per launch by the trainer)."""
 
-    def __init__(self, chunks: Sequence[nn.Module], mesh: Mesh, *, schedule: str, n_microbatches: int,
-                 virtual_stages: int = 1, hidden_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32):
-        check_schedule_args(schedule, mesh.pp, n_microbatches, virtual_stages)
-        if len(chunks) != virtual_stages:
-            raise ValueError(f"got {len(chunks)} model chunks for virtual_stages={virtual_stages}; "
-                             f"build them with build_stage_chunks(..., virtual_stages={virtual_stages})")
+    def __init__(self, chunks: Sequence[nn.Module], mesh: Mesh, actions: StepActions, *,
+                 hidden_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32):
+        if actions.pp != mesh.pp:
+            raise ValueError(f"action lists built for pp={actions.pp} given to a mesh with pp={mesh.pp}")
+        if len(chunks) != actions.virtual_stages:
+            raise ValueError(f"got {len(chunks)} model chunks for virtual_stages={actions.virtual_stages}; "
+                             f"build them with build_stage_chunks(..., virtual_stages={actions.virtual_stages})")
         self.chunks = list(chunks)
         self.mesh = mesh
-        self.pp, self.v, self.m = mesh.pp, virtual_stages, n_microbatches
+        self.pp, self.v, self.n_micro = mesh.pp, actions.virtual_stages, actions.n_micro
         self.n_stages = self.pp * self.v
         self.hidden_shape = tuple(hidden_shape)
         self.dtype = dtype
-        self.schedule = schedule
-        all_actions = build_schedule(schedule, self.pp, n_microbatches, virtual_stages)
-        validate_schedule(all_actions, self.pp, n_microbatches, virtual_stages)
-        self.actions = all_actions[mesh.pp_rank]
-        fwd_only = build_schedule("gpipe", self.pp, n_microbatches, virtual_stages)[mesh.pp_rank]
-        self.forward_actions = [a for a in fwd_only if a.kind in ("F", "SF", "RF")]
+        self.schedule = actions.schedule
+        self.actions = actions.train[mesh.pp_rank]
+        self.forward_actions = actions.forward[mesh.pp_rank]
         self.store = WeightGradStore()
-        if any(a.kind == "W" for a in self.actions):
+        if any(a.kind == Kind.W for a in self.actions):
             defer_weight_grads(self.chunks, self.store)
         # last step: (action(s), start, end) in seconds from the step's start; a compute action's
         # start excludes the time it waited for its received input
@@ -209,7 +210,7 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------------------------- step
     def forward_backward(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *, backward: bool = True):
-        """One step. ``inputs`` (m·mb, T) tokens on the first stage, ``targets`` on the last, None
+        """One step. ``inputs`` (n_micro·mb, T) tokens on the first stage, ``targets`` on the last, None
         elsewhere. Returns the mean loss over the micro-batches on the last stage, else None."""
         mesh, mb = self.mesh, self.hidden_shape[0]
         if mesh.is_first_stage:
@@ -250,7 +251,7 @@ class PipelineRunner:
         self._acts = {}
         if backward and leftovers:
             raise RuntimeError(f"pipeline step ended with activations still held for {leftovers}")
-        return self._loss / self.m if mesh.is_last_stage else None
+        return self._loss / self.n_micro if mesh.is_last_stage else None
 
     def stuck_action(self) -> str | None:
         """On CUDA, the first action of the running step the GPU has not finished (None when all
@@ -259,24 +260,23 @@ class PipelineRunner:
 
     def _split(self, t: torch.Tensor | None, what: str) -> list[torch.Tensor]:
         mb = self.hidden_shape[0]
-        if t is None or t.shape[0] != self.m * mb:
+        if t is None or t.shape[0] != self.n_micro * mb:
             got = None if t is None else tuple(t.shape)
-            raise ValueError(f"pipeline stage expects {what} of {self.m} micro-batches × {mb} rows, got {got}")
+            raise ValueError(f"pipeline stage expects {what} of {self.n_micro} micro-batches × {mb} rows, got {got}")
         return list(t.split(mb))
 
     # ------------------------------------------------------------------------------------- p2p
     def _communicate(self, batch: list[Action]) -> None:
         # tag 0 for every message: ends are paired by posting order per rank pair, as under NCCL
-        # (validate_schedule proved the orders equal; the forward-only lists are gpipe's minus its
-        # backward messages, the same filter on both ends, so their orders are equal as well)
+        # (build_step_actions proved the orders equal, for the training and the forward-only lists)
         self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]   # drop finished sends
         ops, recvs = [], []
         for a in batch:
-            if a.kind == "SF":
+            if a.kind == Kind.SF:
                 key = (a.mb, a.stage)
                 tensor = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
                 ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=0))
-            elif a.kind == "SB":
+            elif a.kind == Kind.SB:
                 tensor = self._grads.pop((a.mb, a.stage))
                 ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=0))
             else:
@@ -313,7 +313,7 @@ class PipelineRunner:
             key = (a.mb, a.stage - 1)
             h = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
         else:
-            h = self._take(Action("RF", a.mb, a.stage))
+            h = self._take(Action(a.stage, Kind.RF, a.mb))
         return h.requires_grad_(torch.is_grad_enabled())
 
     def _run_F(self, a: Action) -> None:
@@ -322,7 +322,7 @@ class PipelineRunner:
         if a.stage == self.n_stages - 1:
             loss = chunk(x, self._y[a.mb])
             self._loss = self._loss + loss.detach()
-            out = loss / self.m
+            out = loss / self.n_micro
             if not torch.is_grad_enabled():
                 return
         else:
@@ -339,7 +339,7 @@ class PipelineRunner:
             if (a.stage + 1) % self.pp == a.stage % self.pp:     # next stage on this rank
                 grad = self._grads.pop((a.mb, a.stage + 1))
             else:
-                grad = self._take(Action("RB", a.mb, a.stage))
+                grad = self._take(Action(a.stage, Kind.RB, a.mb))
             torch.autograd.backward(out, grad)
         if a.stage > 0:
             self._grads[(a.mb, a.stage)] = x.grad

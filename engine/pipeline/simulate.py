@@ -1,17 +1,68 @@
-"""Action lists + per-action costs -> timeline, makespan, bubble and peak activations per rank.
+"""Event simulation of action lists: timeline, makespan, bubble and peak activations per rank.
 
-The simulation executes the lists exactly as the runtime does (see schedules.run_batches):
-compute actions back to back, consecutive p2p actions as one batch that waits for its partners.
-The planner uses it to compare schedules and micro-batch counts without running anything.
+`run_batches` executes the lists exactly as the runtime does: compute actions back to back,
+consecutive p2p actions as one batch that waits for its partners. The validator runs it with
+rendezvous semantics to prove lists deadlock-free; `simulate` runs it with per-action costs so
+the planner can compare schedules and micro-batch counts without running anything.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from engine.pipeline.schedules import Action, run_batches
+from engine.pipeline.actions import Action, Kind
+from engine.pipeline.lowering import p2p_batches, p2p_streams
 
-CHART_GLYPH = {"F": "F", "B": "B", "I": "I", "W": "W"}
+
+def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[int, Action], float],
+                p2p_time: float, *, rendezvous: bool = True) -> tuple[list[list[tuple[float, float, Action]]], float]:
+    """Compute actions take cost(rank, action). A p2p batch is posted when its rank reaches it and
+    completes p2p_time after the last of its partners has been posted; the partner of the k-th
+    send from one rank to another is the k-th receive posted there from that rank. With
+    `rendezvous` a send waits for its receive like a receive waits for its send (the strict model
+    the validator proves deadlock-free: an NCCL group kernel on one stream finishes a batch only
+    once all its operations are matched); without it sends are buffered and only receives wait,
+    which is how the runtime behaves on gloo (it waits on its sends lazily).
+    Returns each rank's timeline [(start, end, action)] and the makespan; raises ValueError naming
+    the stuck actions on deadlock.
+    """
+    batches = [p2p_batches(acts) for acts in actions]
+    # ordered matching, as NCCL (and the tag-0 runtime) does: the k-th send from src to dst meets
+    # the k-th receive dst posts from src, whatever messages they name (check_p2p_order proves
+    # they name the same one); an op without a counterpart never completes
+    match: dict[Action, Action] = {}
+    for sends, recvs in p2p_streams(actions, pp).values():
+        for s, r in zip(sends, recvs):
+            match[s], match[r] = r, s
+    posted: dict[Action, float] = {}          # p2p action -> time its batch was posted
+    pos, clock = [0] * pp, [0.0] * pp
+    timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(pp):
+            while pos[r] < len(batches[r]):
+                item = batches[r][pos[r]]
+                if isinstance(item, Action):
+                    c = float(cost(r, item))
+                    timeline[r].append((clock[r], clock[r] + c, item))
+                    clock[r] += c
+                else:
+                    for a in item:
+                        posted.setdefault(a, clock[r])
+                    partners = [match.get(a) for a in item if rendezvous or a.kind.is_recv]
+                    if any(p is None or p not in posted for p in partners):
+                        break
+                    end = max([clock[r]] + [posted[p] for p in partners]) + p2p_time
+                    timeline[r].extend((clock[r], end, a) for a in item)
+                    clock[r] = end
+                pos[r] += 1
+                progressed = True
+    stuck = {r: [str(a) for a in batches[r][pos[r]]] for r in range(pp) if pos[r] < len(batches[r])}
+    if stuck:
+        detail = "; ".join(f"rank {r} waits in batch [{' '.join(b)}]" for r, b in stuck.items())
+        raise ValueError(f"schedule deadlocks: {detail}")
+    return timeline, max(clock) if clock else 0.0
 
 
 @dataclass
@@ -28,7 +79,7 @@ class SimResult:
 
     def chart(self, width: int = 100) -> str:
         """ASCII timeline: one row per rank, each compute action drawn as its label ("F3" or, with
-        several chunks per rank, "F3c1") stretched to its duration; '.' is idle or waiting."""
+        several chunks per rank, the full "1F3") stretched to its duration; '.' is idle or waiting."""
         if self.makespan <= 0:
             return "\n".join(f"rank {r} |" for r in range(self.pp))
         scale = width / self.makespan
@@ -40,7 +91,7 @@ class SimResult:
                 if not a.is_compute:
                     continue
                 lo, hi = round(start * scale), max(round(end * scale), round(start * scale) + 1)
-                label = f"{a.kind}{a.mb}" + (f"c{a.stage}" if multi_chunk else "")
+                label = str(a) if multi_chunk else f"{a.kind}{a.mb}"
                 text = (label + "-" * (hi - lo))[: hi - lo] if hi - lo > 1 else a.kind
                 for k, ch in enumerate(text):
                     if lo + k < width:
@@ -70,10 +121,10 @@ def _peak_held(row: list[tuple[float, float, Action]]) -> int:
     needs the stage's inputs) has finished."""
     held = peak = 0
     for _, _, a in row:               # a rank's actions run in list order, so list order is time order
-        if a.kind == "F":
+        if a.kind == Kind.F:
             held += 1
             peak = max(peak, held)
-        elif a.kind in ("B", "W"):
+        elif a.kind in (Kind.B, Kind.W):
             held -= 1
     return peak
 
@@ -81,5 +132,5 @@ def _peak_held(row: list[tuple[float, float, Action]]) -> int:
 def uniform_cost(f: float = 1.0, b: float = 2.0, w: float | None = None) -> Callable[[int, Action], float]:
     """Equal cost on every rank: F = f, B = b, and for split backwards I = b - w, W = w (w defaults to b/2)."""
     w = b / 2 if w is None else w
-    table = {"F": f, "B": b, "I": b - w, "W": w}
+    table = {Kind.F: f, Kind.B: b, Kind.I: b - w, Kind.W: w}
     return lambda rank, a: table[a.kind]

@@ -47,15 +47,6 @@ def stage_layer_ranges(n_layers: int, pp: int, virtual_stages: int = 1,
     return ranges
 
 
-def check_pipeline(*, n_layers: int, pp: int, n_micro: int, schedule: str, virtual_stages: int = 1,
-                   layers_per_stage: Sequence[int] | None = None) -> None:
-    """Every pipeline error the config can cause, raised before any data or model is touched."""
-    from engine.pipeline.schedules import check_schedule_args
-
-    check_schedule_args(schedule, pp, n_micro, virtual_stages)
-    stage_layer_ranges(n_layers, pp, virtual_stages, layers_per_stage)
-
-
 def build_stage_chunks(mcfg: ModelConfig, mesh: Mesh, *, layers_per_stage: Sequence[int] | None = None,
                        virtual_stages: int = 1, kernels: str = "torch") -> list[Llama]:
     """This pp rank's model chunks on the meta device, in local order (chunk c = stage c*pp + pp_rank)."""
