@@ -394,9 +394,9 @@ def _mark_grad_sync(module: nn.Module, attr: str, kind: str) -> None:
 
 def _enter_hook(group, sequence_parallel):
     def hook(module, args):
-        # ``sp_regather = False`` (set by `apply_recompute` where a checkpoint keeps or recomputes
-        # the gathered input anyway): save the gathered input as before, no re-gather
-        regather = getattr(module, "sp_regather", True)
+        # a part running inside an activation checkpoint (its declared recompute mode, see
+        # engine.recompute) keeps or recomputes the gathered input anyway: no re-gather
+        regather = not module.checkpointed
         return (enter_tp(args[0], group, sequence_parallel, regather=regather), *args[1:])
     return hook
 

@@ -8,15 +8,25 @@ every layout (``layers.7.attention.wq.weight`` is that weight on any stage, in a
 With tied embeddings the output head reuses ``tok_embeddings.weight``. A last stage that does not
 hold the first layer keeps its own copy under that same name; the pipeline engine adds the two
 copies' gradients.
+
+Execution choices are declared state of the modules, set by one function each and read by the
+forwards, so nothing replaces a method and the order of applying them does not matter:
+
+* ``recompute`` (TransformerBlock, Attention, FeedForward; set by `engine.recompute.apply_recompute`):
+  ``full`` runs the whole block inside an activation checkpoint, ``selective`` only the attention
+  body. `Attention.checkpointed` / `FeedForward.checkpointed` say whether a part runs inside one.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import Ops, get_ops, rope_cos_sin
 from models.config import ModelConfig
+
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 class RMSNorm(nn.Module):
@@ -54,8 +64,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.recompute = "none"
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether this forward runs inside an activation checkpoint (its own under ``selective``,
+        the block's under ``full``)."""
+        return self.recompute != "none"
 
     def forward(self, x):
+        # only the body is checkpointed: hooks around the module (the tensor-parallel entry
+        # mapping) run once, outside, as their collectives must not be repeated in backward
+        if self.recompute == "selective":
+            return checkpoint(self._attend, x, use_reentrant=False)
+        return self._attend(x)
+
+    def _attend(self, x):
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.wq(x).view(B, T, -1, hd)  # (B, T, n_heads, hd)
@@ -78,6 +102,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.recompute = "none"
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether this forward runs inside an activation checkpoint (the block's, under ``full``)."""
+        return self.recompute == "full"
 
     def forward(self, x):
         return self.w2(self.ops.swiglu(self.w1(x), self.w3(x)))
@@ -90,8 +120,14 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg, ops)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.feed_forward = FeedForward(cfg, ops)
+        self.recompute = "none"
 
     def forward(self, x):
+        if self.recompute == "full":
+            return checkpoint(self._block, x, use_reentrant=False)
+        return self._block(x)
+
+    def _block(self, x):
         # h = x + attention(...) and ffn_norm(h) in one fused residual RMSNorm (x + a == a + x
         # exactly, so this is the textbook block bit for bit on the torch path). The block still
         # takes and returns the plain hidden state: pipeline stages and recompute wrap whole blocks.
