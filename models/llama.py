@@ -9,12 +9,13 @@ With tied embeddings the output head reuses ``tok_embeddings.weight``. A last st
 hold the first layer keeps its own copy under that same name; the pipeline engine adds the two
 copies' gradients.
 
-Three execution choices are declared state of the modules, set by one function each and read by
+Two execution choices are declared state of the modules, set by one function each and read by
 the forwards, so nothing replaces a method and the order of applying them does not matter:
 
 * ``recompute`` (TransformerBlock, Attention, FeedForward; set by `engine.recompute.apply_recompute`):
   ``full`` runs the whole block inside an activation checkpoint, ``selective`` only the attention
-  body. `Attention.checkpointed` / `FeedForward.checkpointed` say whether a part runs inside one.
+  body. `Attention.checkpointed` / `FeedForward.checkpointed` say whether a part runs inside one
+  (tensor parallelism reads that to decide the sequence-parallel re-gather).
 * ``weight_grad_store`` (`Linear`, the tensor-parallel linears, `Llama` for its tied head; set by
   `engine.pipeline.weight_grad.enable_weight_grad_deferral`): None is plain autograd; a store
   computes ``x · Wᵀ`` itself and leaves the weight gradient to the pipeline's W action.
@@ -203,8 +204,8 @@ class Llama(nn.Module):
         return self.output(h) if not self.cfg.tie_embeddings else self.tied_head(h)
 
     def tied_head(self, h):
-        """h · tok_embeddings.weightᵀ: the tied output projection, a method of its own so the
-        zero-bubble pipeline runtime can defer its weight gradient on a last stage."""
+        """h · tok_embeddings.weightᵀ: the tied output projection. With a ``weight_grad_store``
+        (zero-bubble, on a last stage that is not also first) its weight gradient waits for W."""
         if self.weight_grad_store is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.weight_grad_store.matmul(self.tok_embeddings, h)
