@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+from engine.recompute import apply_recompute
 from models.config import ModelConfig
 
 GB = 1e9
@@ -249,10 +250,7 @@ def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str, cloc
     m, T = setup.mcfg, setup.seq_len
     torch.manual_seed(0)
     model = Llama(replace(m, n_layers=1), kernels=kernels)
-    if setup.recompute != "none":
-        from engine.trainer import apply_recompute  # time exactly what training runs
-
-        apply_recompute(model, setup.recompute)
+    apply_recompute(model, setup.recompute)  # time exactly what training runs
     layer = model.layers["0"]
     tokens = torch.randint(0, m.vocab_size, (micro_batch, T))
     hidden = torch.randn(micro_batch, T, m.dim)

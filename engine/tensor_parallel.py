@@ -259,6 +259,7 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.sequence_parallel, self.input_is_mapped = group, sequence_parallel, input_is_mapped
         self.weight = _empty((local, in_features), like)
         set_shard_meta(self, "weight", ShardMeta((out_features, in_features), (offset, 0), (local, in_features)))
+        self.weight_grad_store = None  # zero-bubble deferral, as in models.llama.Linear
 
     def forward(self, x):
         if not self.input_is_mapped:
@@ -267,9 +268,11 @@ class ColumnParallelLinear(nn.Module):
 
     def matmul(self, x):
         """x Aᵀ on the mapped (under sequence parallelism: all-gathered) input: the layer's only use of
-        its weight, kept apart from the mappings so the zero-bubble pipeline runtime can swap it per
-        instance for one whose weight gradient is deferred to a W action. Under sequence
-        parallelism it saves the sequence shard, not ``x`` (`SeqShard`)."""
+        its weight, kept apart from the mappings so that with a ``weight_grad_store`` (zero-bubble
+        pipeline) the store computes it and defers the weight gradient to a W action. Under
+        sequence parallelism it saves the sequence shard, not ``x`` (`SeqShard`)."""
+        if self.weight_grad_store is not None:
+            return self.weight_grad_store.matmul(self, x)
         return _column_matmul(x, self.weight)
 
 
@@ -284,12 +287,15 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _empty((out_features, local), like)
         set_shard_meta(self, "weight", ShardMeta((out_features, in_features), (0, offset), (out_features, local)))
+        self.weight_grad_store = None  # zero-bubble deferral, as in models.llama.Linear
 
     def forward(self, x):
         return exit_tp(self.matmul(x), self.group, self.sequence_parallel)
 
     def matmul(self, x):
         """x_r A_rᵀ, this rank's partial sum before the exit mapping (see ColumnParallelLinear.matmul)."""
+        if self.weight_grad_store is not None:
+            return self.weight_grad_store.matmul(self, x)
         return F.linear(x, self.weight)
 
 
@@ -394,9 +400,9 @@ def _mark_grad_sync(module: nn.Module, attr: str, kind: str) -> None:
 
 def _enter_hook(group, sequence_parallel):
     def hook(module, args):
-        # ``sp_regather = False`` (set by `apply_recompute` where a checkpoint keeps or recomputes
-        # the gathered input anyway): save the gathered input as before, no re-gather
-        regather = getattr(module, "sp_regather", True)
+        # a part running inside an activation checkpoint (its declared recompute mode, see
+        # engine.recompute) keeps or recomputes the gathered input anyway: no re-gather
+        regather = not module.checkpointed
         return (enter_tp(args[0], group, sequence_parallel, regather=regather), *args[1:])
     return hook
 

@@ -34,6 +34,7 @@ from engine.data_parallel import OverlappedGradReducer
 from engine.hang import HangReporter
 from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
 from engine.pipeline import PipelineRunner, StepActions, build_step_actions, stage_layer_ranges
+from engine.recompute import apply_recompute
 from models import Llama, ModelConfig, init_weights
 
 
@@ -206,26 +207,6 @@ def build_chunks(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> list[nn.Module]:
         init_weights(c, seed=cfg.train.seed, n_layers=mcfg.n_layers, device=mesh.device)
         apply_recompute(c, p.recompute)
     return chunks
-
-
-def apply_recompute(model: nn.Module, mode: str) -> None:
-    """Activation recomputation without renaming parameters: ``full`` recomputes whole blocks in
-    backward, ``selective`` only their attention (the part with the largest activations per FLOP)."""
-    if mode == "none":
-        return
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers.values():
-        target = block if mode == "full" else block.attention
-        # Sequence parallelism saves the shard of a gathered input and re-gathers it in backward
-        # (engine.tensor_parallel.SeqShard). Not where that saves nothing: full recompute gathers
-        # the sequence again anyway, and the checkpoint of the attention keeps its (gathered)
-        # input for the recomputation.
-        block.attention.sp_regather = False
-        if mode == "full":
-            block.feed_forward.sp_regather = False
-        inner = target.forward
-        target.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
 
 
 def build_executor(cfg: Config, mcfg: ModelConfig, mesh: Mesh, chunks, n_micro: int,

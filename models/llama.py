@@ -8,15 +8,45 @@ every layout (``layers.7.attention.wq.weight`` is that weight on any stage, in a
 With tied embeddings the output head reuses ``tok_embeddings.weight``. A last stage that does not
 hold the first layer keeps its own copy under that same name; the pipeline engine adds the two
 copies' gradients.
+
+Two execution choices are declared state of the modules, set by one function each and read by
+the forwards, so nothing replaces a method and the order of applying them does not matter:
+
+* ``recompute`` (TransformerBlock, Attention, FeedForward; set by `engine.recompute.apply_recompute`):
+  ``full`` runs the whole block inside an activation checkpoint, ``selective`` only the attention
+  body. `Attention.checkpointed` / `FeedForward.checkpointed` say whether a part runs inside one
+  (tensor parallelism reads that to decide the sequence-parallel re-gather).
+* ``weight_grad_store`` (`Linear`, the tensor-parallel linears, `Llama` for its tied head; set by
+  `engine.pipeline.weight_grad.enable_weight_grad_deferral`): None is plain autograd; a store
+  computes ``x · Wᵀ`` itself and leaves the weight gradient to the pipeline's W action.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import Ops, get_ops, rope_cos_sin
 from models.config import ModelConfig
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and names) whose ``x · Wᵀ`` a zero-bubble pipeline can defer:
+    with a ``weight_grad_store`` the store computes it and takes over the weight gradient; a bias,
+    if any, is added here and gets its (cheap) gradient at once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.weight_grad_store = None
+
+    def forward(self, x):
+        if self.weight_grad_store is None:
+            return super().forward(x)
+        y = self.weight_grad_store.matmul(self, x)
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -50,12 +80,26 @@ class Attention(nn.Module):
         self.head_dim = hd
         self.rope_theta = cfg.rope_theta
         self.ops = ops
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * hd, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
+        self.wo = Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.recompute = "none"
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether this forward runs inside an activation checkpoint (its own under ``selective``,
+        the block's under ``full``)."""
+        return self.recompute != "none"
 
     def forward(self, x):
+        # only the body is checkpointed: hooks around the module (the tensor-parallel entry
+        # mapping) run once, outside, as their collectives must not be repeated in backward
+        if self.recompute == "selective":
+            return checkpoint(self._attend, x, use_reentrant=False)
+        return self._attend(x)
+
+    def _attend(self, x):
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.wq(x).view(B, T, -1, hd)  # (B, T, n_heads, hd)
@@ -75,9 +119,15 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.ops = ops
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.recompute = "none"
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether this forward runs inside an activation checkpoint (the block's, under ``full``)."""
+        return self.recompute == "full"
 
     def forward(self, x):
         return self.w2(self.ops.swiglu(self.w1(x), self.w3(x)))
@@ -90,8 +140,14 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg, ops)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.feed_forward = FeedForward(cfg, ops)
+        self.recompute = "none"
 
     def forward(self, x):
+        if self.recompute == "full":
+            return checkpoint(self._block, x, use_reentrant=False)
+        return self._block(x)
+
+    def _block(self, x):
         # h = x + attention(...) and ffn_norm(h) in one fused residual RMSNorm (x + a == a + x
         # exactly, so this is the textbook block bit for bit on the torch path). The block still
         # takes and returns the plain hidden state: pipeline stages and recompute wrap whole blocks.
@@ -135,8 +191,9 @@ class Llama(nn.Module):
         if self.is_last:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
             if not cfg.tie_embeddings:
-                self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+                self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
             self.loss_fn = CrossEntropy(ops)
+        self.weight_grad_store = None  # for the tied head (see the module docstring)
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.cfg.tie_embeddings else self.output.weight
@@ -147,9 +204,11 @@ class Llama(nn.Module):
         return self.output(h) if not self.cfg.tie_embeddings else self.tied_head(h)
 
     def tied_head(self, h):
-        """h · tok_embeddings.weightᵀ: the tied output projection, a method of its own so the
-        zero-bubble pipeline runtime can defer its weight gradient on a last stage."""
-        return F.linear(h, self.tok_embeddings.weight)
+        """h · tok_embeddings.weightᵀ: the tied output projection. With a ``weight_grad_store``
+        (zero-bubble, on a last stage that is not also first) its weight gradient waits for W."""
+        if self.weight_grad_store is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.weight_grad_store.matmul(self.tok_embeddings, h)
 
     def forward(self, x, targets=None):
         h = self.tok_embeddings(x) if self.is_first else x

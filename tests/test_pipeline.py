@@ -166,7 +166,7 @@ def _tp_zero_bubble_cases(rank, world, cases):
     from engine.mesh import build_mesh
     from engine.pipeline import build_stage_chunks, sync_tied_grads
     from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear, parallelize, sync_tp_grads
-    from engine.trainer import apply_recompute
+    from engine.recompute import apply_recompute
     from models import ModelConfig, init_weights
     from models.init import iter_params
     from tests.test_tensor_parallel import _gather_global

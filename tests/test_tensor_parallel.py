@@ -71,7 +71,7 @@ def _serial(cfg: ModelConfig, x, y):
 
 
 def _model_case(mesh, cfg_kw, sequence_parallel, recompute="none"):
-    from engine.trainer import apply_recompute
+    from engine.recompute import apply_recompute
 
     cfg = ModelConfig(**cfg_kw)
     x, y = _batch(cfg.vocab_size)
@@ -262,8 +262,9 @@ def _comm_case(mesh, sequence_parallel):
 
     from engine.tensor_parallel import SeqShard
     cached_after_backward = sum(isinstance(o, SeqShard) and o.full is not None for o in gc.get_objects())
-    # the same block with the gathered inputs saved as they are (what full recompute selects)
-    block.attention.sp_regather = block.feed_forward.sp_regather = False
+    # the same block with the gathered inputs saved as they are (what full recompute selects): the
+    # parts' declared mode says "inside the block's checkpoint", the block itself runs no checkpoint
+    block.attention.recompute = block.feed_forward.recompute = "full"
     saved_gathered = _saved_shapes([*model.parameters(), h])
     with saved_gathered:
         out = block(h)

@@ -8,6 +8,8 @@ Dependencies point down this list; each module imports only those above it.
     simulate.py    event simulation: lists + costs -> timeline, bubble, peak activations, ASCII chart
     validate.py    the proof (complete, ordered, NCCL-order consistent, deadlock-free) and
                    build_step_actions: a launch's lists, built and proven once
+    weight_grad.py zero-bubble: the store that defers weight gradients from I to W, and the switch
+                   (`enable_weight_grad_deferral`) the layers consult
     stages.py      layer ranges per stage, this rank's chunks, tied-embedding gradient exchange
     runtime.py     PipelineRunner: executes one rank's proven lists with batched non-blocking p2p
 """

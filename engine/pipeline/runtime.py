@@ -14,31 +14,26 @@
   (B, or I for the graph) and dropped then; `live_peak` records the most that were alive at once.
 * Loss: each micro-batch's loss is scaled by 1/n_micro before backward, so the accumulated gradients
   equal the serial step's over the whole batch.
-* Zero-bubble (I/W): every `nn.Linear` in the chunks, the matmul of every tensor-parallel linear
-  (the vocab-parallel head included) and a last stage's tied head run through `_DeferredWeightGrad`
-  (see `defer_weight_grads`), whose backward returns only the input gradient while an I runs and
-  stashes (input, output-gradient); the W action turns the stash into the weight gradient. Other
-  parameters (norms, embedding lookups, biases) get their (cheap) gradients during I.
+* Zero-bubble (I/W): a list with W actions turns on the chunks' weight-gradient deferral
+  (`engine.pipeline.weight_grad`): an I runs backward inside `WeightGradStore.capture`, which
+  stashes what each deferred weight gradient needs, and the W action computes them.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 import weakref
-from functools import partial
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from engine.mesh import Mesh
 from engine.pipeline.actions import Action, Kind
 from engine.pipeline.lowering import p2p_batches
 from engine.pipeline.validate import StepActions
-from engine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, linear_weight_grad, save_matmul_input,
-                                    unpack_matmul_input)
+from engine.pipeline.weight_grad import WeightGradStore, enable_weight_grad_deferral
 
 
 def post_p2p(ops: list) -> list:
@@ -55,110 +50,6 @@ def post_p2p(ops: list) -> list:
         return works * len(ops)
     raise RuntimeError(f"batch_isend_irecv returned {len(works)} works for {len(ops)} ops; expected one per op "
                        f"(gloo) or one for the batch (NCCL)")
-
-
-class WeightGradStore:
-    """(weight, input, output-gradient) triples deferred by I, keyed by (micro-batch, stage)."""
-
-    def __init__(self):
-        self.capturing: tuple[int, int] | None = None
-        self.pending: dict[tuple[int, int], list] = {}
-
-    @contextlib.contextmanager
-    def capture(self, key):
-        self.capturing = key
-        self.pending.setdefault(key, [])
-        try:
-            yield
-        finally:
-            self.capturing = None
-
-    @torch.no_grad()
-    def flush(self, key) -> None:
-        for weight, x, g in self.pending.pop(key, []):
-            self.accumulate(weight, x, g)
-
-    @staticmethod
-    @torch.no_grad()
-    def accumulate(weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
-        dw = linear_weight_grad(g, x, weight.dtype)
-        if weight.grad is None:
-            weight.grad = dw
-        else:
-            weight.grad.add_(dw)
-
-
-class _DeferredWeightGrad(torch.autograd.Function):
-    """y = x Wᵀ whose weight gradient is left to a later W action.
-
-    The weight reaches the function inside a module, not as a tensor argument, so autograd has no
-    edge to it: no AccumulateGrad node runs for it during I (such a node would still fire
-    post-accumulate-grad hooks, with no gradient, and confuse the data-parallel reducer). The
-    weight's gradient is written by `WeightGradStore.flush` (or here, outside an I).
-    """
-
-    @staticmethod
-    def forward(ctx, x, store, module):
-        # an all-gathered sequence (sequence parallelism) is saved as this rank's shard and
-        # re-gathered during I; the stash then holds the full sequence until W
-        ctx.save_for_backward(save_matmul_input(ctx, x))
-        # the Parameter itself, not a saved copy: under activation checkpointing saved tensors come
-        # back as new tensor objects, and the deferred gradient must land on the real parameter
-        ctx.weight = module.weight
-        ctx.store = store
-        return F.linear(x, module.weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (saved,) = ctx.saved_tensors
-        x = unpack_matmul_input(ctx, saved)
-        weight, store = ctx.weight, ctx.store
-        grad_x = grad.matmul(weight.to(grad.dtype))
-        if store.capturing is None:      # a backward outside an I action: settle the weight gradient now
-            store.accumulate(weight, x, grad)
-        else:
-            store.pending[store.capturing].append((weight, x, grad))
-        return grad_x, None, None
-
-
-def _linear_forward(module: nn.Linear, store: WeightGradStore, x):
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return F.linear(x, module.weight, module.bias)     # nothing to defer
-    y = _DeferredWeightGrad.apply(x, store, module)
-    return y if module.bias is None else y + module.bias   # the bias gets its gradient during I
-
-
-def _deferred_matmul(module: nn.Module, store: WeightGradStore, x):
-    """x · module.weightᵀ, no bias: the `matmul` of a tensor-parallel linear, or the tied head."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return F.linear(x, module.weight)                   # nothing to defer
-    return _DeferredWeightGrad.apply(x, store, module)
-
-
-def defer_weight_grads(chunks: Sequence[nn.Module], store: WeightGradStore) -> None:
-    """Route every deferrable x · Wᵀ of the chunks through `_DeferredWeightGrad`.
-
-    * `nn.Linear`: its forward (a bias, if any, is added outside and gets its gradient during I).
-    * `ColumnParallelLinear` / `RowParallelLinear` (the output head under TP included): only their
-      `matmul`; the tp mappings around it stay in the input-gradient path. The stash holds the
-      matmul's input: the all-gathered sequence under sequence parallelism (column-parallel;
-      saved as the local shard between F and I and re-gathered during I), the local hidden shard
-      (row-parallel), kept until W.
-    * the tied head (`Llama.tied_head`) of a last stage that is not also a first stage: there its
-      embedding copy has no other use, and `sync_tied_grads` runs after the step's last W. A chunk
-      that also looks up embeddings with the weight keeps it undeferred: the lookup's gradient
-      would still accumulate during I, and the data-parallel reducer, counting those accumulations,
-      would send the weight's gradient before the W's had been added.
-    """
-    for chunk in chunks:
-        for mod in chunk.modules():
-            if isinstance(mod, nn.Linear):
-                mod.forward = partial(_linear_forward, mod, store)
-            elif isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
-                mod.matmul = partial(_deferred_matmul, mod, store)
-        cfg = getattr(chunk, "cfg", None)
-        if cfg is not None and cfg.tie_embeddings and chunk.is_last and not chunk.is_first:
-            chunk.tied_head = partial(_deferred_matmul, chunk.tok_embeddings, store)
 
 
 class PipelineRunner:
@@ -183,7 +74,7 @@ class PipelineRunner:
         self.forward_actions = actions.forward[mesh.pp_rank]
         self.store = WeightGradStore()
         if any(a.kind == Kind.W for a in self.actions):
-            defer_weight_grads(self.chunks, self.store)
+            enable_weight_grad_deferral(self.chunks, self.store)
         # last step: (action(s), start, end) in seconds from the step's start; a compute action's
         # start excludes the time it waited for its received input
         self.timings: list[tuple[str, float, float]] = []

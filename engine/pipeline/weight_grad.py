@@ -1,0 +1,116 @@
+"""Zero-bubble weight-gradient deferral: an I action computes input gradients only, W the rest.
+
+Every deferrable ``x · Wᵀ`` of a chunk is a module with a declared ``weight_grad_store`` (None
+is plain autograd): each `models.llama.Linear`, the `matmul` of every tensor-parallel linear (the
+vocab-parallel head included) and the tied head of a last stage (`Llama.tied_head`).
+`enable_weight_grad_deferral` points them at one `WeightGradStore`; with it their forward runs
+through `_DeferredWeightGrad`, whose backward returns only the input gradient while an I runs and
+stashes (input, output-gradient); the W action turns the stash into the weight gradient. Other
+parameters (norms, embedding lookups, biases) get their (cheap) gradients during I.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, linear_weight_grad, save_matmul_input,
+                                    unpack_matmul_input)
+from models.llama import Linear
+
+
+class WeightGradStore:
+    """(weight, input, output-gradient) triples deferred by I, keyed by (micro-batch, stage)."""
+
+    def __init__(self):
+        self.capturing: tuple[int, int] | None = None
+        self.pending: dict[tuple[int, int], list] = {}
+
+    @contextlib.contextmanager
+    def capture(self, key):
+        self.capturing = key
+        self.pending.setdefault(key, [])
+        try:
+            yield
+        finally:
+            self.capturing = None
+
+    @torch.no_grad()
+    def flush(self, key) -> None:
+        for weight, x, g in self.pending.pop(key, []):
+            self.accumulate(weight, x, g)
+
+    @staticmethod
+    @torch.no_grad()
+    def accumulate(weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
+        dw = linear_weight_grad(g, x, weight.dtype)
+        if weight.grad is None:
+            weight.grad = dw
+        else:
+            weight.grad.add_(dw)
+
+    def matmul(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x · module.weightᵀ (no bias) with its weight gradient left to this store."""
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.linear(x, module.weight)                   # nothing to defer
+        return _DeferredWeightGrad.apply(x, self, module)
+
+
+class _DeferredWeightGrad(torch.autograd.Function):
+    """y = x Wᵀ whose weight gradient is left to a later W action.
+
+    The weight reaches the function inside a module, not as a tensor argument, so autograd has no
+    edge to it: no AccumulateGrad node runs for it during I (such a node would still fire
+    post-accumulate-grad hooks, with no gradient, and confuse the data-parallel reducer). The
+    weight's gradient is written by `WeightGradStore.flush` (or here, outside an I).
+    """
+
+    @staticmethod
+    def forward(ctx, x, store, module):
+        # an all-gathered sequence (sequence parallelism) is saved as this rank's shard and
+        # re-gathered during I; the stash then holds the full sequence until W
+        ctx.save_for_backward(save_matmul_input(ctx, x))
+        # the Parameter itself, not a saved copy: under activation checkpointing saved tensors come
+        # back as new tensor objects, and the deferred gradient must land on the real parameter
+        ctx.weight = module.weight
+        ctx.store = store
+        return F.linear(x, module.weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (saved,) = ctx.saved_tensors
+        x = unpack_matmul_input(ctx, saved)
+        weight, store = ctx.weight, ctx.store
+        grad_x = grad.matmul(weight.to(grad.dtype))
+        if store.capturing is None:      # a backward outside an I action: settle the weight gradient now
+            store.accumulate(weight, x, grad)
+        else:
+            store.pending[store.capturing].append((weight, x, grad))
+        return grad_x, None, None
+
+
+def enable_weight_grad_deferral(chunks: Sequence[nn.Module], store: WeightGradStore) -> None:
+    """Point every deferrable x · Wᵀ of the chunks at ``store``.
+
+    * `Linear`: its matmul (a bias, if any, is added outside and gets its gradient during I).
+    * `ColumnParallelLinear` / `RowParallelLinear` (the output head under TP included): only their
+      `matmul`; the tp mappings around it stay in the input-gradient path. The stash holds the
+      matmul's input: the all-gathered sequence under sequence parallelism (column-parallel;
+      saved as the local shard between F and I and re-gathered during I), the local hidden shard
+      (row-parallel), kept until W.
+    * the tied head (`Llama.tied_head`) of a last stage that is not also a first stage: there its
+      embedding copy has no other use, and `sync_tied_grads` runs after the step's last W. A chunk
+      that also looks up embeddings with the weight keeps it undeferred: the lookup's gradient
+      would still accumulate during I, and the data-parallel reducer, counting those accumulations,
+      would send the weight's gradient before the W's had been added.
+    """
+    for chunk in chunks:
+        for mod in chunk.modules():
+            if isinstance(mod, (Linear, ColumnParallelLinear, RowParallelLinear)):
+                mod.weight_grad_store = store
+        cfg = getattr(chunk, "cfg", None)
+        if cfg is not None and cfg.tie_embeddings and chunk.is_last and not chunk.is_first:
+            chunk.weight_grad_store = store
