@@ -184,7 +184,7 @@ def test_tp_sequence_parallel_and_recompute_in_either_order(tp2, mode):
 
 def _pp_world(rank, world):
     from engine.mesh import build_mesh
-    from engine.pipeline import PipelineRunner, build_stage_chunks, sync_tied_grads
+    from engine.pipeline import PipelineRunner, build_stage_chunks, build_step_actions, sync_tied_grads
 
     mesh = build_mesh(pp=world)
     cfg = ModelConfig(**CFG, tie_embeddings=True)
@@ -196,7 +196,7 @@ def _pp_world(rank, world):
         init_weights(chunk, seed=0, n_layers=cfg.n_layers, device="cpu")
         if order == "recompute_first":
             apply_recompute(chunk, "full")
-        runner = PipelineRunner([chunk], mesh, schedule="zb_h1", n_microbatches=m, hidden_shape=(B, T, cfg.dim))
+        runner = PipelineRunner([chunk], mesh, build_step_actions("zb_h1", mesh.pp, m), hidden_shape=(B, T, cfg.dim))
         if order == "runner_first":
             apply_recompute(chunk, "full")
         loss = runner.forward_backward(x if mesh.is_first_stage else None, y if mesh.is_last_stage else None)
