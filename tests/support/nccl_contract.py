@@ -8,7 +8,7 @@ that, as on NCCL:
   fails here as it would on GPUs.
 - every tensor handed to a collective or a p2p op is contiguous and on the process's device
   (``device_type``; NCCL serves CUDA tensors only, so a host copy such as ``.cpu()`` fails there).
-  On a CPU world the device rule is trivially met; `tests/test_nccl_contract.py` checks placement
+  On a CPU world the device rule is trivially met; `tests/parallel/test_nccl_contract.py` checks placement
   against a fake CUDA device instead.
 - p2p messages carry no tag: NCCL ignores tags and matches a rank pair's messages in posting order,
   so every op is posted with tag 0 and a runtime that relied on tags to match would get the wrong
@@ -21,7 +21,7 @@ on them; every violation also raises at the call, naming the op and the tensor.
 the mesh's device set to ``meta``, PyTorch's data-less device, a whole training step runs on a CPU
 as if on an accelerator, and any tensor that lands on the host on its way to a collective shows up
 as a ``cpu`` tensor and is refused, which is the device rule NCCL enforces
-(`tests/test_nccl_contract.py`).
+(`tests/parallel/test_nccl_contract.py`).
 """
 from __future__ import annotations
 

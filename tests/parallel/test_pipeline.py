@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.pipeline import stage_layer_ranges
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 BASE = dict(dim=48, n_heads=6, n_kv_heads=2, ffn_dim=72, vocab_size=101, max_seq_len=32)
 MB, T = 2, 8
@@ -160,7 +160,7 @@ def _tp_zero_bubble_cases(rank, world, cases):
     from engine.trainer import apply_recompute
     from models import ModelConfig, init_weights
     from models.init import iter_params
-    from tests.test_tensor_parallel import _gather_global
+    from tests.parallel.test_tensor_parallel import _gather_global
 
     mesh = build_mesh(tp=2, pp=world // 2)
     out = []

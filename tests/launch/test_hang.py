@@ -3,7 +3,7 @@ which step and which action they were waiting on, and the job exits non-zero."""
 import os
 import signal
 
-from tests.launch import SMALL_MODEL, start_torchrun
+from tests.support.launch import SMALL_MODEL, start_torchrun
 
 
 def _rank_of(pid: int) -> int:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A small odd-sized model that trains in well under a second per step on a CPU.
 SMALL_MODEL = ["model.dim=48", "model.n_layers=3", "model.n_heads=6", "model.n_kv_heads=2", "model.ffn_dim=72",
@@ -54,8 +54,8 @@ def free_port() -> int:
 
 
 def _torchrun_cmd(nproc: int, overrides: list[str]) -> tuple[list[str], dict]:
-    # tests/contract_site puts every rank under the NCCL contract (tests/nccl_contract.py)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'contract_site'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
+    # tests/support/contract_site puts every rank under the NCCL contract (tests/support/nccl_contract.py)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'support' / 'contract_site'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": "", "TANDEM_NCCL_CONTRACT": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",   # the store binds a free port itself: no race

@@ -21,9 +21,9 @@ from engine.convert.sources import TandemSource
 from engine.data import TokenData
 from models import Llama, ModelConfig
 from models.init import ShardMeta
-from tests.distributed import run_distributed
-from tests.launch import SMALL_MODEL, train_in_process
-from tests.trainer_world import run_trainers
+from tests.support.distributed import run_distributed
+from tests.support.launch import SMALL_MODEL, train_in_process
+from tests.support.trainer_world import run_trainers
 
 transformers = pytest.importorskip("transformers")
 

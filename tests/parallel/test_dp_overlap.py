@@ -2,7 +2,7 @@ import torch
 import torch.distributed as dist
 
 from engine.data_parallel import OverlappedGradReducer
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 
 def _reduce(rank, world):

@@ -1,6 +1,6 @@
 """The NCCL contract the multi-rank tests run under, and NCCL's device rule checked on a CPU.
 
-- The layer (`tests/nccl_contract.py`) does what NCCL does where gloo is more forgiving: one Work
+- The layer (`tests/support/nccl_contract.py`) does what NCCL does where gloo is more forgiving: one Work
   per p2p batch, no non-contiguous tensor, no tensor off the process's device.
 - The pipeline runtime as it was before the coalesced-Work fix (works paired with ops one to one)
   fails under it, as it would have on GPUs at step 1.
@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from tests.distributed import run_distributed
-from tests.launch import SMALL_MODEL
+from tests.support.distributed import run_distributed
+from tests.support.launch import SMALL_MODEL
 
 # -- the layer itself ---------------------------------------------------------------------------
 
@@ -26,7 +26,7 @@ from tests.launch import SMALL_MODEL
 def _layer_rules(rank, world):
     import torch.distributed as dist
 
-    from tests.nccl_contract import ContractViolation
+    from tests.support.nccl_contract import ContractViolation
 
     peer = 1 - rank
     x = torch.full((4,), float(rank))
@@ -99,8 +99,8 @@ LAYOUTS = {
 
 def _meta_steps(rank, world, data_dir, run_root, layouts, old_grad_norm):
     import engine.trainer as trainer_mod
-    from tests.launch import compose
-    from tests.nccl_contract import ContractViolation, install
+    from tests.support.launch import compose
+    from tests.support.nccl_contract import ContractViolation, install
 
     build = trainer_mod.build_mesh
     trainer_mod.build_mesh = lambda **kw: dataclasses.replace(build(**kw), device=torch.device("meta"))
@@ -161,11 +161,11 @@ def test_a_gradient_norm_summed_on_the_host_is_refused(data_dir, tmp_path):
 
 
 def test_torchrun_launches_of_the_tests_run_under_the_contract():
-    """tests/launch.py's environment (what every torchrun test launch gets) puts each process under the
+    """tests/support/launch.py's environment (what every torchrun test launch gets) puts each process under the
     layer before the training script runs."""
     import subprocess
 
-    from tests.launch import _torchrun_cmd
+    from tests.support.launch import _torchrun_cmd
 
     _, env = _torchrun_cmd(1, [])
     probe = ("import torch.distributed as dist; layer = getattr(dist, '_tandem_nccl_contract', None); "

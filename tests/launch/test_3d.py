@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 
-from tests.distributed import run_distributed
-from tests.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
-from tests.trainer_world import run_trainers_reporting_dtypes
+from tests.support.distributed import run_distributed
+from tests.support.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
+from tests.support.trainer_world import run_trainers_reporting_dtypes
 
 STEPS = 10
 # tied embeddings: the first and last pipeline stages each hold a (vocab-sharded) copy whose gradients combine

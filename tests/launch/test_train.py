@@ -11,7 +11,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine.data import DataError
 from models import Llama, ModelConfig, init_weights
-from tests.launch import SMALL_MODEL, assert_losses_match, compose, losses, read_metrics, train_in_process
+from tests.support.launch import SMALL_MODEL, assert_losses_match, compose, losses, read_metrics, train_in_process
 
 
 def args(data_dir, run_dir, *extra):
@@ -163,7 +163,7 @@ def test_checkpoint_slices_that_overlap_and_leave_a_gap_are_refused(data_dir, tm
 
 
 def test_torchrun_with_one_process_equals_plain_python(data_dir, tmp_path):
-    from tests.launch import torchrun
+    from tests.support.launch import torchrun
 
     plain = train_in_process(args(data_dir, tmp_path / "plain", "train.max_steps=3"))
     torchrun(1, args(data_dir, tmp_path / "tr", "train.max_steps=3"))

@@ -4,7 +4,7 @@
 
 ``fn(rank, world_size, *args)`` runs in a fresh (spawned) process with the default process
 group initialized and, unless ``nccl_contract=False``, under the NCCL contract
-(`tests/nccl_contract.py`: one Work per p2p batch, contiguous tensors on the process's device,
+(`tests/support/nccl_contract.py`: one Work per p2p batch, contiguous tensors on the process's device,
 untagged p2p); it must be importable (module level). A failure on any rank raises in the
 caller with that rank's traceback.
 """
@@ -33,8 +33,8 @@ def _worker(rank, world_size, init_file, fn, args, queue, contract):
         # a file rendezvous: no port to pick, so parallel test worlds cannot race for one
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        if contract:  # refuse what NCCL refuses (tests/nccl_contract.py)
-            from tests.nccl_contract import install
+        if contract:  # refuse what NCCL refuses (tests/support/nccl_contract.py)
+            from tests.support.nccl_contract import install
 
             install()
         result = fn(rank, world_size, *args)

@@ -7,7 +7,7 @@ import pytest
 
 from engine import planner as P
 from models.config import ModelConfig
-from tests.launch import ROOT, compose
+from tests.support.launch import ROOT, compose
 
 H100 = P.get_device("h100")
 LLAMA8B = ModelConfig.from_name("llama3_8b")

@@ -2,7 +2,7 @@ import pytest
 import torch.distributed as dist
 
 from engine.mesh import build_mesh, resolve_dp
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 
 def _coords(rank, world, tp, pp):

@@ -13,7 +13,7 @@ from kernels.cross_entropy import cross_entropy, cross_entropy_reference, cross_
 from kernels.rms_norm import rms_norm, rms_norm_reference
 from kernels.rotary import apply_rotary, apply_rotary_reference
 from kernels.swiglu import swiglu, swiglu_reference
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -522,7 +522,7 @@ def test_cpu_tensors_without_the_interpreter_are_a_clear_error(monkeypatch):
 
 def test_training_launch_with_triton_kernels_follows_the_torch_run(data_dir, tmp_path):
     """The `kernels=triton` config switch end to end: same losses as `kernels=torch` (AdamW steps)."""
-    from tests.launch import SMALL_MODEL, assert_losses_match, losses, train_in_process
+    from tests.support.launch import SMALL_MODEL, assert_losses_match, losses, train_in_process
 
     # one micro-batch of 2 x 16 tokens per step: the interpreter is slow
     small = [*SMALL_MODEL, "train.seq_len=16", "train.global_batch_size=2", "train.max_steps=2"]

@@ -8,7 +8,7 @@ import signal
 import time
 
 from engine import checkpoint as ckpt
-from tests.launch import SMALL_MODEL, losses, read_metrics, start_torchrun, torchrun
+from tests.support.launch import SMALL_MODEL, losses, read_metrics, start_torchrun, torchrun
 
 STEPS = 30  # three kills land by about step 21 even on a fast machine (each launch runs ~2 + up to ~5 steps)
 

@@ -21,7 +21,7 @@ from engine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, Voc
 from kernels import get_ops
 from models import Llama, ModelConfig, init_weights
 from models.init import iter_params
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 SEED = 7
 B, T = 2, 8

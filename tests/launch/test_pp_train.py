@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from tests.distributed import run_distributed
-from tests.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
+from tests.support.distributed import run_distributed
+from tests.support.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
 
 STEPS = 10
 # global batch 8 / micro-batch 2 = 4 micro-batches per step
@@ -31,7 +31,7 @@ SCHEDULE_RUNS = {
 def _train_each(rank, world, runs):
     """The real trainer (engine.trainer.main on a composed config) once per schedule, in one world."""
     from engine.trainer import main
-    from tests.launch import compose
+    from tests.support.launch import compose
 
     return {name: losses(main(compose(overrides))) for name, overrides in runs.items()}
 

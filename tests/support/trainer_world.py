@@ -8,7 +8,7 @@ runs: here that costs torch and the engine only, not what a test module pulls in
 def run_trainers(rank, world, runs: dict[str, list[str]]) -> dict[str, list[dict]]:
     """``engine.trainer.main`` on each composed override list, in order; returns each run's records."""
     from engine.trainer import main
-    from tests.launch import compose
+    from tests.support.launch import compose
 
     return {name: main(compose(overrides)) for name, overrides in runs.items()}
 
@@ -20,7 +20,7 @@ def run_trainers_reporting_dtypes(rank, world, runs: dict[str, list[str]]) -> di
     import torch.distributed as dist
 
     from engine.trainer import Trainer
-    from tests.launch import compose
+    from tests.support.launch import compose
 
     out = {}
     for name, overrides in runs.items():

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from engine.cli import run_cli
-from tests.launch import ROOT, SMALL_MODEL, train_in_process
+from tests.support.launch import ROOT, SMALL_MODEL, train_in_process
 
 
 def compose_raw(overrides):

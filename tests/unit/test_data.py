@@ -20,7 +20,7 @@ import pytest
 from engine.data import DataError, DataMix, TokenData, load_tokenizer, open_sources, permute, prepare_data
 from engine.data.prepare import is_val_doc, prepare_once
 from tests.conftest import TEST_VOCAB
-from tests.launch import SMALL_MODEL, losses, read_metrics, train_in_process
+from tests.support.launch import SMALL_MODEL, losses, read_metrics, train_in_process
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from tests.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
+from tests.support.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
 
 STEPS, SAVE_AT = 10, 5
 # SMALL_MODEL with 8 query heads (head_dim 6) so tp=4 splits it: 2 KV heads replicated on 2 ranks each;

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = re.compile(r"^(\d+) compiled, (\d+) failed, (\d+) spilling$")
 
 
@@ -51,7 +51,7 @@ CHECK_THE_CHECK = """
 import json
 from kernels import compile_check as cc
 sig = {"X": "*fp32", "Y": "*fp32", "BLOCK": "constexpr"}
-results = [cc.compile_job(cc.Job("tests.spilling_kernel", "spilling_kernel", 90, sig, {(2,): block}, {},
+results = [cc.compile_job(cc.Job("tests.support.spilling_kernel", "spilling_kernel", 90, sig, {(2,): block}, {},
                                  {"num_warps": 1, "enable_fp_fusion": False}, None, ["test"])) for block in (8192, 3)]
 print(json.dumps([[r.error, r.registers, r.spill_stores, r.spills] for r in results] + [cc.summary(results)]))
 """

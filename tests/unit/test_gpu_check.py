@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
 
@@ -37,7 +37,7 @@ def _canned(gc):
     facts = gc.Facts(date="2026-12-02 01:00 UTC", gpus=["NVIDIA H200"] * 2, driver="570.86", cuda="12.8",
                      torch="2.13.0+cu128", triton="3.9.0", python="3.11.7", cpu="Xeon (16 cores)")
     kernels = gc.PartResult("kernels", "Kernel tests", 75, seconds=41.2, headline="46 passed",
-                            commands=["python -m pytest -q tests/test_kernels.py"], numbers={"passed": "46"})
+                            commands=["python -m pytest -q tests/unit/test_kernels.py"], numbers={"passed": "46"})
     train = gc.PartResult("train", "bf16 training", 180, status=gc.FAIL, seconds=97.0,
                           headline="loss curves differ by 5.00e-02 at step 7 | see\nthe table",
                           details="| step | loss, triton | loss, torch | relative difference |",
@@ -59,7 +59,7 @@ def test_report_shows_machine_summary_and_the_failure(gc):
                 "| bf16 training | FAIL | 97 | 180 | loss curves differ by 5.00e-02 at step 7 \\| see the table |",
                 "| Equivalence launches | SKIP | 0 | 150 | 1 GPU visible; these launches need 2 |"):
         assert row in md, row
-    assert "```bash\npython -m pytest -q tests/test_kernels.py\n```" in md
+    assert "```bash\npython -m pytest -q tests/unit/test_kernels.py\n```" in md
     assert "- passed: 46" in md
     # the error tail sits in one code block that its own backticks cannot close early
     tail = md.split("Output tail of what failed:")[1]

@@ -12,7 +12,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine import run_dir as rundir
 from models.init import ShardMeta
-from tests.launch import SMALL_MODEL, losses, read_metrics, train_in_process
+from tests.support.launch import SMALL_MODEL, losses, read_metrics, train_in_process
 
 
 def args(data_dir, run_dir, *extra):
@@ -131,8 +131,8 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint_and_says_so(dat
 
 # -- 3. fail fast --------------------------------------------------------------------------------
 def test_a_save_failing_on_one_rank_of_two_fails_both_at_once(tmp_path):
-    from tests.ckpt_world import save_twice_second_fails_on_rank
-    from tests.distributed import run_distributed
+    from tests.support.ckpt_world import save_twice_second_fails_on_rank
+    from tests.support.distributed import run_distributed
 
     t0 = time.time()
     out = run_distributed(save_twice_second_fails_on_rank, world_size=2, args=(str(tmp_path), 1), timeout=120)
@@ -250,7 +250,7 @@ def test_a_second_interrupt_exits_at_once_even_while_blocked(tmp_path):
     import subprocess
     import sys
 
-    from tests.launch import ROOT
+    from tests.support.launch import ROOT
 
     script = ("import os, signal, time\n"
               "from engine.trainer import StopSignal\n"
@@ -293,8 +293,8 @@ def test_async_saves_write_exactly_what_sync_saves_write_dp2(data_dir, tmp_path)
     same losses, manifests and tensors (file checksums aside: safetensors orders its header metadata
     differently in every process). The async writer agrees over its own gloo group while training
     runs its collectives."""
-    from tests.distributed import run_distributed
-    from tests.trainer_world import run_trainers
+    from tests.support.distributed import run_distributed
+    from tests.support.trainer_world import run_trainers
 
     base = [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=4", "checkpoint.interval=1",
             "checkpoint.keep_last=2", "parallel.dp=2", "optim.zero=1"]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.launch import (ROOT, SMALL_MODEL, assert_losses_match, free_port, losses, read_metrics, start_torchrun,
+from tests.support.launch import (ROOT, SMALL_MODEL, assert_losses_match, free_port, losses, read_metrics, start_torchrun,
                           torchrun, train_in_process)
 
 STEPS = 10

@@ -1,5 +1,5 @@
 """A kernel that must spill: 8192 float32 values live across a reduction in one warp (256 per thread,
-over the 255-register limit). tests/test_compile_kernels.py compiles it to prove spills are detected."""
+over the 255-register limit). tests/unit/test_compile_kernels.py compiles it to prove spills are detected."""
 import triton
 import triton.language as tl
 
