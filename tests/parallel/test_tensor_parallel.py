@@ -22,6 +22,7 @@ from kernels import get_ops
 from models import Llama, ModelConfig, init_weights
 from models.init import iter_params
 from tests.support.distributed import run_distributed
+from tests.support.serial import serial_step
 
 SEED = 7
 B, T = 2, 8
@@ -60,11 +61,7 @@ def _gather_global(named_local: dict, group) -> dict:
 
 
 def _serial(cfg: ModelConfig, x, y):
-    with torch.device("meta"):
-        model = Llama(cfg)
-    init_weights(model, seed=SEED, n_layers=cfg.n_layers, device="cpu")
-    loss = model(x, y)
-    loss.backward()
+    model, loss = serial_step(cfg, x, y, seed=SEED)
     with torch.no_grad():
         logits = model(x)
     return model, float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}, logits
@@ -359,19 +356,20 @@ def test_parallel_layers_match_unsharded_twins(tp2, sp):
 
 
 def test_tp2_gqa_split_kv_matches_serial(tp2):
-    res = tp2[0]["gqa_split"]
-    _assert_model_matches(res)
-    shapes = res["local_shapes"]
-    assert shapes["layers.0.attention.wq.weight"] == (24, 48)  # 3 of 6 heads
-    assert shapes["layers.0.attention.wk.weight"] == (8, 48)  # 1 of 2 KV heads (head_dim 8)
-    assert shapes["layers.0.feed_forward.w2.weight"] == (48, 40)
-    assert shapes["tok_embeddings.weight"] == (66, 48) and shapes["output.weight"] == (66, 48)  # 131 -> 132
+    for out in tp2:
+        res = out["gqa_split"]
+        _assert_model_matches(res)
+        shapes = res["local_shapes"]
+        assert shapes["layers.0.attention.wq.weight"] == (24, 48)  # 3 of 6 heads
+        assert shapes["layers.0.attention.wk.weight"] == (8, 48)  # 1 of 2 KV heads (head_dim 8)
+        assert shapes["layers.0.feed_forward.w2.weight"] == (48, 40)
+        assert shapes["tok_embeddings.weight"] == (66, 48) and shapes["output.weight"] == (66, 48)  # 131 -> 132
 
 
 def test_tp2_tied_embeddings_sequence_parallel_matches_serial(tp2):
     for out in tp2:
         _assert_model_matches(out["tied_sp"])
-    assert "output.weight" not in tp2[0]["tied_sp"]["grads"]
+        assert "output.weight" not in out["tied_sp"]["grads"]
 
 
 @pytest.mark.parametrize("case", ["untied_sp", "untied_sp_selective", "tied_sp_full"])
@@ -384,23 +382,26 @@ def test_tp2_sequence_parallel_regather_matches_serial(tp2, case):
 
 
 def test_tp4_replicated_kv_tied_matches_serial(tp4):
-    res = tp4[3]["gqa_replicated_tied"]
-    _assert_model_matches(res)
-    assert res["local_shapes"]["layers.2.attention.wk.weight"] == (6, 48)  # one whole KV head per rank
-    assert res["local_shapes"]["tok_embeddings.weight"] == (33, 48)
+    for out in tp4:
+        res = out["gqa_replicated_tied"]
+        _assert_model_matches(res)
+        assert res["local_shapes"]["layers.2.attention.wk.weight"] == (6, 48)  # one whole KV head per rank
+        assert res["local_shapes"]["tok_embeddings.weight"] == (33, 48)
 
 
 def test_tp4_replicated_kv_sequence_parallel_matches_serial(tp4):
-    _assert_model_matches(tp4[1]["gqa_replicated_sp"])
+    for out in tp4:
+        _assert_model_matches(out["gqa_replicated_sp"])
 
 
 def test_tp2_pipeline_stage_chunks_with_tied_embeddings_and_sp_match_serial(tp2):
-    res = tp2[1]["stages_tied_sp"]
-    assert res["hidden_shape"] == (B, T // 2, 48)  # what the pipeline sends between stages
-    assert abs(res["loss"] - res["serial_loss"]) <= 1e-5 * res["serial_loss"]
-    assert set(res["grads"]) == set(res["serial_grads"])
-    for n, g in res["serial_grads"].items():
-        torch.testing.assert_close(res["grads"][n], g, **TOL, msg=lambda m: f"{n}: {m}")
+    for rank, out in enumerate(tp2):
+        res = out["stages_tied_sp"]
+        assert res["hidden_shape"] == (B, T // 2, 48)  # what the pipeline sends between stages
+        assert abs(res["loss"] - res["serial_loss"]) <= 1e-5 * res["serial_loss"]
+        assert set(res["grads"]) == set(res["serial_grads"])
+        for n, g in res["serial_grads"].items():
+            torch.testing.assert_close(res["grads"][n], g, **TOL, msg=lambda m: f"rank {rank} {n}: {m}")
 
 
 @pytest.mark.parametrize("world", ["tp2", "tp4"])
@@ -417,18 +418,20 @@ def test_checkpoint_with_padded_vocab_loads_into_any_tp_and_serial(world, reques
 
 
 def test_block_communication_is_megatrons(tp2):
-    res = tp2[0]["comm"]
-    assert res["fwd"] == {"all_reduce": 2}  # g after attention and after the MLP
-    assert res["bwd"] == {"all_reduce": 2}  # f before attention and before the MLP
+    for out in tp2:
+        res = out["comm"]
+        assert res["fwd"] == {"all_reduce": 2}  # g after attention and after the MLP
+        assert res["bwd"] == {"all_reduce": 2}  # f before attention and before the MLP
 
 
 def test_block_communication_with_sequence_parallelism(tp2):
-    res = tp2[0]["comm_sp"]
-    assert res["fwd"] == {"all_gather_single": 2, "reduce_scatter_single": 2}
-    # + one re-gather of the saved shard per attention and per MLP (q/k/v and gate/up share it)
-    assert res["bwd"] == {"all_gather_single": 4, "reduce_scatter_single": 2}
+    for out in tp2:
+        res = out["comm_sp"]
+        assert res["fwd"] == {"all_gather_single": 2, "reduce_scatter_single": 2}
+        # + one re-gather of the saved shard per attention and per MLP (q/k/v and gate/up share it)
+        assert res["bwd"] == {"all_gather_single": 4, "reduce_scatter_single": 2}
+        assert res["cached_after_backward"] == 0  # the last user dropped the re-gathered sequence
     assert tp2[0]["comm_sp"]["bwd_order"] == tp2[1]["comm_sp"]["bwd_order"]  # same order on every rank
-    assert res["cached_after_backward"] == 0  # the last user dropped the re-gathered sequence
 
 
 def test_sequence_parallel_block_saves_the_shard_not_the_gathered_input(tp2):
@@ -449,14 +452,15 @@ def test_sequence_parallel_block_saves_the_shard_not_the_gathered_input(tp2):
 
 @pytest.mark.parametrize("case", ["comm", "comm_sp"])
 def test_vocab_parallel_loss_never_gathers_logits(tp2, case):
-    res = tp2[0][case]
-    assert set(res["loss_fwd"]) == {"all_reduce"} and res["loss_fwd"]["all_reduce"] <= 3
-    assert res["loss_bwd"] == {}  # the gradient is local
-    assert res["loss_max_numel"] <= 2 * B * T < res["logits_numel"]  # one or two values per token
+    for out in tp2:
+        res = out[case]
+        assert set(res["loss_fwd"]) == {"all_reduce"} and res["loss_fwd"]["all_reduce"] <= 3
+        assert res["loss_bwd"] == {}  # the gradient is local
+        assert res["loss_max_numel"] <= 2 * B * T < res["logits_numel"]  # one or two values per token
 
 
 def test_parallelize_twice_is_an_error(tp2):
-    assert "already tensor-parallel" in tp2[0]["twice"]
+    assert all("already tensor-parallel" in out["twice"] for out in tp2)
 
 
 def test_vocab_padding():
