@@ -9,20 +9,10 @@ import torch
 
 from engine.pipeline import stage_layer_ranges
 from tests.support.distributed import run_distributed
+from tests.support.serial import serial_step
 
 BASE = dict(dim=48, n_heads=6, n_kv_heads=2, ffn_dim=72, vocab_size=101, max_seq_len=32)
 MB, T = 2, 8
-
-
-def _serial(cfg, x, y):
-    from models import Llama, init_weights
-
-    with torch.device("meta"):
-        model = Llama(cfg)
-    init_weights(model, seed=0, n_layers=cfg.n_layers, device="cpu")
-    loss = model(x, y)
-    loss.backward()
-    return model, loss.detach()
 
 
 def _run_cases(rank, world, cases):
@@ -39,7 +29,7 @@ def _run_cases(rank, world, cases):
         m, v = case["m"], case.get("v", 1)
         tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
         x, y = tokens[:, :-1], tokens[:, 1:]
-        serial, ref_loss = _serial(cfg, x, y)
+        serial, ref_loss = serial_step(cfg, x, y)
         chunks = build_stage_chunks(cfg, mesh, layers_per_stage=case.get("layers"), virtual_stages=v)
         for c in chunks:
             init_weights(c, seed=0, n_layers=cfg.n_layers, device="cpu")
@@ -170,7 +160,7 @@ def _tp_zero_bubble_cases(rank, world, cases):
         m, sp = case["m"], case.get("sp", False)
         tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
         x, y = tokens[:, :-1], tokens[:, 1:]
-        serial, ref_loss = _serial(cfg, x, y)
+        serial, ref_loss = serial_step(cfg, x, y)
         (chunk,) = build_stage_chunks(cfg, mesh, layers_per_stage=case.get("layers"))
         parallelize(chunk, mesh, sequence_parallel=sp)
         init_weights(chunk, seed=0, n_layers=cfg.n_layers, device="cpu")
@@ -221,7 +211,7 @@ def _tp_zero_bubble_cases(rank, world, cases):
             worst = max(worst, float((g - ref).abs().max()))
         out.append({"loss": None if loss is None else float(loss), "ref_loss": float(ref_loss), "worst": worst,
                     "names": sorted(grads), "params": set(params), "deferred": deferred, "events": events,
-                    "n_serial_params": len(list(serial.named_parameters()))})
+                    "serial_names": sorted(n for n, _ in serial.named_parameters())})
     return out
 
 
@@ -284,8 +274,12 @@ def test_tp2_pp2_zero_bubble_matches_serial(world4):
         for r in per_rank[2:]:
             assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5), case
         assert all(r["loss"] is None for r in per_rank[:2])
-        held = {n for r in per_rank for n in r["names"]}
-        assert len(held) == per_rank[0]["n_serial_params"], case
+        # both tp ranks of a stage hold (and compared) the same parameters; the two stages together
+        # hold every serial parameter, one stage each except the tied embedding
+        assert per_rank[0]["names"] == per_rank[1]["names"] and per_rank[2]["names"] == per_rank[3]["names"], case
+        first, last = set(per_rank[0]["names"]), set(per_rank[2]["names"])
+        assert first | last == set(per_rank[0]["serial_names"]), case
+        assert first & last == ({"tok_embeddings.weight"} if case.get("tied") else set()), case
         assert max(r["worst"] for r in per_rank) < 1e-5
 
 
