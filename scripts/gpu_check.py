@@ -52,7 +52,9 @@ NO_CUDA_MESSAGE = ("gpu_check.py: no CUDA device is visible (torch.cuda.is_avail
 # 2 % per step over a few dozen steps is loose enough for that drift and far tighter than any real bug
 # (a wrong gradient shows within a step or two). The step-1 difference is reported too: it has no drift.
 BF16_LOSS_RTOL = 2e-2
-# fp32 equivalence launches: the tolerance of the CPU suites (tests/support/launch.py assert_losses_match).
+# fp32 equivalence launches: the CPU suites hold 1e-5 on the loss and 1e-4 on the gradient norm
+# (tests/support/launch.py REL, GRAD_NORM_REL); on a GPU reductions run in other orders, so this stays
+# at 1e-4 until measured there.
 FP32_RTOL = 1e-4
 
 # The small model of the equivalence launches (tests/support/launch.py SMALL_MODEL with 4 layers and tied

@@ -7,16 +7,15 @@ import sys
 
 import pytest
 
-from tests.support.launch import (ROOT, SMALL_MODEL, assert_losses_match, free_port, losses, read_metrics, start_torchrun,
-                          torchrun, train_in_process)
+from tests.support.launch import (ROOT, SMALL_MODEL, assert_runs_match, free_port, grad_norms, losses, read_metrics,
+                                  start_torchrun, torchrun)
 
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def serial_losses(data_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("serial")
-    return losses(train_in_process([*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run}", f"train.max_steps={STEPS}"]))
+def serial(serial_run):
+    return serial_run(SMALL_MODEL, STEPS)
 
 
 @pytest.mark.parametrize("extra", [
@@ -24,10 +23,10 @@ def serial_losses(data_dir, tmp_path_factory):
     ["optim.zero=1", "parallel.recompute=selective"],
     ["optim.zero=1", "parallel.recompute=none"],
 ], ids=lambda e: ",".join(e))
-def test_dp2_matches_serial(data_dir, tmp_path, serial_losses, extra):
+def test_dp2_matches_serial(data_dir, tmp_path, serial, extra):
     torchrun(2, [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
                  "parallel.dp=2", f"checkpoint.interval={STEPS}", *extra])
-    assert_losses_match(losses(read_metrics(tmp_path)), serial_losses)
+    assert_runs_match(read_metrics(tmp_path), serial)
     # ZeRO-1 shards optimizer state: rank 1 then holds (and writes) state no other rank has
     manifest = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:06d}" / "manifest.json").read_text())
     writers = {s["file"] for k, t in manifest["tensors"].items() if k.startswith("optim/") for s in t["slices"]}
@@ -57,20 +56,22 @@ def test_sigterm_on_one_rank_saves_and_exits_zero_then_resume_is_exact(data_dir,
     ref = tmp_path / "ref"
     torchrun(2, [*base, f"run_dir={ref}", f"train.stop_at={stopped_at + 3}"])
     assert losses(read_metrics(run)) == losses(read_metrics(ref))  # bit-identical continuation
+    assert grad_norms(read_metrics(run)) == grad_norms(read_metrics(ref))
 
 
-def test_two_nodes_on_localhost(data_dir, tmp_path):
+def test_two_nodes_on_localhost(data_dir, tmp_path, serial):
     """Two torchrun "nodes" (one process each) joined by a static rendezvous on 127.0.0.1, one pipeline
-    stage per node: the layout a cluster uses (tp inside a node, pp across nodes)."""
+    stage per node: the layout a cluster uses (tp inside a node, pp across nodes); it trains as serial."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
          "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "scripts/train.py",
-         *SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", "train.max_steps=6", "parallel.pp=2"],
+         *SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}", "parallel.pp=2"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     recs = read_metrics(tmp_path)
-    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    assert_runs_match(recs, serial)
     assert "rank 0/2" in outs[0]  # the mesh banner: node 0 holds global rank 0 of a world of 2

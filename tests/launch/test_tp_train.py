@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from tests.support.launch import SMALL_MODEL, assert_losses_match, losses, read_metrics, torchrun, train_in_process
+from tests.support.launch import SMALL_MODEL, assert_runs_match, read_metrics, torchrun, train_in_process
 
 STEPS, SAVE_AT = 10, 5
 # SMALL_MODEL with 8 query heads (head_dim 6) so tp=4 splits it: 2 KV heads replicated on 2 ranks each;
@@ -16,8 +16,8 @@ def _args(data_dir, run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def serial_losses(data_dir, tmp_path_factory):
-    return losses(train_in_process(_args(data_dir, tmp_path_factory.mktemp("serial"))))
+def serial(serial_run):
+    return serial_run(MODEL, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def tp2_run(data_dir, tmp_path_factory):
     return run
 
 
-def test_tp2_launch_matches_serial(tp2_run, serial_losses):
-    assert_losses_match(losses(read_metrics(tp2_run)), serial_losses)
+def test_tp2_launch_matches_serial(tp2_run, serial):
+    assert_runs_match(read_metrics(tp2_run), serial)
 
 
 def test_tp2_checkpoint_stores_global_tensors(tp2_run):
@@ -46,7 +46,7 @@ def test_tp2_checkpoint_resumes_at_tp1(tp2_run, data_dir, tmp_path):
     src = tp2_run / "checkpoints" / f"step_{SAVE_AT:06d}"
     recs = train_in_process(_args(data_dir, tmp_path, f"checkpoint.resume={src}"))
     assert [r["step"] for r in recs] == list(range(SAVE_AT + 1, STEPS + 1))
-    assert_losses_match(losses(recs), losses(read_metrics(tp2_run))[SAVE_AT:])
+    assert_runs_match(recs, read_metrics(tp2_run)[SAVE_AT:])
 
 
 def test_tp2_checkpoint_resumes_at_tp4_with_sequence_parallelism_and_recompute(tp2_run, data_dir, tmp_path):
@@ -56,7 +56,7 @@ def test_tp2_checkpoint_resumes_at_tp4_with_sequence_parallelism_and_recompute(t
                       "parallel.recompute=full", f"checkpoint.resume={src}"))
     recs = read_metrics(tmp_path / "run")
     assert [r["step"] for r in recs] == list(range(SAVE_AT + 1, STEPS + 1))
-    assert_losses_match(losses(recs), losses(read_metrics(tp2_run))[SAVE_AT:])
+    assert_runs_match(recs, read_metrics(tp2_run)[SAVE_AT:])
 
 
 def test_tp_not_dividing_ffn_dim_fails_before_any_work(tmp_path):
