@@ -12,7 +12,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine import run_dir as rundir
 from models.init import ShardMeta
-from tests.support.launch import SMALL_MODEL, losses, read_metrics, train_in_process
+from tests.support.launch import SMALL_MODEL, grad_norms, losses, read_metrics, train_in_process
 
 
 def args(data_dir, run_dir, *extra):
@@ -301,7 +301,9 @@ def test_async_saves_write_exactly_what_sync_saves_write_dp2(data_dir, tmp_path)
     runs = {mode: [*base, f"run_dir={tmp_path / mode}", f"checkpoint.async_save={mode == 'async'}"]
             for mode in ("sync", "async")}
     out = run_distributed(run_trainers, world_size=2, args=(runs,), timeout=600)
-    assert losses(out[0]["sync"]) == losses(out[0]["async"])
+    for rank_out in out:   # every rank returns the global loss and norm
+        assert losses(rank_out["sync"]) == losses(rank_out["async"])
+        assert grad_norms(rank_out["sync"]) == grad_norms(rank_out["async"])
     sync, async_ = _manifests(tmp_path / "sync" / "checkpoints"), _manifests(tmp_path / "async" / "checkpoints")
     assert list(sync) == list(async_) == ["step_000003", "step_000004"]
     for name in sync:

@@ -8,7 +8,7 @@ import signal
 import time
 
 from engine import checkpoint as ckpt
-from tests.support.launch import SMALL_MODEL, losses, read_metrics, start_torchrun, torchrun
+from tests.support.launch import SMALL_MODEL, grad_norms, losses, read_metrics, start_torchrun, torchrun
 
 STEPS = 30  # three kills land by about step 21 even on a fast machine (each launch runs ~2 + up to ~5 steps)
 
@@ -38,6 +38,7 @@ def test_sigkill_of_all_ranks_at_random_moments_then_exact_resume(data_dir, tmp_
     steps = [r["step"] for r in read_metrics(run)]
     assert steps == list(range(1, STEPS + 1)), steps  # each step once: superseded records were dropped
     assert losses(read_metrics(run)) == losses(read_metrics(ref))  # bit-identical continuation
+    assert grad_norms(read_metrics(run)) == grad_norms(read_metrics(ref))
     root = run / "checkpoints"
     for p in ckpt.list_checkpoints(root):
         ckpt.check_intact(p)

@@ -20,7 +20,7 @@ import pytest
 from engine.data import DataError, DataMix, TokenData, load_tokenizer, open_sources, permute, prepare_data
 from engine.data.prepare import is_val_doc, prepare_once
 from tests.conftest import TEST_VOCAB
-from tests.support.launch import SMALL_MODEL, losses, read_metrics, train_in_process
+from tests.support.launch import SMALL_MODEL, grad_norms, losses, read_metrics, train_in_process
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +243,7 @@ def test_blended_training_resumes_exactly(two_sources, tmp_path):
     train_in_process(args("b", "train.stop_at=2"))
     train_in_process(args("b", "checkpoint.resume=auto"))
     assert losses(read_metrics(tmp_path / "b")) == losses(straight)
+    assert grad_norms(read_metrics(tmp_path / "b")) == grad_norms(straight)
     rec = straight[-1]
     assert rec["tokens_seen"] == 4 * 8 * 32 and len(rec["source_epochs"]) == 2 and rec["epoch"] > 0
 
