@@ -8,33 +8,56 @@ import numpy as np
 import pytest
 import torch
 
+import engine.trainer
 from engine import checkpoint as ckpt
-from engine.data import DataError
+from engine.data import DataError, open_sources
+from engine.optim import lr_at
 from models import Llama, ModelConfig, init_weights
-from tests.support.launch import SMALL_MODEL, assert_losses_match, compose, losses, read_metrics, train_in_process
+from tests.support.launch import SMALL_MODEL, compose, grad_norms, losses, read_metrics, train_in_process
 
 
 def args(data_dir, run_dir, *extra):
     return [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run_dir}", *extra]
 
 
-def test_loss_falls_and_resume_is_exact(data_dir, tmp_path):
+PEAK = 1e12  # a made-up device peak (FLOP/s): on a CPU the trainer knows none and logs mfu as null
+
+
+def test_loss_falls_and_resume_is_exact(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.trainer, "device_peak_flops", lambda device: (PEAK, "test peak"))
     straight = train_in_process(args(data_dir, tmp_path / "a", "train.max_steps=20"))
     train_in_process(args(data_dir, tmp_path / "b", "train.max_steps=20", "train.stop_at=10"))
     resumed = train_in_process(args(data_dir, tmp_path / "b", "train.max_steps=20", "checkpoint.resume=auto"))
     assert [r["step"] for r in resumed] == list(range(11, 21))
     assert losses(read_metrics(tmp_path / "b")) == losses(straight)  # bit-identical, not merely close
+    assert grad_norms(read_metrics(tmp_path / "b")) == grad_norms(straight)
     first, last = losses(straight)[0], losses(straight)[-1]
     assert first > math.log(512) - 0.3 and last < first - 0.5
-    rec = read_metrics(tmp_path / "a")[0]
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rec)
+    assert read_metrics(tmp_path / "a") == straight   # what is logged is what was returned
+
+    # the logged values, not merely their keys: lr of the schedule at the step's index, mfu by its
+    # formula, and the first step's gradient norm from the serial model on the first batch by hand
+    cfg = compose(args(data_dir, tmp_path / "a", "train.max_steps=20"))
+    mcfg = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=72, vocab_size=512)
+    for rec in (r for r in straight if "loss" in r):   # (eval records carry eval_loss only)
+        assert rec["lr"] == lr_at(rec["step"] - 1, lr=cfg.optim.lr, warmup_steps=3, max_steps=20,
+                                  min_lr_ratio=cfg.optim.min_lr_ratio)
+        assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * mcfg.flops_per_token(32) / PEAK, rel=1e-12)
+        assert math.isfinite(rec["grad_norm"]) and rec["grad_norm"] > 0 and not rec["skipped"]
+    x, y = open_sources([str(data_dir)], None, vocab_size=512).train_batch(0, seed=cfg.train.seed, batch_size=8,
+                                                                           seq_len=32)
+    model = init_weights(Llama(mcfg), seed=cfg.train.seed, n_layers=3)
+    model(x, y).backward()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert straight[0]["loss"] == pytest.approx(model(x, y).item(), rel=1e-6)
+    assert straight[0]["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
 
 
 def test_eval_contract_on_a_hand_made_token_file(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     rng = np.random.default_rng(0)
-    val = rng.integers(0, 97, size=5 * 8 + 1 + 3).astype(np.uint16)
+    val = rng.integers(0, 97, size=3 * 5 * 8 + 1 + 3).astype(np.uint16)   # 3 batches of 5 windows, + 3 spare
     val.tofile(d / "val.bin")
     rng.integers(0, 97, size=500).astype(np.uint16).tofile(d / "train.bin")
     (d / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 97, "train_tokens": 500,
@@ -43,13 +66,13 @@ def test_eval_contract_on_a_hand_made_token_file(tmp_path):
              "model.vocab_size=97"]
     out = train_in_process([*shape, f"data.dir={d}", f"run_dir={tmp_path / 'r'}", "train.eval_only=true",
                             "train.seq_len=8", "train.global_batch_size=5", "parallel.micro_batch_size=5",
-                            "eval.batches=1", "train.seed=7", "checkpoint.load=init"])
+                            "eval.batches=3", "train.seed=7", "checkpoint.load=init"])
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, vocab_size=97)
     model = init_weights(Llama(cfg), seed=7, n_layers=2)
     w = torch.from_numpy(val.astype(np.int64))
-    windows = torch.stack([w[i * 8:(i + 1) * 8 + 1] for i in range(5)])  # window i: tokens [8i, 8i+9)
-    with torch.no_grad():
-        expected = model(windows[:, :-1], windows[:, 1:]).item()
+    windows = torch.stack([w[i * 8:(i + 1) * 8 + 1] for i in range(15)])  # window i: tokens [8i, 8i+9)
+    with torch.no_grad():  # batch b is windows 5b .. 5b+4; eval_loss is the mean over the batches
+        expected = sum(model(windows[5 * b:5 * b + 5, :-1], windows[5 * b:5 * b + 5, 1:]).item() for b in range(3)) / 3
     assert out[0]["eval_loss"] == pytest.approx(expected, rel=1e-6)
     assert read_metrics(tmp_path / "r")[-1]["eval_loss"] == pytest.approx(expected, rel=1e-6)
 
@@ -168,3 +191,4 @@ def test_torchrun_with_one_process_equals_plain_python(data_dir, tmp_path):
     plain = train_in_process(args(data_dir, tmp_path / "plain", "train.max_steps=3"))
     torchrun(1, args(data_dir, tmp_path / "tr", "train.max_steps=3"))
     assert losses(read_metrics(tmp_path / "tr")) == losses(plain)
+    assert grad_norms(read_metrics(tmp_path / "tr")) == grad_norms(plain)
