@@ -39,9 +39,9 @@ def get_ops(impl: str = "auto") -> Ops:
     impl = resolve_impl(impl)
     if impl == "torch":
         return TORCH_OPS
-    from kernels.triton_ops import TRITON_OPS  # imported lazily: needs triton
+    from kernels import triton_ops  # imported lazily: needs triton
 
-    return TRITON_OPS
+    return Ops(triton_ops.rms_norm, triton_ops.swiglu, triton_ops.apply_rotary, triton_ops.cross_entropy)
 
 
 __all__ = ["IMPLS", "Ops", "TORCH_OPS", "get_ops", "resolve_impl", "rope_cos_sin"]

@@ -8,7 +8,7 @@ own binder, so the specialization (dtypes, 16-byte divisibility, constexprs) is 
 would produce. Per compiled kernel we read registers, stack and shared memory from the cubin
 (``cuobjdump --dump-resource-usage``, bundled with Triton) and spill bytes from ``ptxas -v``.
 
-Used by scripts/compile_kernels.py and tests/test_compile_kernels.py. Needs Triton's compiler, so it
+Used by scripts/compile_kernels.py and tests/unit/test_compile_kernels.py. Needs Triton's compiler, so it
 must run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ memory-bound kernels at >= 85% of copy bandwidth and no slower than torch.compil
 peak memory <= 1/4 of eager's.
 
 Without CUDA it says so and exits 0: the kernels' correctness is tested on the CPU
-(tests/test_kernels.py, TRITON_INTERPRET=1), their speed only means something on a GPU.
+(tests/unit/test_kernels.py, TRITON_INTERPRET=1), their speed only means something on a GPU.
 ``--dry-run`` exercises this script's code paths on the CPU under TRITON_INTERPRET=1 with toy
 shapes (numbers meaningless); it is how the script itself was checked on a machine without a GPU.
 """
@@ -175,7 +175,7 @@ def main():
         args.tokens = 8
     elif not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU and found none: nothing to measure here. The kernels are "
-              "tested on the CPU by tests/test_kernels.py (TRITON_INTERPRET=1); --dry-run checks this script.")
+              "tested on the CPU by tests/unit/test_kernels.py (TRITON_INTERPRET=1); --dry-run checks this script.")
         return 0
     else:
         device = torch.device("cuda")

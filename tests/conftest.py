@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.launch import train_in_process
+
 # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. Triton reads this
 # when a kernel is defined (at the first import of kernels/ or models/), so it is set here, before any
 # test module is imported; spawned test processes inherit it. With CUDA the kernels are compiled.
@@ -35,3 +37,20 @@ def data_dir(corpus_dir, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
     prepare_data(str(corpus_dir), d, TEST_VOCAB, val_fraction=0.1, progress=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def serial_run(data_dir, tmp_path_factory):
+    """The reference every launch test holds a layout against: ``serial_run(model, steps)`` trains the
+    model (config overrides) for ``steps`` steps on the session's data, in this process (a world of
+    one), and returns its records. Runs are cached by their arguments, so test files share them."""
+    runs: dict[tuple, list[dict]] = {}
+
+    def run(model: list[str], steps: int) -> list[dict]:
+        key = (tuple(model), steps)
+        if key not in runs:
+            run_dir = tmp_path_factory.mktemp("serial")
+            runs[key] = train_in_process([*model, f"data.dir={data_dir}", f"run_dir={run_dir}", f"train.max_steps={steps}"])
+        return runs[key]
+
+    return run

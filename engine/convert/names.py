@@ -1,7 +1,7 @@
 """The one place where Hugging Face names meet ours: parameter names and the model config.
 
 Hugging Face Llama applies rotary embeddings in the rotate-half form, as `models/llama.py` does,
-so q and k projections map over unchanged — no head permutation (tests/test_convert.py proves it
+so q and k projections map over unchanged — no head permutation (tests/unit/test_convert.py proves it
 by comparing losses with transformers' own model).
 """
 from __future__ import annotations

@@ -1,0 +1,36 @@
+"""The real trainer run several times in one gloo world (for `run_distributed`).
+
+Kept apart from the test modules because a spawned rank imports the module of the function it
+runs: here that costs torch and the engine only, not what a test module pulls in (transformers).
+"""
+
+
+def run_trainers(rank, world, runs: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """``engine.trainer.main`` on each composed override list, in order; returns each run's records."""
+    from engine.trainer import main
+    from tests.support.launch import compose
+
+    return {name: main(compose(overrides)) for name, overrides in runs.items()}
+
+
+def run_trainers_reporting_dtypes(rank, world, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """As `run_trainers`, plus the dtypes each run ends with: parameters, optimizer state, and the
+    loss it logged (a Python float means it was reduced in float64 from a float32 loss)."""
+    import torch
+    import torch.distributed as dist
+
+    from engine.trainer import Trainer
+    from tests.support.launch import compose
+
+    out = {}
+    for name, overrides in runs.items():
+        trainer = Trainer(compose(overrides))
+        records = trainer.run()
+        state = [v for st in trainer.optimizer.inner.state.values() for k, v in st.items() if k.startswith("exp")]
+        out[name] = {"records": records,
+                     "param_dtypes": sorted({str(r.param.dtype) for r in trainer.refs}),
+                     "state_dtypes": sorted({str(v.dtype) for v in state}),
+                     "autocast": str(trainer.autocast.fast_dtype) if isinstance(trainer.autocast, torch.autocast)
+                     else None}
+        dist.barrier()
+    return out
