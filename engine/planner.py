@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setup,  # noqa: F401 (re-exported)
                                get_device, profile_items)
+from engine.layout import even_split
 
 
 # -- stages -------------------------------------------------------------------------------------------
@@ -46,11 +47,6 @@ def stage_time(held: list[Item]) -> float:
 
 def stage_memory(held: list[Item], in_flight: float, bytes_per_param: float) -> float:
     return sum(i.params for i in held) * bytes_per_param + in_flight * sum(i.act_bytes for i in held)
-
-
-def even_split(n_layers: int, n_stages: int) -> list[int]:
-    base, extra = divmod(n_layers, n_stages)
-    return [base + (1 if s < extra else 0) for s in range(n_stages)]
 
 
 def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):

@@ -103,12 +103,11 @@ class StopSignal:
             os.close(r)
 
 
-def resolve_model_config(cfg: Config, source: Path | None) -> ModelConfig:
-    """The model shape: from the checkpoint's manifest when loading one, else the preset + overrides.
-    A ``model.<field>`` or a ``model=<preset>`` that contradicts the checkpoint is an error."""
+def resolve_model_config(cfg: Config, source: Path | None, manifest: dict | None) -> ModelConfig:
+    """The model shape: from the manifest of checkpoint ``source`` when loading one, else the preset +
+    overrides. A ``model.<field>`` or a ``model=<preset>`` that contradicts the checkpoint is an error."""
     if source is None:
         return cfg.model.build()
-    manifest = ckpt.read_manifest(source)
     saved = manifest["model_config"]
     clash = {k: (v, saved[k]) for k, v in cfg.model.overrides().items() if saved.get(k) != v}
     if clash:
@@ -316,7 +315,9 @@ class Trainer:
                               "or checkpoint.load=init to evaluate the initialization on purpose")
         if not cfg.train.eval_only:
             rank0_then_agree(self._check_fresh_start, rank=mesh.rank)
-        self.mcfg = resolve_model_config(cfg, source)
+        # read once: the model shape, the resume step, the data check and the restore all use it
+        self.source_manifest = ckpt.read_manifest(source) if source is not None else None
+        self.mcfg = resolve_model_config(cfg, source, self.source_manifest)
         if cfg.train.seq_len > self.mcfg.max_seq_len:
             raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
         try:  # before any data or model work: a shape the mesh cannot split is a launch error
@@ -334,15 +335,14 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.step = 0
-        self.resume_manifest = ckpt.read_manifest(self.resume_from) if self.resume_from is not None else None
-        if self.resume_manifest is not None:
-            self.step = int(self.resume_manifest["train_state"]["step"])
+        if self.resume_from is not None:
+            self.step = int(self.source_manifest["train_state"]["step"])
             if self.step >= cfg.train.max_steps and not cfg.train.eval_only:
                 raise ConfigError(f"checkpoint {str(self.resume_from)!r} is at step {self.step}, not before "
                                   f"train.max_steps={cfg.train.max_steps}; raise train.max_steps to train on")
         self.data = ensure_data(cfg, mesh, self.mcfg.vocab_size)
-        if self.resume_manifest is not None and not cfg.train.eval_only:
-            self._check_data_settings(self.resume_manifest["train_state"])
+        if self.resume_from is not None and not cfg.train.eval_only:
+            self._check_data_settings(self.source_manifest["train_state"])
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
         self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro)
         self.refs = param_refs(self.chunks)
@@ -363,10 +363,8 @@ class Trainer:
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
         protect = (self.resume_from.name,) if self.resume_from is not None else ()
         self.saver = Checkpointer(self.ckpt_root, keep_last=c.keep_last, async_save=c.async_save, protect=protect)
-        if self.resume_from is not None:
-            self._restore(self.resume_from, with_optimizer=True)
-        elif self.load_from is not None:
-            self._restore(self.load_from, with_optimizer=False)
+        if source is not None:
+            self._restore(source, self.source_manifest, with_optimizer=self.resume_from is not None)
         if not cfg.train.eval_only:
             rank0_then_agree(self._start_history, rank=mesh.rank)
 
@@ -423,7 +421,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _model_entries(self):
-        return [ckpt.Entry(f"model/{r.name}", r.param, r.meta) for r in self.refs]
+        return [ckpt.Entry(ckpt.model_key(r.name), r.param, r.meta) for r in self.refs]
 
     def save(self) -> Path:
         """Collective. With checkpoint.async_save this returns once the host copy is taken."""
@@ -438,13 +436,12 @@ class Trainer:
             return self.saver.save(self.step, self._model_entries() + self.optimizer.state_entries(),
                                    model_config=self.mcfg.to_dict(), layout=layout, train_state=state)
 
-    def _restore(self, path: Path, *, with_optimizer: bool) -> None:
-        manifest = ckpt.read_manifest(path)
+    def _restore(self, path: Path, manifest: dict, *, with_optimizer: bool) -> None:
         entries = self._model_entries()
         if with_optimizer:
             self.step = int(manifest["train_state"]["step"])
             self.skipped_steps = int(manifest["train_state"].get("skipped_steps", 0))
-            has_optim = any(k.startswith("optim/") for k in manifest["tensors"])
+            has_optim = any(k.startswith(ckpt.OPTIM) for k in manifest["tensors"])
             if has_optim:
                 entries += self.optimizer.init_state_entries(self.step)
         ckpt.load(path, entries, manifest=manifest)
@@ -457,7 +454,9 @@ class Trainer:
         n = x.shape[0] // self.mesh.dp
         return x[self.mesh.dp_rank * n:(self.mesh.dp_rank + 1) * n].to(self.mesh.device)
 
-    def _run(self, inputs, targets, *, backward: bool):
+    def _forward_backward(self, inputs, targets, *, backward: bool):
+        """One step's micro-batches through the executor (forward only with ``backward=False``);
+        returns the local mean loss, or None off the last stage."""
         self.phase = _SCHEDULE_PHASES[backward]
         m = self.mesh
         x = self._local_rows(inputs) if m.is_first_stage else None
@@ -492,7 +491,7 @@ class Trainer:
         cfg = self.cfg
         inputs, targets = self.data.train_batch(self.step, seed=cfg.train.seed, batch_size=cfg.train.global_batch_size,
                                                 seq_len=cfg.train.seq_len)
-        loss = self._run(inputs, targets, backward=True)
+        loss = self._forward_backward(inputs, targets, backward=True)
         self.phase = "gradient synchronization (dp all-reduce, tp and tied-embedding sums)"
         sync_grads(self.chunks, self.mesh, self.dp_reducer)
         self.phase = "gradient-norm all-reduce"
@@ -540,7 +539,7 @@ class Trainer:
         losses = []
         for b in range(cfg.eval.batches):
             x, y = self.data.eval_windows(b * g, g, seq_len=cfg.train.seq_len)
-            losses.append(self._global_mean(self._run(x, y, backward=False)))
+            losses.append(self._global_mean(self._forward_backward(x, y, backward=False)))
         return sum(losses) / len(losses)
 
     def run(self) -> list[dict]:

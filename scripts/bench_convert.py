@@ -24,7 +24,9 @@ import torch  # noqa: E402
 
 from engine.convert import parse_size  # noqa: E402
 from engine.convert.names import param_shapes  # noqa: E402
-from engine.convert.tandem import Region, tp_region, write_tandem  # noqa: E402
+from engine.checkpoint import model_key  # noqa: E402
+from engine.convert.tandem import tp_region  # noqa: E402
+from engine.convert.writer import Region, write_tandem  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 
 MiB = 2**20
@@ -41,7 +43,7 @@ def make_checkpoint(path: Path, cfg: ModelConfig) -> tuple[int, int]:
                 continue
             off, sub = box or ((0,) * len(shape), shape)
             files.setdefault(f"rank_{t:05d}.safetensors", []).append(
-                Region(f"model/{name}", shape, off, sub, torch.float32))
+                Region(model_key(name), shape, off, sub, torch.float32))
     path.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
     write_tandem(path, files, lambda r: torch.randn(r.shape, generator=gen) * 0.02, model_config=cfg.to_dict(),

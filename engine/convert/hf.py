@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointError, write_json_atomic
+from engine.checkpoint import CheckpointError, model_key, param_of, write_json_atomic
 from engine.convert.names import hf_config, param_names, to_hf_name
 from engine.convert.sources import HFSource, TandemSource
 from engine.convert.stream import StreamWriter, TensorSpec, dtype_from_name, dtype_name
-from engine.convert.tandem import Region, pack, staged_output, write_tandem
+from engine.convert.writer import Region, pack, staged_output, write_tandem
 from engine.data.errors import DataError
 from engine.data.tokenizer import EOS_CANDIDATES, load_tokenizer, sentencepiece_to_hf
 
@@ -126,13 +126,13 @@ def to_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None, max_sha
     s = TandemSource(src)
     cfg = s.model_config
     names = param_names(cfg)
-    missing = [n for n in names if f"model/{n}" not in s.tensors]
+    missing = [n for n in names if model_key(n) not in s.tensors]
     if missing:
-        raise CheckpointError(f"checkpoint {str(s.path)!r} has no tensor 'model/{missing[0]}' (and "
+        raise CheckpointError(f"checkpoint {str(s.path)!r} has no tensor {model_key(missing[0])!r} (and "
                               f"{len(missing) - 1} more) that its model config implies; it is incomplete")
-    out_dtype = dtype_from_name(dtype) if dtype else s.dtype(f"model/{names[0]}")
+    out_dtype = dtype_from_name(dtype) if dtype else s.dtype(model_key(names[0]))
     tok = find_tokenizer(s, tokenizer) if with_tokenizer else None
-    regions = [Region.full(n, s.shape(f"model/{n}"), out_dtype) for n in names]
+    regions = [Region.full(n, s.shape(model_key(n)), out_dtype) for n in names]
     shards = pack(regions, parse_size(max_shard_size))
     with staged_output(dst, force=force) as tmp:
         weight_map, total = {}, 0
@@ -140,7 +140,7 @@ def to_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None, max_sha
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
             w = StreamWriter(tmp / fname, [TensorSpec(to_hf_name(r.key), r.shape, r.dtype) for r in shard])
             for r in shard:
-                w.write(to_hf_name(r.key), s.read(f"model/{r.key}"))
+                w.write(to_hf_name(r.key), s.read(model_key(r.key)))
                 weight_map[to_hf_name(r.key)] = fname
                 total += r.nbytes
             w.close()
@@ -162,7 +162,7 @@ def from_hf(src: str | Path, dst: str | Path, *, dtype: str = "fp32", max_file_s
     cfg = h.model_config
     out_dtype = dtype_from_name(dtype)
     shapes = {n: tuple(h.files[h.names[n][0]][h.names[n][1]].shape) for n in param_names(cfg)}
-    regions = [Region.full(f"model/{n}", shp, out_dtype) for n, shp in shapes.items()]
+    regions = [Region.full(model_key(n), shp, out_dtype) for n, shp in shapes.items()]
     files = {f"part_{i:05d}.safetensors": f for i, f in enumerate(pack(regions, parse_size(max_file_size)))}
     state: dict = {"step": 0, "converted_from": str(Path(src).resolve())}
     with staged_output(dst, force=force) as tmp:
@@ -173,7 +173,7 @@ def from_hf(src: str | Path, dst: str | Path, *, dtype: str = "fp32", max_file_s
         found = [n for n in TOKENIZER_FILES if (tmp / n).is_file()]
         if found:
             state["tokenizer"] = found[0]
-        write_tandem(tmp, files, lambda r: h.read(r.key.removeprefix("model/")).to(r.dtype),
+        write_tandem(tmp, files, lambda r: h.read(param_of(r.key)).to(r.dtype),
                      model_config=cfg.to_dict(), layout={"tp": 1, "pp": 1, "dp": 1, "converted": "from-hf"},
                      train_state=state, step=0)
     return Path(dst)
