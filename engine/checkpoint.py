@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.layout import lowest_holders
-from models.init import ShardMeta
+from models.shard import ShardMeta
 
 FORMAT = "tandem-checkpoint/1"
 MANIFEST = "manifest.json"

@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.checkpoint import Entry, held_lowest, optim_key
 from engine.mesh import Mesh
-from models.init import ShardMeta, iter_params
+from models.shard import ShardMeta, iter_params
 
 @dataclass
 class ParamRef:

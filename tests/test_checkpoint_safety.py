@@ -11,7 +11,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import run_dir as rundir
-from models.init import ShardMeta
+from models.shard import ShardMeta
 from tests.launch import SMALL_MODEL, losses, read_metrics, train_in_process
 
 
