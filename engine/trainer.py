@@ -41,17 +41,17 @@ class SerialExecutor:
 
     def __init__(self, model: nn.Module, n_microbatches: int):
         self.model = model
-        self.m = n_microbatches
+        self.n_micro = n_microbatches
 
     def forward_backward(self, inputs, targets, *, backward: bool = True):
         total = torch.zeros((), device=inputs.device)
-        for x, y in zip(inputs.chunk(self.m), targets.chunk(self.m)):
+        for x, y in zip(inputs.chunk(self.n_micro), targets.chunk(self.n_micro)):
             with contextlib.nullcontext() if backward else torch.no_grad():
                 loss = self.model(x, y)
             if backward:
-                (loss / self.m).backward()
+                (loss / self.n_micro).backward()
             total += loss.detach()
-        return total / self.m
+        return total / self.n_micro
 
 
 class StopSignal:
@@ -458,10 +458,10 @@ class Trainer:
         """One step's micro-batches through the executor (forward only with ``backward=False``);
         returns the local mean loss, or None off the last stage."""
         self.phase = _SCHEDULE_PHASES[backward]
-        m = self.mesh
-        x = self._local_rows(inputs) if m.is_first_stage else None
-        y = self._local_rows(targets) if m.is_last_stage else None
-        if m.pp == 1:
+        mesh = self.mesh
+        x = self._local_rows(inputs) if mesh.is_first_stage else None
+        y = self._local_rows(targets) if mesh.is_last_stage else None
+        if mesh.pp == 1:
             x, y = self._local_rows(inputs), self._local_rows(targets)
         with self.autocast:
             loss = self.executor.forward_backward(x, y, backward=backward)
@@ -471,10 +471,10 @@ class Trainer:
         """The loss lives on the last stage's dp × tp ranks: one all-reduce of [mean loss, stop flag,
         background-save failure flag] (float64, on the device) brings all three to every rank."""
         self.phase = "loss all-reduce"
-        m = self.mesh
-        buf = torch.zeros(3, dtype=torch.float64, device=m.device)
-        if m.is_last_stage and loss is not None:
-            buf[0] = loss.detach().double() / (m.dp * m.tp)   # stays on the device: no host read before the reduce
+        mesh = self.mesh
+        buf = torch.zeros(3, dtype=torch.float64, device=mesh.device)
+        if mesh.is_last_stage and loss is not None:
+            buf[0] = loss.detach().double() / (mesh.dp * mesh.tp)   # stays on the device: no host read before the reduce
         buf[1] = float(stop)
         buf[2] = float(save_failed)
         dist.all_reduce(buf)
@@ -534,7 +534,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        cfg, m = self.cfg, self.mesh
+        cfg = self.cfg
         g = cfg.train.global_batch_size
         losses = []
         for b in range(cfg.eval.batches):
@@ -544,14 +544,14 @@ class Trainer:
 
     def run(self) -> list[dict]:
         """Train to ``train.max_steps`` (or evaluate once with ``train.eval_only``); returns the records."""
-        cfg, m = self.cfg, self.mesh
+        cfg, mesh = self.cfg, self.mesh
         records = []
-        if m.rank == 0:
+        if mesh.rank == 0:
             print(f"{m}; model {self.mcfg.num_params() / 1e6:.2f}M params; {self.n_micro} micro-batches per step; "
                   f"{self.peak_label}", flush=True)
         if cfg.train.eval_only:
             ev = self.evaluate()
-            if m.rank == 0:
+            if mesh.rank == 0:
                 print(f"eval_loss {ev:.6f}", flush=True)
                 self.log.write({"step": self.step, "eval_loss": ev})
             return [{"step": self.step, "eval_loss": ev}]
@@ -562,19 +562,19 @@ class Trainer:
             return records
 
     def _train_loop(self, stop: StopSignal) -> list[dict]:
-        cfg, m = self.cfg, self.mesh
+        cfg, mesh = self.cfg, self.mesh
         records = []
-        bar = _progress(self.step, cfg.train.max_steps, enabled=m.rank == 0)
+        bar = _progress(self.step, cfg.train.max_steps, enabled=mesh.rank == 0)
         consecutive_skips = 0
         while self.step < cfg.train.max_steps:
             rec = self.train_step(lambda: stop.requested)
             stopping = rec.pop("_stop") or self.step == cfg.train.stop_at
             records.append(rec)
             consecutive_skips = consecutive_skips + 1 if rec["skipped"] else 0
-            if rec["skipped"] and m.rank == 0:
+            if rec["skipped"] and mesh.rank == 0:
                 bar.write(f"step {self.step}: non-finite loss {rec['loss']} or gradient norm {rec['grad_norm']}; "
                           f"update skipped ({consecutive_skips} in a row)")
-            if m.rank == 0 and consecutive_skips < cfg.train.max_skipped_steps:
+            if mesh.rank == 0 and consecutive_skips < cfg.train.max_skipped_steps:
                 self.log.write(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -583,11 +583,11 @@ class Trainer:
             if cfg.eval.interval and self.step % cfg.eval.interval == 0:
                 ev = self.evaluate()
                 records.append({"step": self.step, "eval_loss": ev})
-                if m.rank == 0:
+                if mesh.rank == 0:
                     self.log.write(records[-1])
                     bar.write(f"step {self.step} eval_loss {ev:.4f}")
             if consecutive_skips >= cfg.train.max_skipped_steps:
-                if m.rank == 0:
+                if mesh.rank == 0:
                     self.log.write(rec)
                 raise TrainingDiverged(
                     f"{consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss or "
@@ -596,10 +596,10 @@ class Trainer:
                     f"stronger optim.clip_grad, or check the data")
             if stopping or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                 path = self.save()
-                if m.rank == 0:
+                if mesh.rank == 0:
                     bar.write(f"saved {path}")
             if stopping:
-                if m.rank == 0:
+                if mesh.rank == 0:
                     bar.write(f"stop requested: saved at step {self.step}, exiting")
                 break
         bar.close()
@@ -624,11 +624,12 @@ def _fmt(rec: dict) -> str:
 
 def main(cfg: Config) -> list[dict]:
     trainer = Trainer(cfg)
-    m = trainer.mesh
+    mesh = trainer.mesh
+    who = f"rank {mesh.rank} (pp {mesh.pp_rank}, dp {mesh.dp_rank}, tp {mesh.tp_rank})"
     reporter = HangReporter(lambda: f"step {trainer.step + 1}: {trainer.where()}", trainer.cfg.parallel.timeout_s,
-                            prefix=f"rank {m.rank} (pp {m.pp_rank}, dp {m.dp_rank}, tp {m.tp_rank}) ").start()
+                            prefix=f"{who} ").start()
     try:
-        if trainer.mesh.rank == 0:
+        if mesh.rank == 0:
             (trainer.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         records = trainer.run()
         dist.barrier()
@@ -637,9 +638,8 @@ def main(cfg: Config) -> list[dict]:
     except BaseException as e:
         # A hang surfaces here as a collective/p2p timeout (parallel.timeout_s). Say where this rank was,
         # then fail: torchrun sees a non-zero exit and stops the other ranks.
-        m = trainer.mesh
-        print(f"\nrank {m.rank} (pp {m.pp_rank}, dp {m.dp_rank}, tp {m.tp_rank}) failed in step {trainer.step + 1} "
-              f"while waiting on {trainer.where()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        print(f"\n{who} failed in step {trainer.step + 1} while waiting on {trainer.where()}: "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr, flush=True)
         raise
     finally:
