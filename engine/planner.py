@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
 
 from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setup,  # noqa: F401 (re-exported)
                                get_device, profile_items)
 from engine.layout import even_split
+from engine.pipeline.schedules import build_schedule
+from engine.pipeline.simulate import simulate
 
 
 # -- stages -------------------------------------------------------------------------------------------
@@ -228,9 +233,6 @@ def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: li
                        micro_batch: int, virtual_stages: int = 1, items: list[Item] | None = None):
     """(predicted step seconds, bubble, per-rank `StageReport`s) of one given partition: what the
     planner predicts for a layout chosen by hand (the even split, say)."""
-    from engine.pipeline.schedules import build_schedule
-    from engine.pipeline.simulate import simulate
-
     S = setup.pp * virtual_stages
     if len(layers_per_stage) != S or sum(layers_per_stage) != setup.mcfg.n_layers or min(layers_per_stage) < 1:
         raise ValueError(f"layers_per_stage={list(layers_per_stage)} must give each of the {S} stages at least one "
@@ -261,9 +263,6 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
 
     ``items_for(mb)`` overrides the analytic per-item costs (profile mode). Raises `Infeasible`
     naming the smallest memory per device that would work when nothing fits."""
-    from engine.pipeline.schedules import build_schedule
-    from engine.pipeline.simulate import simulate
-
     budget = (mem_budget_gb if mem_budget_gb is not None else device.mem_gb) * GB
     limit = budget - device.reserve_gb * GB
     p, L = setup.pp, setup.mcfg.n_layers
@@ -373,8 +372,6 @@ def _alternatives(pl: Plan) -> str:
 
 def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:
     """A Hydra config-group file (``# @package _global_``) for ``scripts/train.py +plan=<name>``."""
-    import yaml
-
     body = pl.overrides()
     # the whole mesh: a launch with another world size fails early instead of running a wrong plan
     body["parallel"] = {"tp": setup.tp, "pp": setup.pp, "dp": setup.dp, **body["parallel"]}
@@ -446,8 +443,6 @@ def knob_advice(setup: Setup, run) -> str:
 
 def out_path_usage(out: str) -> tuple[str, str]:
     """(config dir, plan name) of ``<dir>/plan/<name>.yaml``; any other shape is an error."""
-    from pathlib import Path
-
     path = Path(out)
     if path.suffix != ".yaml" or path.parent.name != "plan":
         raise ValueError(f"planner.out={out!r} must look like <dir>/plan/<name>.yaml (Hydra loads config group "
@@ -457,8 +452,6 @@ def out_path_usage(out: str) -> tuple[str, str]:
 
 def write_plan(pl: Plan, setup: Setup, out: str, model_name: str) -> str:
     """Writes the override file and returns the training command that uses it."""
-    from pathlib import Path
-
     config_dir, name = out_path_usage(out)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine import run_dir as rundir
@@ -28,11 +29,13 @@ from engine.checkpoint_saver import Checkpointer
 from engine.config import Config, ConfigError, validate
 from engine.data import DataError, DataMix, open_sources
 from engine.data.prepare import prepare_once
-from engine.mesh import Mesh, build_mesh, init_distributed
-from engine.metrics import MetricsLog, device_peak_flops
 from engine.data_parallel import OverlappedGradReducer
 from engine.hang import HangReporter
+from engine.mesh import Mesh, build_mesh, init_distributed
+from engine.metrics import MetricsLog, device_peak_flops
 from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
+from engine.pipeline import PipelineRunner, build_stage_chunks, check_pipeline, sync_tied_grads
+from engine.tensor_parallel import parallelize, sync_tp_grads, validate_tp
 from models import Llama, ModelConfig, init_weights
 
 
@@ -191,13 +194,9 @@ def build_chunks(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> list[nn.Module]:
         with torch.device("meta"):
             chunks = [Llama(mcfg, kernels=cfg.kernels)]
     else:
-        from engine.pipeline import build_stage_chunks
-
         chunks = build_stage_chunks(mcfg, mesh, layers_per_stage=p.layers_per_stage,
                                     virtual_stages=p.virtual_stages, kernels=cfg.kernels)
     if mesh.tp > 1:
-        from engine.tensor_parallel import parallelize
-
         for c in chunks:
             parallelize(c, mesh, sequence_parallel=p.sequence_parallel)
     for c in chunks:
@@ -229,8 +228,6 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
 def build_executor(cfg: Config, mcfg: ModelConfig, mesh: Mesh, chunks, n_micro: int):
     if mesh.pp == 1:
         return SerialExecutor(chunks[0], n_micro)
-    from engine.pipeline import PipelineRunner
-
     t_local = cfg.train.seq_len // mesh.tp if cfg.parallel.sequence_parallel else cfg.train.seq_len
     return PipelineRunner(chunks, mesh, schedule=cfg.parallel.schedule, n_microbatches=n_micro,
                           virtual_stages=cfg.parallel.virtual_stages,
@@ -242,12 +239,8 @@ def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:
     every sync here is a linear map, so the order does not change the result), then tp and pp."""
     dp_reducer.finish()
     if mesh.tp > 1:
-        from engine.tensor_parallel import sync_tp_grads
-
         sync_tp_grads(chunks, mesh)
     if mesh.pp > 1:
-        from engine.pipeline import sync_tied_grads
-
         sync_tied_grads(chunks, mesh)
 
 
@@ -322,12 +315,8 @@ class Trainer:
             raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
         try:  # before any data or model work: a shape the mesh cannot split is a launch error
             if mesh.tp > 1:
-                from engine.tensor_parallel import validate_tp
-
                 validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
             if mesh.pp > 1:
-                from engine.pipeline import check_pipeline
-
                 check_pipeline(n_layers=self.mcfg.n_layers, pp=mesh.pp, n_micro=self.n_micro, schedule=p.schedule,
                                virtual_stages=p.virtual_stages, layers_per_stage=p.layers_per_stage)
         except ConfigError:
@@ -611,8 +600,6 @@ class TrainingDiverged(RuntimeError):
 
 
 def _progress(start, total, enabled):
-    from tqdm import tqdm
-
     return tqdm(initial=start, total=total, disable=not enabled, unit="step", dynamic_ncols=True)
 
 

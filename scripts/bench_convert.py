@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from engine.checkpoint import model_key  # noqa: E402
 from engine.convert import parse_size  # noqa: E402
 from engine.convert.names import param_shapes  # noqa: E402
-from engine.checkpoint import model_key  # noqa: E402
 from engine.convert.tandem import tp_region  # noqa: E402
 from engine.convert.writer import Region, write_tandem  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
+from scripts.convert_checkpoint import main as convert_main  # noqa: E402
 
 MiB = 2**20
 
@@ -61,11 +62,9 @@ def _status(field: str) -> int:
 
 def child(argv: list[str]) -> None:
     """Run one conversion and print the resident set before it and the peak during it."""
-    from scripts.convert_checkpoint import main
-
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    rc = main(argv)
+    rc = convert_main(argv)
     assert rc == 0, f"conversion {argv} failed"
     print(json.dumps({"before": before, "peak": _status("VmHWM"),
                       "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
