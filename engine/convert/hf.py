@@ -17,7 +17,9 @@ import re
 import shutil
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
+from tokenizers import Tokenizer
 
 from engine.checkpoint import CheckpointError, model_key, param_of, write_json_atomic
 from engine.convert.names import hf_config, param_names, to_hf_name
@@ -80,8 +82,6 @@ def write_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
     configs. Returns the special-token ids."""
     if tokenizer.suffix == ".json":
         return _copy_hf_tokenizer(tokenizer, dst, max_len)
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     shutil.copy(tokenizer, dst / TOKENIZER)
     sentencepiece_to_hf(tokenizer.read_bytes()).save(str(dst / HF_TOKENIZER))
@@ -97,8 +97,6 @@ def write_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
 
 def _copy_hf_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
     """A run that used a Hugging Face tokenizer: copy it with the configs found beside it."""
-    from tokenizers import Tokenizer
-
     shutil.copy(tokenizer, dst / HF_TOKENIZER)
     cfg_path = tokenizer.parent / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
