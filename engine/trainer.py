@@ -536,7 +536,7 @@ class Trainer:
         cfg, mesh = self.cfg, self.mesh
         records = []
         if mesh.rank == 0:
-            print(f"{m}; model {self.mcfg.num_params() / 1e6:.2f}M params; {self.n_micro} micro-batches per step; "
+            print(f"{mesh}; model {self.mcfg.num_params() / 1e6:.2f}M params; {self.n_micro} micro-batches per step; "
                   f"{self.peak_label}", flush=True)
         if cfg.train.eval_only:
             ev = self.evaluate()
