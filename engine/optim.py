@@ -3,7 +3,8 @@
 
 Parameters are handled as `ParamRef`s: (global name, local parameter, ShardMeta). A region of a
 global tensor held by several ranks (tp-replicated norms, dp replicas, the tied embedding on the
-first and last stage) is counted once in the gradient norm, by the lowest rank holding it.
+first and last stage) is counted once in the gradient norm, by the lowest rank holding it: the
+rank that also writes it to a checkpoint (`engine.layout.lowest_holders`).
 """
 from __future__ import annotations
 

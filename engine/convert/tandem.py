@@ -14,7 +14,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.checkpoint import CheckpointError
-from engine.convert.hf import inspect_hf
+from engine.convert.hf import TOKENIZER_EXTRAS, inspect_hf
 from engine.convert.sources import TandemSource, slice_problems
 from engine.convert.stream import nbytes, read_header
 from engine.convert.writer import Region, pack, staged_output, write_tandem
@@ -27,7 +27,7 @@ def _copy_extras(src: TandemSource, dst: Path) -> None:
     tok = src.manifest.get("train_state", {}).get("tokenizer")
     if not tok:
         return
-    for name in {tok, "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}:
+    for name in {tok, *TOKENIZER_EXTRAS}:
         if (src.path / name).is_file():
             shutil.copy(src.path / name, dst / name)
 
