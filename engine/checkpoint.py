@@ -31,7 +31,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.init import ShardMeta
+from engine.layout import lowest_holders
+from models.shard import ShardMeta
 
 FORMAT = "tandem-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -48,6 +49,29 @@ class Entry:
     key: str
     tensor: torch.Tensor
     meta: ShardMeta
+
+
+# -- the key scheme: a tensor is stored under its global parameter name, prefixed by what it holds
+MODEL, OPTIM = "model/", "optim/"
+
+
+def model_key(param: str) -> str:
+    """``tok_embeddings.weight`` -> ``model/tok_embeddings.weight``."""
+    return MODEL + param
+
+
+def optim_key(state: str, param: str) -> str:
+    """(``exp_avg``, ``output.weight``) -> ``optim/exp_avg/output.weight``."""
+    return f"{OPTIM}{state}/{param}"
+
+
+def param_of(key: str) -> str:
+    """The parameter a key belongs to: ``model/<p>`` and ``optim/<state>/<p>`` -> ``<p>``."""
+    if key.startswith(MODEL):
+        return key.removeprefix(MODEL)
+    if key.startswith(OPTIM):
+        return key.split("/", 2)[2]
+    raise ValueError(f"{key!r} is not a checkpoint key (model/<param> or optim/<state>/<param>)")
 
 
 def step_dir_name(step: int) -> str:
@@ -118,17 +142,19 @@ def _raise_failed(errors: list[tuple[int, str]], what: str) -> None:
                          f"(disk space, permissions) and resume with checkpoint.resume=auto")
 
 
+def held_lowest(items: list, group=None) -> list[bool]:
+    """Collective over ``group``: for each of this rank's ``items``, whether this rank is the
+    lowest holding it (`engine.layout.lowest_holders`)."""
+    first = lowest_holders(_all_gather(items, group))
+    rank = _group_rank(group)
+    return [first[item] == rank for item in items]
+
+
 def owned_indices(entries: list[Entry], group=None) -> list[int]:
     """Collective: the indices of the entries this rank writes — a (key, region) held by several
     ranks goes to the lowest. Fixed by the layout, so callers compute it once and reuse it."""
     mine = [(e.key, tuple(e.meta.offset), tuple(e.meta.shape)) for e in entries]
-    everyone = _all_gather(mine, group)
-    rank = _group_rank(group)
-    first_holder = {}
-    for r, items in enumerate(everyone):
-        for item in items:
-            first_holder.setdefault(item, r)
-    return [i for i, item in enumerate(mine) if first_holder[item] == rank]
+    return [i for i, owned in enumerate(held_lowest(mine, group)) if owned]
 
 
 def host_copy(entries: list[Entry], owned: list[int], *, copy: bool) -> list[tuple[Entry, torch.Tensor]]:

@@ -10,14 +10,10 @@ from engine.checkpoint import CheckpointError, SaveFailed
 from engine.config import ConfigError
 from engine.data import DataError
 from engine.run_dir import RunDirLocked
+from engine.trainer import TrainingDiverged
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirLocked)
-
-
-def _training_errors() -> tuple:
-    from engine.trainer import TrainingDiverged
-
-    return (SaveFailed, TrainingDiverged)
+RUN_ERRORS = (SaveFailed, TrainingDiverged)  # the run cannot go on; the settings were fine
 
 
 def report(e: BaseException) -> None:
@@ -33,7 +29,7 @@ def run_cli(fn, *args) -> int:
     except USER_ERRORS as e:
         report(e)
         return 2
-    except _training_errors() as e:
+    except RUN_ERRORS as e:
         report(e)
         return 1
     return 0

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from engine.pipeline.generators import SCHEDULES, check_schedule_name
 from models.config import ModelConfig
 
 
@@ -140,8 +144,6 @@ class Config:
 
 
 def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
     cs = ConfigStore.instance()
     cs.store(name="tandem_schema", node=Config)
     cs.store(group="model", name="tandem_model_schema", node=ModelSchema)
@@ -155,10 +157,6 @@ class ConfigError(ValueError):
 def _unknown_keys(node, schema, prefix: str = "") -> list[str]:
     """Keys of a composed config the schema does not have (Hydra accepts ``+group.key=...`` and
     `to_object` would silently drop it)."""
-    from dataclasses import is_dataclass
-
-    from omegaconf import DictConfig
-
     names = {f.name: f for f in fields(schema)}
     out = []
     for k in node.keys():
@@ -176,8 +174,6 @@ def _unknown_keys(node, schema, prefix: str = "") -> list[str]:
 
 def to_config(cfg) -> Config:
     """DictConfig (validated against the schema) -> plain typed `Config`. Unknown keys are an error."""
-    from omegaconf import OmegaConf
-
     unknown = _unknown_keys(cfg, Config)
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; see engine/config.py for the keys "
@@ -212,8 +208,6 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
     _need(t.global_batch_size % p.micro_batch_size == 0,
           f"train.global_batch_size={t.global_batch_size} is not divisible by parallel.micro_batch_size="
           f"{p.micro_batch_size}; change one so the batch splits into whole micro-batches")
-    from engine.pipeline.generators import check_schedule_name
-
     try:
         check_schedule_name(p.schedule)
     except ValueError as e:
@@ -245,8 +239,6 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
 
 
 def validate_planner(cfg: Config) -> None:
-    from engine.pipeline.generators import SCHEDULES
-
     pc = cfg.planner
     unknown = [s for s in pc.schedules if s not in SCHEDULES]
     _need(not unknown and pc.schedules, f"planner.schedules={list(pc.schedules)} must be a non-empty list of "

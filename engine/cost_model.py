@@ -13,8 +13,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from engine.recompute import apply_recompute
 from models.config import ModelConfig
+from models.llama import Llama
 
 GB = 1e9
 
@@ -201,8 +204,6 @@ class CostModel:
 def saved_tensor_bytes(params, run) -> int:
     """Bytes autograd saves for backward while ``run()`` executes: distinct storages, the given
     parameters excluded. Returns after ``run``; the caller frees the graph (backward or drop it)."""
-    import torch
-
     skip = {p.untyped_storage().data_ptr() for p in params}
     seen: dict[int, int] = {}
 
@@ -225,8 +226,6 @@ def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str
     analytic estimate otherwise). Parameter sizes are analytic. Backward is split evenly between
     the input and weight halves.
     ``threads``: intra-op threads per rank in the run being planned (torchrun on a CPU: 1)."""
-    import torch
-
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -240,10 +239,6 @@ def profile_items(setup: Setup, micro_batch: int, *, reps: int = 5, kernels: str
 
 
 def _profile_items(setup: Setup, micro_batch: int, reps: int, kernels: str, clock) -> list[Item]:
-    import torch
-
-    from models.llama import Llama
-
     if setup.tp != 1:
         raise ValueError("planner.profile=true times whole (unsharded) layers on this machine; use it with "
                          "parallel.tp=1, or drop planner.profile to use the analytic model")

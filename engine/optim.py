@@ -3,7 +3,8 @@
 
 Parameters are handled as `ParamRef`s: (global name, local parameter, ShardMeta). A region of a
 global tensor held by several ranks (tp-replicated norms, dp replicas, the tied embedding on the
-first and last stage) is counted once in the gradient norm, by the lowest rank holding it.
+first and last stage) is counted once in the gradient norm, by the lowest rank holding it: the
+rank that also writes it to a checkpoint (`engine.layout.lowest_holders`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.checkpoint import Entry, held_lowest, optim_key
 from engine.mesh import Mesh
-from models.init import ShardMeta, iter_params
+from models.shard import ShardMeta, iter_params
 
 @dataclass
 class ParamRef:
@@ -29,16 +31,8 @@ def param_refs(chunks: list[nn.Module]) -> list[ParamRef]:
     """Every parameter this rank holds, over all its model chunks, with global-norm ownership."""
     refs = [ParamRef(n, p, m) for c in chunks for n, p, m in iter_params(c)]
     keys = [(r.name, r.meta.offset, r.meta.shape) for r in refs]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, keys)
-        first = {}
-        for rank, ks in enumerate(everyone):
-            for k in ks:
-                first.setdefault(k, rank)
-        me = dist.get_rank()
-        for r, k in zip(refs, keys):
-            r.norm_owner = first[k] == me
+    for r, owner in zip(refs, held_lowest(keys)):
+        r.norm_owner = owner
     return refs
 
 
@@ -116,26 +110,22 @@ class Optimizer:
 
     def state_entries(self):
         """(key, tensor, meta) for every optimizer-state tensor this rank holds."""
-        from engine.checkpoint import Entry
-
         out = []
         for r in self.mine:
             st = self.inner.state.get(r.param)
             if not st:
                 continue
             for k in ("exp_avg", "exp_avg_sq"):
-                out.append(Entry(f"optim/{k}/{r.name}", st[k], r.meta))
+                out.append(Entry(optim_key(k, r.name), st[k], r.meta))
         return out
 
     def init_state_entries(self, step: int):
         """Create zeroed state for this rank's parameters (to be filled from a checkpoint)."""
-        from engine.checkpoint import Entry
-
         out = []
         for r in self.mine:
             st = self.inner.state[r.param]
             st["step"] = torch.tensor(float(step))
             for k in ("exp_avg", "exp_avg_sq"):
                 st[k] = torch.zeros_like(r.param, memory_format=torch.preserve_format)
-                out.append(Entry(f"optim/{k}/{r.name}", st[k], r.meta))
+                out.append(Entry(optim_key(k, r.name), st[k], r.meta))
         return out

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
 
 from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setup,  # noqa: F401 (re-exported)
                                get_device, profile_items)
+from engine.layout import even_split
 from engine.pipeline.actions import Kind
 from engine.pipeline.generators import build_schedule
 from engine.pipeline.simulate import simulate
@@ -49,11 +53,6 @@ def stage_time(held: list[Item]) -> float:
 
 def stage_memory(held: list[Item], in_flight: float, bytes_per_param: float) -> float:
     return sum(i.params for i in held) * bytes_per_param + in_flight * sum(i.act_bytes for i in held)
-
-
-def even_split(n_layers: int, n_stages: int) -> list[int]:
-    base, extra = divmod(n_layers, n_stages)
-    return [base + (1 if s < extra else 0) for s in range(n_stages)]
 
 
 def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):
@@ -374,8 +373,6 @@ def _alternatives(pl: Plan) -> str:
 
 def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:
     """A Hydra config-group file (``# @package _global_``) for ``scripts/train.py +plan=<name>``."""
-    import yaml
-
     body = pl.overrides()
     # the whole mesh: a launch with another world size fails early instead of running a wrong plan
     body["parallel"] = {"tp": setup.tp, "pp": setup.pp, "dp": setup.dp, **body["parallel"]}
@@ -447,8 +444,6 @@ def knob_advice(setup: Setup, run) -> str:
 
 def out_path_usage(out: str) -> tuple[str, str]:
     """(config dir, plan name) of ``<dir>/plan/<name>.yaml``; any other shape is an error."""
-    from pathlib import Path
-
     path = Path(out)
     if path.suffix != ".yaml" or path.parent.name != "plan":
         raise ValueError(f"planner.out={out!r} must look like <dir>/plan/<name>.yaml (Hydra loads config group "
@@ -458,8 +453,6 @@ def out_path_usage(out: str) -> tuple[str, str]:
 
 def write_plan(pl: Plan, setup: Setup, out: str, model_name: str) -> str:
     """Writes the override file and returns the training command that uses it."""
-    from pathlib import Path
-
     config_dir, name = out_path_usage(out)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

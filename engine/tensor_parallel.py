@@ -34,7 +34,7 @@ from torch import nn
 
 from engine.mesh import Mesh
 from models.config import ModelConfig
-from models.init import ShardMeta, set_shard_meta
+from models.shard import ShardMeta, set_shard_meta
 
 SEQ_DIM = 1  # activations are (B, T, dim); sequence parallelism splits T
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine import run_dir as rundir
@@ -28,13 +29,15 @@ from engine.checkpoint_saver import Checkpointer
 from engine.config import Config, ConfigError, validate
 from engine.data import DataError, DataMix, open_sources
 from engine.data.prepare import prepare_once
-from engine.mesh import Mesh, build_mesh, init_distributed
-from engine.metrics import MetricsLog, device_peak_flops
 from engine.data_parallel import OverlappedGradReducer
 from engine.hang import HangReporter
+from engine.mesh import Mesh, build_mesh, init_distributed
+from engine.metrics import MetricsLog, device_peak_flops
 from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
-from engine.pipeline import PipelineRunner, StepActions, build_step_actions, stage_layer_ranges
+from engine.pipeline import (PipelineRunner, StepActions, build_stage_chunks, build_step_actions, stage_layer_ranges,
+                             sync_tied_grads)
 from engine.recompute import apply_recompute
+from engine.tensor_parallel import parallelize, sync_tp_grads, validate_tp
 from models import Llama, ModelConfig, init_weights
 
 
@@ -43,17 +46,17 @@ class SerialExecutor:
 
     def __init__(self, model: nn.Module, n_microbatches: int):
         self.model = model
-        self.m = n_microbatches
+        self.n_micro = n_microbatches
 
     def forward_backward(self, inputs, targets, *, backward: bool = True):
         total = torch.zeros((), device=inputs.device)
-        for x, y in zip(inputs.chunk(self.m), targets.chunk(self.m)):
+        for x, y in zip(inputs.chunk(self.n_micro), targets.chunk(self.n_micro)):
             with contextlib.nullcontext() if backward else torch.no_grad():
                 loss = self.model(x, y)
             if backward:
-                (loss / self.m).backward()
+                (loss / self.n_micro).backward()
             total += loss.detach()
-        return total / self.m
+        return total / self.n_micro
 
 
 class StopSignal:
@@ -105,12 +108,11 @@ class StopSignal:
             os.close(r)
 
 
-def resolve_model_config(cfg: Config, source: Path | None) -> ModelConfig:
-    """The model shape: from the checkpoint's manifest when loading one, else the preset + overrides.
-    A ``model.<field>`` or a ``model=<preset>`` that contradicts the checkpoint is an error."""
+def resolve_model_config(cfg: Config, source: Path | None, manifest: dict | None) -> ModelConfig:
+    """The model shape: from the manifest of checkpoint ``source`` when loading one, else the preset +
+    overrides. A ``model.<field>`` or a ``model=<preset>`` that contradicts the checkpoint is an error."""
     if source is None:
         return cfg.model.build()
-    manifest = ckpt.read_manifest(source)
     saved = manifest["model_config"]
     clash = {k: (v, saved[k]) for k, v in cfg.model.overrides().items() if saved.get(k) != v}
     if clash:
@@ -194,13 +196,9 @@ def build_chunks(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> list[nn.Module]:
         with torch.device("meta"):
             chunks = [Llama(mcfg, kernels=cfg.kernels)]
     else:
-        from engine.pipeline import build_stage_chunks
-
         chunks = build_stage_chunks(mcfg, mesh, layers_per_stage=p.layers_per_stage,
                                     virtual_stages=p.virtual_stages, kernels=cfg.kernels)
     if mesh.tp > 1:
-        from engine.tensor_parallel import parallelize
-
         for c in chunks:
             parallelize(c, mesh, sequence_parallel=p.sequence_parallel)
     for c in chunks:
@@ -225,12 +223,8 @@ def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:
     every sync here is a linear map, so the order does not change the result), then tp and pp."""
     dp_reducer.finish()
     if mesh.tp > 1:
-        from engine.tensor_parallel import sync_tp_grads
-
         sync_tp_grads(chunks, mesh)
     if mesh.pp > 1:
-        from engine.pipeline import sync_tied_grads
-
         sync_tied_grads(chunks, mesh)
 
 
@@ -298,13 +292,13 @@ class Trainer:
                               "or checkpoint.load=init to evaluate the initialization on purpose")
         if not cfg.train.eval_only:
             rank0_then_agree(self._check_fresh_start, rank=mesh.rank)
-        self.mcfg = resolve_model_config(cfg, source)
+        # read once: the model shape, the resume step, the data check and the restore all use it
+        self.source_manifest = ckpt.read_manifest(source) if source is not None else None
+        self.mcfg = resolve_model_config(cfg, source, self.source_manifest)
         if cfg.train.seq_len > self.mcfg.max_seq_len:
             raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
         try:  # before any data or model work: a shape the mesh cannot split is a launch error
             if mesh.tp > 1:
-                from engine.tensor_parallel import validate_tp
-
                 validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
             self.step_actions = None
             if mesh.pp > 1:   # the schedule is checked, built and proven here, once per launch
@@ -315,15 +309,14 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.step = 0
-        self.resume_manifest = ckpt.read_manifest(self.resume_from) if self.resume_from is not None else None
-        if self.resume_manifest is not None:
-            self.step = int(self.resume_manifest["train_state"]["step"])
+        if self.resume_from is not None:
+            self.step = int(self.source_manifest["train_state"]["step"])
             if self.step >= cfg.train.max_steps and not cfg.train.eval_only:
                 raise ConfigError(f"checkpoint {str(self.resume_from)!r} is at step {self.step}, not before "
                                   f"train.max_steps={cfg.train.max_steps}; raise train.max_steps to train on")
         self.data = ensure_data(cfg, mesh, self.mcfg.vocab_size)
-        if self.resume_manifest is not None and not cfg.train.eval_only:
-            self._check_data_settings(self.resume_manifest["train_state"])
+        if self.resume_from is not None and not cfg.train.eval_only:
+            self._check_data_settings(self.source_manifest["train_state"])
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
         self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro, self.step_actions)
         self.refs = param_refs(self.chunks)
@@ -344,10 +337,8 @@ class Trainer:
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
         protect = (self.resume_from.name,) if self.resume_from is not None else ()
         self.saver = Checkpointer(self.ckpt_root, keep_last=c.keep_last, async_save=c.async_save, protect=protect)
-        if self.resume_from is not None:
-            self._restore(self.resume_from, with_optimizer=True)
-        elif self.load_from is not None:
-            self._restore(self.load_from, with_optimizer=False)
+        if source is not None:
+            self._restore(source, self.source_manifest, with_optimizer=self.resume_from is not None)
         if not cfg.train.eval_only:
             rank0_then_agree(self._start_history, rank=mesh.rank)
 
@@ -404,7 +395,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _model_entries(self):
-        return [ckpt.Entry(f"model/{r.name}", r.param, r.meta) for r in self.refs]
+        return [ckpt.Entry(ckpt.model_key(r.name), r.param, r.meta) for r in self.refs]
 
     def save(self) -> Path:
         """Collective. With checkpoint.async_save this returns once the host copy is taken."""
@@ -419,13 +410,12 @@ class Trainer:
             return self.saver.save(self.step, self._model_entries() + self.optimizer.state_entries(),
                                    model_config=self.mcfg.to_dict(), layout=layout, train_state=state)
 
-    def _restore(self, path: Path, *, with_optimizer: bool) -> None:
-        manifest = ckpt.read_manifest(path)
+    def _restore(self, path: Path, manifest: dict, *, with_optimizer: bool) -> None:
         entries = self._model_entries()
         if with_optimizer:
             self.step = int(manifest["train_state"]["step"])
             self.skipped_steps = int(manifest["train_state"].get("skipped_steps", 0))
-            has_optim = any(k.startswith("optim/") for k in manifest["tensors"])
+            has_optim = any(k.startswith(ckpt.OPTIM) for k in manifest["tensors"])
             if has_optim:
                 entries += self.optimizer.init_state_entries(self.step)
         ckpt.load(path, entries, manifest=manifest)
@@ -438,12 +428,14 @@ class Trainer:
         n = x.shape[0] // self.mesh.dp
         return x[self.mesh.dp_rank * n:(self.mesh.dp_rank + 1) * n].to(self.mesh.device)
 
-    def _run(self, inputs, targets, *, backward: bool):
+    def _forward_backward(self, inputs, targets, *, backward: bool):
+        """One step's micro-batches through the executor (forward only with ``backward=False``);
+        returns the local mean loss, or None off the last stage."""
         self.phase = _SCHEDULE_PHASES[backward]
-        m = self.mesh
-        x = self._local_rows(inputs) if m.is_first_stage else None
-        y = self._local_rows(targets) if m.is_last_stage else None
-        if m.pp == 1:
+        mesh = self.mesh
+        x = self._local_rows(inputs) if mesh.is_first_stage else None
+        y = self._local_rows(targets) if mesh.is_last_stage else None
+        if mesh.pp == 1:
             x, y = self._local_rows(inputs), self._local_rows(targets)
         with self.autocast:
             loss = self.executor.forward_backward(x, y, backward=backward)
@@ -453,10 +445,10 @@ class Trainer:
         """The loss lives on the last stage's dp × tp ranks: one all-reduce of [mean loss, stop flag,
         background-save failure flag] (float64, on the device) brings all three to every rank."""
         self.phase = "loss all-reduce"
-        m = self.mesh
-        buf = torch.zeros(3, dtype=torch.float64, device=m.device)
-        if m.is_last_stage and loss is not None:
-            buf[0] = loss.detach().double() / (m.dp * m.tp)   # stays on the device: no host read before the reduce
+        mesh = self.mesh
+        buf = torch.zeros(3, dtype=torch.float64, device=mesh.device)
+        if mesh.is_last_stage and loss is not None:
+            buf[0] = loss.detach().double() / (mesh.dp * mesh.tp)   # stays on the device: no host read before the reduce
         buf[1] = float(stop)
         buf[2] = float(save_failed)
         dist.all_reduce(buf)
@@ -473,7 +465,7 @@ class Trainer:
         cfg = self.cfg
         inputs, targets = self.data.train_batch(self.step, seed=cfg.train.seed, batch_size=cfg.train.global_batch_size,
                                                 seq_len=cfg.train.seq_len)
-        loss = self._run(inputs, targets, backward=True)
+        loss = self._forward_backward(inputs, targets, backward=True)
         self.phase = "gradient synchronization (dp all-reduce, tp and tied-embedding sums)"
         sync_grads(self.chunks, self.mesh, self.dp_reducer)
         self.phase = "gradient-norm all-reduce"
@@ -516,24 +508,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        cfg, m = self.cfg, self.mesh
+        cfg = self.cfg
         g = cfg.train.global_batch_size
         losses = []
         for b in range(cfg.eval.batches):
             x, y = self.data.eval_windows(b * g, g, seq_len=cfg.train.seq_len)
-            losses.append(self._global_mean(self._run(x, y, backward=False)))
+            losses.append(self._global_mean(self._forward_backward(x, y, backward=False)))
         return sum(losses) / len(losses)
 
     def run(self) -> list[dict]:
         """Train to ``train.max_steps`` (or evaluate once with ``train.eval_only``); returns the records."""
-        cfg, m = self.cfg, self.mesh
+        cfg, mesh = self.cfg, self.mesh
         records = []
-        if m.rank == 0:
-            print(f"{m}; model {self.mcfg.num_params() / 1e6:.2f}M params; {self.n_micro} micro-batches per step; "
+        if mesh.rank == 0:
+            print(f"{mesh}; model {self.mcfg.num_params() / 1e6:.2f}M params; {self.n_micro} micro-batches per step; "
                   f"{self.peak_label}", flush=True)
         if cfg.train.eval_only:
             ev = self.evaluate()
-            if m.rank == 0:
+            if mesh.rank == 0:
                 print(f"eval_loss {ev:.6f}", flush=True)
                 self.log.write({"step": self.step, "eval_loss": ev})
             return [{"step": self.step, "eval_loss": ev}]
@@ -544,19 +536,19 @@ class Trainer:
             return records
 
     def _train_loop(self, stop: StopSignal) -> list[dict]:
-        cfg, m = self.cfg, self.mesh
+        cfg, mesh = self.cfg, self.mesh
         records = []
-        bar = _progress(self.step, cfg.train.max_steps, enabled=m.rank == 0)
+        bar = _progress(self.step, cfg.train.max_steps, enabled=mesh.rank == 0)
         consecutive_skips = 0
         while self.step < cfg.train.max_steps:
             rec = self.train_step(lambda: stop.requested)
             stopping = rec.pop("_stop") or self.step == cfg.train.stop_at
             records.append(rec)
             consecutive_skips = consecutive_skips + 1 if rec["skipped"] else 0
-            if rec["skipped"] and m.rank == 0:
+            if rec["skipped"] and mesh.rank == 0:
                 bar.write(f"step {self.step}: non-finite loss {rec['loss']} or gradient norm {rec['grad_norm']}; "
                           f"update skipped ({consecutive_skips} in a row)")
-            if m.rank == 0 and consecutive_skips < cfg.train.max_skipped_steps:
+            if mesh.rank == 0 and consecutive_skips < cfg.train.max_skipped_steps:
                 self.log.write(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -565,11 +557,11 @@ class Trainer:
             if cfg.eval.interval and self.step % cfg.eval.interval == 0:
                 ev = self.evaluate()
                 records.append({"step": self.step, "eval_loss": ev})
-                if m.rank == 0:
+                if mesh.rank == 0:
                     self.log.write(records[-1])
                     bar.write(f"step {self.step} eval_loss {ev:.4f}")
             if consecutive_skips >= cfg.train.max_skipped_steps:
-                if m.rank == 0:
+                if mesh.rank == 0:
                     self.log.write(rec)
                 raise TrainingDiverged(
                     f"{consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss or "
@@ -578,10 +570,10 @@ class Trainer:
                     f"stronger optim.clip_grad, or check the data")
             if stopping or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                 path = self.save()
-                if m.rank == 0:
+                if mesh.rank == 0:
                     bar.write(f"saved {path}")
             if stopping:
-                if m.rank == 0:
+                if mesh.rank == 0:
                     bar.write(f"stop requested: saved at step {self.step}, exiting")
                 break
         bar.close()
@@ -593,8 +585,6 @@ class TrainingDiverged(RuntimeError):
 
 
 def _progress(start, total, enabled):
-    from tqdm import tqdm
-
     return tqdm(initial=start, total=total, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
@@ -606,11 +596,12 @@ def _fmt(rec: dict) -> str:
 
 def main(cfg: Config) -> list[dict]:
     trainer = Trainer(cfg)
-    m = trainer.mesh
+    mesh = trainer.mesh
+    who = f"rank {mesh.rank} (pp {mesh.pp_rank}, dp {mesh.dp_rank}, tp {mesh.tp_rank})"
     reporter = HangReporter(lambda: f"step {trainer.step + 1}: {trainer.where()}", trainer.cfg.parallel.timeout_s,
-                            prefix=f"rank {m.rank} (pp {m.pp_rank}, dp {m.dp_rank}, tp {m.tp_rank}) ").start()
+                            prefix=f"{who} ").start()
     try:
-        if trainer.mesh.rank == 0:
+        if mesh.rank == 0:
             (trainer.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
         records = trainer.run()
         dist.barrier()
@@ -619,9 +610,8 @@ def main(cfg: Config) -> list[dict]:
     except BaseException as e:
         # A hang surfaces here as a collective/p2p timeout (parallel.timeout_s). Say where this rank was,
         # then fail: torchrun sees a non-zero exit and stops the other ranks.
-        m = trainer.mesh
-        print(f"\nrank {m.rank} (pp {m.pp_rank}, dp {m.dp_rank}, tp {m.tp_rank}) failed in step {trainer.step + 1} "
-              f"while waiting on {trainer.where()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        print(f"\n{who} failed in step {trainer.step + 1} while waiting on {trainer.where()}: "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr, flush=True)
         raise
     finally:

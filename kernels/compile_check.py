@@ -9,17 +9,21 @@ would produce. Per compiled kernel we read registers, stack and shared memory fr
 (``cuobjdump --dump-resource-usage``, bundled with Triton) and spill bytes from ``ptxas -v``.
 
 Used by scripts/compile_kernels.py and tests/unit/test_compile_kernels.py. Needs Triton's compiler, so it
-must run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
+must run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled). Triton is imported
+inside the functions that compile: it is optional where kernels/ is imported (`kernels._triton`), and
+this module must import without it (scripts/check_imports.py).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import io
+import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -27,6 +31,10 @@ from pathlib import Path
 import torch
 
 from kernels._triton import PROGRAMS_PER_SM, SM_COUNT, recording_launches, resident_programs
+from kernels.cross_entropy import cross_entropy_forward
+from kernels.rms_norm import rms_norm_backward, rms_norm_forward
+from kernels.rotary import _rotate
+from kernels.swiglu import swiglu_backward, swiglu_forward
 
 TARGETS = (80, 90)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -58,8 +66,6 @@ def _meta(*shape, dtype):
 
 
 def _rms_norm(dtype, tokens, hidden):
-    from kernels.rms_norm import rms_norm_backward, rms_norm_forward
-
     w = _meta(hidden, dtype=dtype)
     for residual in (None, _meta(tokens, hidden, dtype=dtype)):
         x = _meta(tokens, hidden, dtype=dtype)
@@ -68,15 +74,11 @@ def _rms_norm(dtype, tokens, hidden):
 
 
 def _swiglu(dtype, tokens, ffn):
-    from kernels.swiglu import swiglu_backward, swiglu_forward
-
     _, g2, u2 = swiglu_forward(_meta(tokens, ffn, dtype=dtype), _meta(tokens, ffn, dtype=dtype))
     swiglu_backward(_meta(tokens, ffn, dtype=dtype), g2, u2)
 
 
 def _rotary(dtype, tokens, heads):
-    from kernels.rotary import _rotate
-
     seq = min(tokens, 8192)
     cos = sin = _meta(seq, 128, dtype=torch.float32)
     for backward in (False, True):
@@ -84,8 +86,6 @@ def _rotary(dtype, tokens, heads):
 
 
 def _cross_entropy(dtype, tokens, vocab):
-    from kernels.cross_entropy import cross_entropy_forward
-
     logits = _meta(tokens, vocab, dtype=dtype)
     cross_entropy_forward(logits, _meta(tokens, dtype=torch.int64), -100, None, logits)
 
@@ -236,9 +236,6 @@ def compile_all(jobs: list[Job], workers: int) -> list[Result]:
     """Compile in ``workers`` processes (forked: they inherit the imported kernels; only meta tensors exist)."""
     if workers <= 1:
         return [compile_job(j) for j in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return list(pool.map(compile_job, jobs))
 

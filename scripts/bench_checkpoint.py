@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.checkpoint import list_checkpoints  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.data import is_prepared, prepare_data  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
@@ -97,8 +98,6 @@ def measure(a) -> dict:
 
 
 def ckpt_dirs(run_dir: str) -> list[Path]:
-    from engine.checkpoint import list_checkpoints
-
     return list_checkpoints(Path(run_dir) / "checkpoints")
 
 

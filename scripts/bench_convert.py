@@ -22,10 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from engine.checkpoint import model_key  # noqa: E402
 from engine.convert import parse_size  # noqa: E402
 from engine.convert.names import param_shapes  # noqa: E402
-from engine.convert.tandem import Region, tp_region, write_tandem  # noqa: E402
+from engine.convert.tandem import tp_region  # noqa: E402
+from engine.convert.writer import Region, write_tandem  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
+from scripts.convert_checkpoint import main as convert_main  # noqa: E402
 
 MiB = 2**20
 
@@ -41,7 +44,7 @@ def make_checkpoint(path: Path, cfg: ModelConfig) -> tuple[int, int]:
                 continue
             off, sub = box or ((0,) * len(shape), shape)
             files.setdefault(f"rank_{t:05d}.safetensors", []).append(
-                Region(f"model/{name}", shape, off, sub, torch.float32))
+                Region(model_key(name), shape, off, sub, torch.float32))
     path.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
     write_tandem(path, files, lambda r: torch.randn(r.shape, generator=gen) * 0.02, model_config=cfg.to_dict(),
@@ -59,11 +62,9 @@ def _status(field: str) -> int:
 
 def child(argv: list[str]) -> None:
     """Run one conversion and print the resident set before it and the peak during it."""
-    from scripts.convert_checkpoint import main
-
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    rc = main(argv)
+    rc = convert_main(argv)
     assert rc == 0, f"conversion {argv} failed"
     print(json.dumps({"before": before, "peak": _status("VmHWM"),
                       "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's engine, whichever copy is installed
 VOCAB = 4096
+# Every library is imported inside the function that uses it: each measured child process (this
+# script with --child) then holds only its own side's libraries, so the memory compared is theirs.
 
 
 def build_corpus(out: Path, gb: float) -> tuple[Path, Path]:

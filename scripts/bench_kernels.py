@@ -42,7 +42,7 @@ def parse_args():
 def time_ms(fn, device) -> float:
     """Median milliseconds of fn() (triton's do_bench on CUDA: warm-up, L2 flush, CUDA events)."""
     if device.type == "cuda":
-        import triton.testing
+        import triton.testing  # CUDA only: Triton is optional on a CPU machine
 
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
     fn()
@@ -102,6 +102,8 @@ def fwd_bwd(fn, case):
 
 
 def cases(args, device, dtype):
+    # not at the top: main() sets TRITON_INTERPRET for --dry-run first, and Triton reads it when
+    # kernels/ is imported
     from kernels import rope_cos_sin
     from kernels.cross_entropy import cross_entropy, cross_entropy_reference
     from kernels.rms_norm import rms_norm, rms_norm_reference

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# kernels/ is imported only inside the functions below, once TRITON_INTERPRET is gone and
+# TRITON_CACHE_DIR is set: Triton reads both when the kernels are defined (when kernels/ is imported).
 
 
 def parse_args():

@@ -40,8 +40,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from engine.data import is_prepared  # noqa: E402
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 NO_CUDA_MESSAGE = ("gpu_check.py: no CUDA device is visible (torch.cuda.is_available() is False), so there is "
@@ -317,10 +322,6 @@ def write_synthetic_data(out_dir: Path, *, vocab_size: int, n_tokens: int, seed:
     law over the whole vocabulary: a model learns the unigram law within a few steps and the phrases by
     copying, so the loss falls visibly in a few dozen steps. A real corpus would need a tokenizer of the
     model's vocabulary (128256 for llama3_1b); the stdlib one has 4096."""
-    import numpy as np
-
-    from engine.data import is_prepared
-
     out_dir = Path(out_dir)
     if is_prepared(out_dir):
         return out_dir
@@ -650,8 +651,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     if not args.dry_run and not torch.cuda.is_available():
         print(NO_CUDA_MESSAGE)
         return 0

@@ -24,11 +24,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from engine import planner as P  # noqa: E402
 from engine.config import Config, ModelSchema, ParallelSchema, TrainSchema  # noqa: E402
+from engine.layout import even_split  # noqa: E402
+from engine.mesh import build_mesh  # noqa: E402
+from engine.pipeline import build_step_actions  # noqa: E402
 from engine.pipeline.actions import parse_action  # noqa: E402
+from engine.pipeline.generators import build_schedule  # noqa: E402
+from engine.pipeline.simulate import simulate  # noqa: E402
+from engine.trainer import build_chunks, build_executor  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 
 
@@ -61,12 +68,6 @@ def _count_cpu_time(runner) -> None:
 def _worker(rank, port, a, layouts, queue):
     """Builds one runner per layout in the same two processes and alternates their steps, so that
     load from elsewhere on the machine hits both layouts alike; keeps each layout's fastest times."""
-    import torch.distributed as dist
-
-    from engine.mesh import build_mesh
-    from engine.pipeline import build_step_actions
-    from engine.trainer import build_chunks, build_executor
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(a.pp),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -141,7 +142,7 @@ def main() -> None:
     cpu = P.get_device("cpu")
     items = P.profile_items(setup, a.micro, reps=a.reps, threads=1)
     pl = P.plan(setup, cpu, schedules=("1f1b",), micro_batch_sizes=[a.micro], items_for=lambda mb: items)
-    even = P.even_split(a.layers, a.pp)
+    even = even_split(a.layers, a.pp)
     print(P.format_plan(pl, setup))
     layouts = [("planned", pl.layers_per_stage), ("even", even)]
     measured = measure(a, [lps for _, lps in layouts])
@@ -185,9 +186,6 @@ def main() -> None:
 def replay_step(a, meas) -> float:
     """The 1F1B schedule's makespan with every compute action costing its measured CPU time (the
     fastest over the steps) and free p2p: the step a quiet machine would take, from real timings."""
-    from engine.pipeline.generators import build_schedule
-    from engine.pipeline.simulate import simulate
-
     costs = {k: v for m in meas for k, v in m["action_cpu"].items()}
     return simulate(build_schedule("1f1b", a.pp, a.batch // a.micro), lambda r, x: costs.get(str(x), 0.0)).makespan
 

@@ -17,13 +17,15 @@ import re
 import shutil
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
+from tokenizers import Tokenizer
 
-from engine.checkpoint import CheckpointError, write_json_atomic
+from engine.checkpoint import CheckpointError, model_key, param_of, write_json_atomic
 from engine.convert.names import hf_config, param_names, to_hf_name
 from engine.convert.sources import HFSource, TandemSource
 from engine.convert.stream import StreamWriter, TensorSpec, dtype_from_name, dtype_name
-from engine.convert.tandem import Region, pack, staged_output, write_tandem
+from engine.convert.writer import Region, pack, staged_output, write_tandem
 from engine.data.errors import DataError
 from engine.data.tokenizer import EOS_CANDIDATES, load_tokenizer, sentencepiece_to_hf
 
@@ -80,8 +82,6 @@ def write_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
     configs. Returns the special-token ids."""
     if tokenizer.suffix == ".json":
         return _copy_hf_tokenizer(tokenizer, dst, max_len)
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     shutil.copy(tokenizer, dst / TOKENIZER)
     sentencepiece_to_hf(tokenizer.read_bytes()).save(str(dst / HF_TOKENIZER))
@@ -97,8 +97,6 @@ def write_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
 
 def _copy_hf_tokenizer(tokenizer: Path, dst: Path, max_len: int) -> dict:
     """A run that used a Hugging Face tokenizer: copy it with the configs found beside it."""
-    from tokenizers import Tokenizer
-
     shutil.copy(tokenizer, dst / HF_TOKENIZER)
     cfg_path = tokenizer.parent / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -126,13 +124,13 @@ def to_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None, max_sha
     s = TandemSource(src)
     cfg = s.model_config
     names = param_names(cfg)
-    missing = [n for n in names if f"model/{n}" not in s.tensors]
+    missing = [n for n in names if model_key(n) not in s.tensors]
     if missing:
-        raise CheckpointError(f"checkpoint {str(s.path)!r} has no tensor 'model/{missing[0]}' (and "
+        raise CheckpointError(f"checkpoint {str(s.path)!r} has no tensor {model_key(missing[0])!r} (and "
                               f"{len(missing) - 1} more) that its model config implies; it is incomplete")
-    out_dtype = dtype_from_name(dtype) if dtype else s.dtype(f"model/{names[0]}")
+    out_dtype = dtype_from_name(dtype) if dtype else s.dtype(model_key(names[0]))
     tok = find_tokenizer(s, tokenizer) if with_tokenizer else None
-    regions = [Region.full(n, s.shape(f"model/{n}"), out_dtype) for n in names]
+    regions = [Region.full(n, s.shape(model_key(n)), out_dtype) for n in names]
     shards = pack(regions, parse_size(max_shard_size))
     with staged_output(dst, force=force) as tmp:
         weight_map, total = {}, 0
@@ -140,7 +138,7 @@ def to_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None, max_sha
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
             w = StreamWriter(tmp / fname, [TensorSpec(to_hf_name(r.key), r.shape, r.dtype) for r in shard])
             for r in shard:
-                w.write(to_hf_name(r.key), s.read(f"model/{r.key}"))
+                w.write(to_hf_name(r.key), s.read(model_key(r.key)))
                 weight_map[to_hf_name(r.key)] = fname
                 total += r.nbytes
             w.close()
@@ -162,7 +160,7 @@ def from_hf(src: str | Path, dst: str | Path, *, dtype: str = "fp32", max_file_s
     cfg = h.model_config
     out_dtype = dtype_from_name(dtype)
     shapes = {n: tuple(h.files[h.names[n][0]][h.names[n][1]].shape) for n in param_names(cfg)}
-    regions = [Region.full(f"model/{n}", shp, out_dtype) for n, shp in shapes.items()]
+    regions = [Region.full(model_key(n), shp, out_dtype) for n, shp in shapes.items()]
     files = {f"part_{i:05d}.safetensors": f for i, f in enumerate(pack(regions, parse_size(max_file_size)))}
     state: dict = {"step": 0, "converted_from": str(Path(src).resolve())}
     with staged_output(dst, force=force) as tmp:
@@ -173,7 +171,7 @@ def from_hf(src: str | Path, dst: str | Path, *, dtype: str = "fp32", max_file_s
         found = [n for n in TOKENIZER_FILES if (tmp / n).is_file()]
         if found:
             state["tokenizer"] = found[0]
-        write_tandem(tmp, files, lambda r: h.read(r.key.removeprefix("model/")).to(r.dtype),
+        write_tandem(tmp, files, lambda r: h.read(param_of(r.key)).to(r.dtype),
                      model_config=cfg.to_dict(), layout={"tp": 1, "pp": 1, "dp": 1, "converted": "from-hf"},
                      train_state=state, step=0)
     return Path(dst)

@@ -1,5 +1,4 @@
-"""Tandem-to-Tandem tools: consolidate, re-shard, inspect, verify — and the streaming writer the
-Hugging Face import shares.
+"""Tandem-to-Tandem tools: consolidate, re-shard, inspect, verify.
 
 Every output is planned first (which file holds which region of which tensor, in what dtype),
 then written region by region: a region is assembled from the source's overlapping slices and
@@ -8,92 +7,19 @@ and never the model.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 from engine import checkpoint as ckpt
 from engine.checkpoint import CheckpointError
-from engine.convert.stream import StreamWriter, TensorSpec, dtype_name, nbytes, read_header
+from engine.convert.hf import TOKENIZER_EXTRAS, inspect_hf
 from engine.convert.sources import TandemSource, slice_problems
+from engine.convert.stream import nbytes, read_header
+from engine.convert.writer import Region, pack, staged_output, write_tandem
+from engine.layout import even_split, stage_bounds
 from models.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class Region:
-    """Region ``(offset, shape)`` of global tensor ``key`` (shape ``global_shape``), stored as ``dtype``."""
-
-    key: str
-    global_shape: tuple[int, ...]
-    offset: tuple[int, ...]
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @classmethod
-    def full(cls, key, shape, dtype) -> "Region":
-        shape = tuple(shape)
-        return cls(key, shape, (0,) * len(shape), shape, dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return nbytes(self.shape, self.dtype)
-
-
-@contextlib.contextmanager
-def staged_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
-    """Yield ``DST.tmp`` to write into; rename it to ``DST`` only when the body completes."""
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise CheckpointError(f"destination {str(dst)!r} already exists; choose another path or pass --force "
-                              f"to replace it")
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted conversion
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-    os.replace(tmp, dst)
-
-
-def pack(regions: list[Region], max_bytes: int | None) -> list[list[Region]]:
-    """Greedy packing in order: a new file starts when the next region would push this one past
-    ``max_bytes`` (a region larger than the limit gets a file of its own)."""
-    files: list[list[Region]] = [[]]
-    size = 0
-    for r in regions:
-        if files[-1] and max_bytes and size + r.nbytes > max_bytes:
-            files.append([])
-            size = 0
-        files[-1].append(r)
-        size += r.nbytes
-    return [f for f in files if f]
-
-
-def write_tandem(dst: Path, files: dict[str, list[Region]], read: Callable[[Region], torch.Tensor], *,
-                 model_config: dict, layout: dict, train_state: dict, step: int) -> None:
-    """Write a Tandem checkpoint into ``dst`` (an existing empty directory), file by file."""
-    records = []
-    for fname, regions in files.items():
-        specs = [TensorSpec(r.key, r.shape, r.dtype) for r in regions]
-        meta = {r.key: json.dumps({"global_shape": list(r.global_shape), "offset": list(r.offset)}) for r in regions}
-        w = StreamWriter(dst / fname, specs, meta)
-        for r in regions:
-            w.write(r.key, read(r))
-        sha, size = w.close()
-        records.append({"file": fname, "sha256": sha, "bytes": size, "tensors": [
-            {"key": r.key, "global_shape": list(r.global_shape), "offset": list(r.offset), "shape": list(r.shape),
-             "dtype": dtype_name(r.dtype)} for r in regions]})
-    ckpt._write_manifest(dst, records, step=step, model_config=model_config, layout=layout, train_state=train_state)
 
 
 def _copy_extras(src: TandemSource, dst: Path) -> None:
@@ -101,7 +27,7 @@ def _copy_extras(src: TandemSource, dst: Path) -> None:
     tok = src.manifest.get("train_state", {}).get("tokenizer")
     if not tok:
         return
-    for name in {tok, "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}:
+    for name in {tok, *TOKENIZER_EXTRAS}:
         if (src.path / name).is_file():
             shutil.copy(src.path / name, dst / name)
 
@@ -132,20 +58,17 @@ _ROW = ("attention.wo.weight", "feed_forward.w2.weight")  # split on dim 1
 
 
 def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = None) -> list[range]:
+    """The layers of each of ``pp`` chunks (pp × virtual stages): the trainer's split
+    (`engine.layout`), with errors that name the converter's flags."""
     if layers_per_stage is None:
         if n_layers < pp:
             raise CheckpointError(f"the model's {n_layers} layers cannot fill {pp} pipeline chunks (pp × virtual "
                                   f"stages); lower --pp or --virtual-stages")
-        base, extra = divmod(n_layers, pp)
-        layers_per_stage = [base + (1 if i < extra else 0) for i in range(pp)]
+        layers_per_stage = even_split(n_layers, pp)
     if len(layers_per_stage) != pp or sum(layers_per_stage) != n_layers or min(layers_per_stage) < 1:
         raise CheckpointError(f"layers per stage {layers_per_stage} must be {pp} positive counts (pp × virtual "
                               f"stages) summing to the model's {n_layers} layers; fix --layers-per-stage or --pp")
-    out, start = [], 0
-    for n in layers_per_stage:
-        out.append(range(start, start + n))
-        start += n
-    return out
+    return [range(start, stop) for start, stop in stage_bounds(layers_per_stage)]
 
 
 def tp_region(param: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, tp_rank: int,
@@ -177,11 +100,6 @@ def tp_region(param: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, tp_
     return tuple(offset), tuple(sub)
 
 
-def _param_of(key: str) -> str:
-    """``model/<p>`` and ``optim/<state>/<p>`` -> ``<p>``."""
-    return key.split("/", 1)[1] if key.startswith("model/") else key.split("/", 2)[2]
-
-
 def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, virtual_stages: int = 1,
             layers_per_stage: list[int] | None = None, force: bool = False) -> Path:
     """One file per (pp rank, tp rank) of the target layout holding exactly that rank's slices, so
@@ -199,7 +117,7 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, virtual_stage
     files: dict[str, list[Region]] = {}
     seen = set()
     for key in s.tensors:
-        param = _param_of(key)
+        param = ckpt.param_of(key)
         if param.startswith("layers."):
             layer = int(param.split(".")[1])
             stage = next(i for i, r in enumerate(stages) if layer in r) % pp
@@ -226,8 +144,6 @@ def inspect(src: str | Path) -> dict:
     """What a checkpoint holds, read from its manifest (no tensor data is read). A Hugging Face
     directory is described too, from its config and shard headers."""
     if not (Path(src) / ckpt.MANIFEST).is_file() and (Path(src) / "config.json").is_file():
-        from engine.convert.hf import inspect_hf
-
         return inspect_hf(src)
     s = TandemSource(src, verify=False)
     m = s.manifest
@@ -237,7 +153,7 @@ def inspect(src: str | Path) -> dict:
         total += b
         rows.append({"key": key, "shape": info["global_shape"], "dtype": info["dtype"],
                      "slices": len(info["slices"]), "bytes": b})
-    n_params = sum(torch.Size(r["shape"]).numel() for r in rows if r["key"].startswith("model/"))
+    n_params = sum(torch.Size(r["shape"]).numel() for r in rows if r["key"].startswith(ckpt.MODEL))
     return {"path": str(s.path), "step": m.get("step"), "model_config": m["model_config"],
             "layout": m.get("layout", {}), "train_state": m.get("train_state", {}), "tensors": rows,
             "n_tensors": len(rows), "n_params": n_params, "tensor_bytes": total,

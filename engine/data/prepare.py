@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from engine.data.errors import DataError
 from engine.data.inputs import Chunk, DecodeStats, corpus_files, decode_chunk, read_chunks
@@ -147,8 +149,6 @@ def ordered_map(fn, items, *, workers: int, init, init_args: tuple, window: int)
         init(*init_args)
         yield from map(fn, items)
         return
-    import multiprocessing as mp
-
     # fork: workers inherit the loaded modules, and start in milliseconds
     with mp.get_context("fork").Pool(workers, init, init_args) as pool:
         pending = deque()
@@ -249,8 +249,6 @@ class _Progress:
     """A bar over bytes on disk, with documents/s and tokens/s."""
 
     def __init__(self, total_bytes: int, *, enabled: bool):
-        from tqdm import tqdm
-
         self.t0 = time.perf_counter()
         self.docs = self.tokens = 0
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not enabled,

@@ -13,6 +13,10 @@ import random
 from pathlib import Path
 from typing import Iterable
 
+import sentencepiece as spm
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, normalizers, processors
+from tokenizers import models as bpe_models  # not the project's models/ package
+
 from engine.data.errors import DataError
 
 SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
@@ -28,13 +32,9 @@ class Tokenizer:
         self.sha256 = hashlib.sha256(blob).hexdigest()
         self.file_name = SP_FILE if kind == "sentencepiece" else HF_FILE
         if kind == "sentencepiece":
-            import sentencepiece as spm
-
             self._sp = spm.SentencePieceProcessor(model_proto=blob)
             self.vocab_size, self.eos_id = self._sp.get_piece_size(), self._sp.eos_id()
         else:
-            from tokenizers import Tokenizer as HFTokenizer
-
             self._hf = HFTokenizer.from_str(blob.decode("utf-8"))
             # a document that contains "<s>" or "<|end_of_text|>" means the characters, as SentencePiece
             # reads them: special tokens come only from the data path (EOS) and the model's user
@@ -126,8 +126,6 @@ def reservoir_lines(texts: Iterable[str], k: int, *, seed: int = 0, max_line: in
 
 def train_sentencepiece(lines: list[str], vocab_size: int, *, seed: int = 0) -> Tokenizer:
     """A SentencePiece BPE model with the settings STYLE.md lists for an LLM."""
-    import sentencepiece as spm
-
     lines = list(lines)
     random.Random(seed).shuffle(lines)
     model = io.BytesIO()
@@ -148,9 +146,6 @@ def sentencepiece_to_hf(model: bytes):
     SentencePiece's dummy prefix, and BOS added like Llama's. Needs no protobuf. Control tokens
     (``<s>``) written in the text are text to SentencePiece: encode with ``encode_special_tokens`` (in
     transformers, ``split_special_tokens``) for the same ids."""
-    import sentencepiece as spm
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, processors
-
     sp = spm.SentencePieceProcessor(model_proto=model)
     n = sp.get_piece_size()
     special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
@@ -165,7 +160,7 @@ def sentencepiece_to_hf(model: bytes):
             if left in vocab and right in vocab:
                 merges.append((-sp.get_score(i), vocab[left], vocab[right], left, right))
     merges.sort()
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], byte_fallback=True,
+    tok = HFTokenizer(bpe_models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], byte_fallback=True,
                                  unk_token=sp.id_to_piece(sp.unk_id()), fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),

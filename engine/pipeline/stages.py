@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.layout import even_split, stage_bounds
 from engine.mesh import Mesh
 from models import Llama, ModelConfig
 
@@ -38,13 +39,8 @@ def stage_layer_ranges(n_layers: int, pp: int, virtual_stages: int = 1,
         if virtual_stages > 1 and n_layers % n_stages:
             raise ValueError(f"n_layers={n_layers} does not divide into pp={pp} × virtual_stages={virtual_stages} = "
                              f"{n_stages} equal chunks; change parallel.virtual_stages or set parallel.layers_per_stage")
-        base, extra = divmod(n_layers, n_stages)
-        counts = [base + (s < extra) for s in range(n_stages)]
-    ranges, start = [], 0
-    for c in counts:
-        ranges.append((start, start + c))
-        start += c
-    return ranges
+        counts = even_split(n_layers, n_stages)
+    return stage_bounds(counts)
 
 
 def build_stage_chunks(mcfg: ModelConfig, mesh: Mesh, *, layers_per_stage: Sequence[int] | None = None,

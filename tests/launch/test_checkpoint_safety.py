@@ -11,7 +11,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import run_dir as rundir
-from models.init import ShardMeta
+from models.shard import ShardMeta
 from tests.support.launch import SMALL_MODEL, grad_norms, losses, read_metrics, train_in_process
 
 
@@ -233,14 +233,14 @@ def test_a_stop_signal_during_a_step_stops_at_the_end_of_that_step(data_dir, tmp
 
     from engine.trainer import Trainer
 
-    real = Trainer._run
+    real = Trainer._forward_backward
 
     def run(self, inputs, targets, *, backward):
         if backward and self.step == 2:  # inside step 3
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, inputs, targets, backward=backward)
 
-    monkeypatch.setattr(Trainer, "_run", run)
+    monkeypatch.setattr(Trainer, "_forward_backward", run)
     recs = train_in_process(args(data_dir, tmp_path, "train.max_steps=50"))
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert names(tmp_path / "checkpoints") == ["step_000003"]

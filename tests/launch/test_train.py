@@ -152,7 +152,7 @@ def test_load_with_conflicting_model_override(data_dir, tmp_path):
 
 
 def test_checkpoint_from_a_different_model_shape_names_the_tensor(data_dir, tmp_path):
-    from models.init import ShardMeta
+    from models.shard import ShardMeta
 
     path = _one_checkpoint(data_dir, tmp_path) / "step_000004"
     wq = json.loads((path / "manifest.json").read_text())["tensors"]["model/layers.0.attention.wq.weight"]
@@ -167,7 +167,7 @@ def test_checkpoint_from_a_different_model_shape_names_the_tensor(data_dir, tmp_
 def test_checkpoint_slices_that_overlap_and_leave_a_gap_are_refused(data_dir, tmp_path):
     """Slices whose sizes add up to the tensor but overlap (so a region is missing) must not load:
     coverage is checked by geometry, not by counting elements."""
-    from models.init import ShardMeta
+    from models.shard import ShardMeta
 
     path = _one_checkpoint(data_dir, tmp_path) / "step_000004"
     manifest = json.loads((path / "manifest.json").read_text())

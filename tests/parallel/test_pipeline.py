@@ -158,7 +158,7 @@ def _tp_zero_bubble_cases(rank, world, cases):
     from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear, parallelize, sync_tp_grads
     from engine.recompute import apply_recompute
     from models import ModelConfig, init_weights
-    from models.init import iter_params
+    from models.shard import iter_params
     from tests.parallel.test_tensor_parallel import _gather_global
 
     mesh = build_mesh(tp=2, pp=world // 2)

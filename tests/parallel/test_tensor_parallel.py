@@ -20,7 +20,7 @@ from engine.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, Voc
                                     validate_tp)
 from kernels import get_ops
 from models import Llama, ModelConfig, init_weights
-from models.init import iter_params
+from models.shard import iter_params
 from tests.support.distributed import run_distributed
 from tests.support.serial import serial_step
 

@@ -10,7 +10,7 @@ def save_twice_second_fails_on_rank(rank, world, root, failing_rank) -> str:
 
     from engine import checkpoint as ckpt
     from engine.checkpoint_saver import Checkpointer
-    from models.init import ShardMeta
+    from models.shard import ShardMeta
 
     full = torch.arange(12.0).reshape(4, 3)
     meta = ShardMeta(global_shape=(4, 3), offset=(2 * rank, 0), shape=(2, 3))  # each rank holds two rows

@@ -20,7 +20,7 @@ from engine.checkpoint import CheckpointError
 from engine.convert.sources import TandemSource
 from engine.data import TokenData
 from models import Llama, ModelConfig
-from models.init import ShardMeta
+from models.shard import ShardMeta
 from tests.support.distributed import run_distributed
 from tests.support.launch import SMALL_MODEL, train_in_process
 from tests.support.trainer_world import run_trainers

@@ -325,7 +325,7 @@ def _tp_model_with_triton_kernels(world_size):
     from engine.mesh import build_mesh
     from engine.tensor_parallel import parallelize, sync_tp_grads
     from models import Llama, ModelConfig, init_weights
-    from models.init import iter_params
+    from models.shard import iter_params
 
     cfg = ModelConfig(**MODEL_CFG)
     mesh = build_mesh(tp=world_size)

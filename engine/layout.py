@@ -1,0 +1,36 @@
+"""Where the model's pieces live across ranks: the rules the trainer, the planner, the optimizer,
+checkpointing and the converter share, so that none of them can disagree with another.
+
+Plain arithmetic on names and counts (no tensors, no process groups), so the planner and the
+converter use the same rule as the pipeline runtime without importing it.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+
+def even_split(n_layers: int, n_stages: int) -> list[int]:
+    """Layers per stage, as even as possible; earlier stages take the remainder (the last stage
+    also carries the output head and the loss)."""
+    base, extra = divmod(n_layers, n_stages)
+    return [base + (s < extra) for s in range(n_stages)]
+
+
+def stage_bounds(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, stop) of every stage's contiguous layers, from its layer count."""
+    bounds, start = [], 0
+    for c in counts:
+        bounds.append((start, start + c))
+        start += c
+    return bounds
+
+
+def lowest_holders(held: Sequence[Sequence[Hashable]]) -> dict[Hashable, int]:
+    """For every item some rank holds (``held[rank]``: that rank's items, e.g. (key, offset,
+    shape) regions), the lowest rank holding it: the one that writes it to a checkpoint and counts
+    it in the gradient norm, so a region several ranks hold is written and counted once."""
+    first: dict[Hashable, int] = {}
+    for rank, items in enumerate(held):
+        for item in items:
+            first.setdefault(item, rank)
+    return first
