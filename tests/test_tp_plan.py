@@ -56,6 +56,11 @@ def test_trainer_and_converter_derive_the_same_slices(name, kw, tp, pp, sequence
     for rank in range(tp):
         seen = set()
         for chunk in _chunks(cfg, tp, rank, pp, sequence_parallel):
+            # the entry mapping sits once on each attention and MLP, and on the last chunk's final norm
+            entered = {path for path, m in chunk.named_modules() if m._forward_pre_hooks}
+            assert entered == {f"layers.{i}.{part}" for i in range(*chunk.layer_range)
+                               for part in ("attention", "feed_forward")}
+            assert not chunk.is_last or len(chunk.norm._forward_hooks) == 1
             for n, p, meta in iter_params(chunk):
                 seen.add(n)
                 assert meta.global_shape == serial[n], n

@@ -4,8 +4,8 @@
 of it, on the meta device) in place, so each rank of the tp group holds and computes a 1/tp slice
 (Shoeybi et al., "Megatron-LM", arXiv:1909.08053, figure 3; Korthikanti et al., "Reducing
 Activation Recomputation", arXiv:2205.05198, for sequence parallelism). Which module becomes which
-layer, and which slice each rank holds, is the plan's (`engine.tensor_parallel.plan`); this module
-adds what the table does not say:
+layer, which slice each rank holds and where activations enter the region are the plan's
+(`engine.tensor_parallel.plan`); this module says how:
 
 - the entry mapping of each sub-layer (``f`` in the paper: identity forward, all-reduce backward;
   or, with sequence parallelism, all-gather forward / reduce-scatter backward) is applied once per
@@ -30,7 +30,8 @@ from torch import nn
 
 from engine.mesh import Mesh
 from engine.tensor_parallel.mappings import enter_tp, exit_tp
-from engine.tensor_parallel.plan import Style, TPLayout, TPShard, even_shard, param_shard, rule_of, vocab_rows
+from engine.tensor_parallel.plan import (Entry, Style, TPLayout, TPShard, entry_of, even_shard, param_shard, rule_of,
+                                         vocab_rows)
 from engine.tensor_parallel.seq_shard import LinearSavingShard, gathered_from
 from models.init import set_shard_meta
 
@@ -203,16 +204,18 @@ def parallelize(model: nn.Module, mesh: Mesh, *, sequence_parallel: bool = False
         owner = model.get_submodule(parent)
         setattr(owner, leaf, _parallel_module(rule.style, getattr(owner, leaf), shard, group, sp))
     model.tp_layout = TPLayout(tp, rank, sp)
-    for block in model.layers.values():
-        for mod in (block.attention, block.feed_forward):
+    for path, mod in model.named_modules():
+        entry = entry_of(path)
+        if entry is Entry.INPUT:
             mod.register_forward_pre_hook(_enter_hook(group, sp))
             if sp:
                 mod.register_forward_hook(_close_regather_hook)
+        elif entry is Entry.OUTPUT:
+            # The final norm's output enters the vocab-parallel head (tied or not) through one mapping.
+            # The untied head is a ColumnParallelLinear and saves the shard (`SeqShard`); the tied
+            # head's plain matmul saves the gathered input, which must then not carry the shard too.
+            mod.register_forward_hook(_enter_output_hook(group, sp, regather=not mcfg.tie_embeddings))
     if model.is_last:
-        # The final norm's output enters the vocab-parallel head (tied or not) through one mapping.
-        # The untied head is a ColumnParallelLinear and saves the shard (`SeqShard`); the tied
-        # head's plain matmul saves the gathered input, which must then not carry the shard too.
-        model.norm.register_forward_hook(_enter_output_hook(group, sp, regather=not mcfg.tie_embeddings))
         head = "tok_embeddings.weight" if mcfg.tie_embeddings else "output.weight"
         model.loss_fn = VocabParallelCrossEntropy(model.ops, vocab_size=mcfg.vocab_size, group=group,
                                                   shard=param_shard(head, (mcfg.vocab_size, mcfg.dim), mcfg, tp, rank))

@@ -5,7 +5,8 @@
 reads it here — `parallelize` (which module becomes which parallel layer), `sync_tp_grads` (which
 gradients are summed over tp) and the checkpoint converter (which slice each tp rank's file
 holds) — through `param_shard`, so the trainer and the converter cannot disagree. `validate_tp`
-collects the table's own divisibility rules into one launch error.
+collects the table's own divisibility rules into one launch error. `ENTRIES` says where the
+activations enter the tensor-parallel region.
 
 - attention: wq column-parallel by heads, wo row-parallel; wk, wv split by KV heads when tp divides
   ``n_kv_heads``, otherwise (tp a multiple of ``n_kv_heads``) each rank holds the one KV head its
@@ -65,6 +66,21 @@ PLAN: dict[str, Rule] = {
 }
 
 
+class Entry(Enum):
+    """Where activations enter the tensor-parallel region (the mapping ``f``, applied once for all the
+    column-parallel layers that read them)."""
+
+    INPUT = "input"  # the module's input: shared by q/k/v, or by gate/up
+    OUTPUT = "output"  # the module's output: the final norm's, read by the vocab-parallel head
+
+
+ENTRIES: dict[str, Entry] = {
+    "layers.*.attention": Entry.INPUT,
+    "layers.*.feed_forward": Entry.INPUT,
+    "norm": Entry.OUTPUT,
+}
+
+
 @dataclass(frozen=True)
 class TPLayout:
     """What `parallelize` applied to a model (kept on it as ``model.tp_layout``)."""
@@ -89,6 +105,12 @@ class TPShard:
 def rule_of(module_path: str) -> Rule | None:
     """The plan's rule for the module at ``module_path`` (e.g. ``layers.3.attention.wq``), or None."""
     found = [rule for pattern, rule in PLAN.items() if fnmatch.fnmatchcase(module_path, pattern)]
+    return found[0] if found else None
+
+
+def entry_of(module_path: str) -> Entry | None:
+    """Whether activations enter the tensor-parallel region at the module at ``module_path``."""
+    found = [entry for pattern, entry in ENTRIES.items() if fnmatch.fnmatchcase(module_path, pattern)]
     return found[0] if found else None
 
 
