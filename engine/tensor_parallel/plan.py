@@ -30,6 +30,8 @@ from models.init import ShardMeta
 
 
 class Style(Enum):
+    """How a module's weight is laid out over the tp ranks."""
+
     COLUMN = "column"  # split by output rows (dim 0)
     ROW = "row"  # split by input columns (dim 1)
     KV_HEADS = "kv_heads"  # by KV heads (dim 0); one head on tp / n_kv_heads ranks when tp > n_kv_heads
@@ -46,6 +48,8 @@ class GradSync(Enum):
 
 @dataclass(frozen=True)
 class Rule:
+    """One row of the plan: the style, and what it splits (its divisibility rule names this key)."""
+
     style: Style
     count: str | None = None  # the ModelConfig field counting the units split: heads, features, vocab rows
 
