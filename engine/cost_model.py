@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.recompute import apply_recompute
+from engine.tensor_parallel.plan import validate_tp
 from models.config import ModelConfig
 from models.llama import Llama
 
@@ -74,15 +75,12 @@ class Setup:
         if self.pp > m.n_layers:
             raise ValueError(f"parallel.pp={self.pp} is greater than model.n_layers={m.n_layers}: every stage needs "
                              f"at least one layer; lower parallel.pp")
-        if m.n_heads % self.tp:
-            raise ValueError(f"parallel.tp={self.tp} does not divide model.n_heads={m.n_heads}; pick a divisor")
+        # the trainer's own rule for what tp can split (heads, KV heads, ffn, vocabulary, sequence)
+        validate_tp(m, self.tp, seq_len=self.seq_len, sequence_parallel=self.sequence_parallel)
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"parallel.recompute={self.recompute!r} is not one of none, selective, full")
         if self.global_batch % self.dp:
             raise ValueError(f"train.global_batch_size={self.global_batch} is not divisible by dp={self.dp}")
-        if self.sequence_parallel and self.seq_len % self.tp:
-            raise ValueError(f"train.seq_len={self.seq_len} is not divisible by parallel.tp={self.tp} "
-                             f"(needed by sequence parallelism)")
 
     @property
     def world(self) -> int:

@@ -19,6 +19,7 @@ from engine.convert.sources import TandemSource, slice_problems
 from engine.convert.stream import nbytes, read_header
 from engine.convert.writer import Region, pack, staged_output, write_tandem
 from engine.layout import even_split, stage_bounds
+from engine.tensor_parallel import param_shard, validate_tp
 from models.config import ModelConfig
 
 
@@ -52,9 +53,6 @@ def consolidate(src: str | Path, dst: str | Path, *, max_file_bytes: int | None 
 
 
 # -- re-sharding for a target (tp, pp) layout --------------------------------------------------
-_COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
-           "feed_forward.w3.weight", "tok_embeddings.weight", "output.weight")  # split on dim 0
-_ROW = ("attention.wo.weight", "feed_forward.w2.weight")  # split on dim 1
 
 
 def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = None) -> list[range]:
@@ -73,31 +71,10 @@ def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = No
 
 def tp_region(param: str, shape: tuple[int, ...], cfg: ModelConfig, tp: int, tp_rank: int,
               ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """The (offset, shape) of ``param`` that tensor-parallel rank ``tp_rank`` holds, taken from
-    engine/tensor_parallel.py's own rules (`kv_rows`, `vocab_shard`), or None for a replicated
-    tensor (the norms)."""
-    from engine.tensor_parallel import kv_rows, vocab_shard
-
-    leaf = param.split(".", 2)[2] if param.startswith("layers.") else param
-    if leaf in _COLUMN:
-        dim = 0
-    elif leaf in _ROW:
-        dim = 1
-    else:
-        return None
-    n = shape[dim]
-    if leaf in ("tok_embeddings.weight", "output.weight"):
-        start, _, real = vocab_shard(n, tp, tp_rank)  # ceil(V / tp) rows each, the last shard short
-        lo, rows = min(start, n), real
-    elif leaf in ("attention.wk.weight", "attention.wv.weight"):
-        if cfg.n_kv_heads % tp and tp % cfg.n_kv_heads:
-            return None  # no tp layout shards this; keep it whole
-        lo, rows = kv_rows(cfg, tp, tp_rank)  # ranks sharing a KV head hold the same rows
-    else:
-        lo, rows = tp_rank * (n // tp), n // tp
-    offset, sub = [0] * len(shape), list(shape)
-    offset[dim], sub[dim] = lo, rows
-    return tuple(offset), tuple(sub)
+    """The (offset, shape) of ``param`` that tensor-parallel rank ``tp_rank`` holds, by the trainer's own
+    tensor-parallel plan (`engine.tensor_parallel.plan`), or None for a tensor every rank holds whole."""
+    meta = param_shard(param, shape, cfg, tp, tp_rank).meta
+    return None if meta.is_full else (meta.offset, meta.shape)
 
 
 def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, virtual_stages: int = 1,
@@ -107,9 +84,12 @@ def reshard(src: str | Path, dst: str | Path, *, tp: int, pp: int, virtual_stage
     lives once, in the file of the lowest of them."""
     s = TandemSource(src)
     cfg = s.model_config
-    if tp < 1 or pp < 1 or cfg.n_heads % tp or cfg.ffn_dim % tp:
-        raise CheckpointError(f"--tp {tp} must be positive and divide the model's {cfg.n_heads} heads and "
-                              f"ffn_dim {cfg.ffn_dim}; --pp {pp} must be positive")
+    if tp < 1 or pp < 1:
+        raise CheckpointError(f"--tp {tp} and --pp {pp} must be positive")
+    try:  # the layouts the trainer can run are the ones worth writing
+        validate_tp(cfg, tp)
+    except ValueError as e:
+        raise CheckpointError(f"--tp {tp}: {e}") from None
     if virtual_stages < 1:
         raise CheckpointError(f"--virtual-stages {virtual_stages} must be at least 1")
     # chunk c of pp * virtual_stages goes to pp rank c % pp (the interleaved schedule's round robin)

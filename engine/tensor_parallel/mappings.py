@@ -1,0 +1,87 @@
+"""The Megatron mappings between the replicated (or sequence-sharded) activations and a tensor-parallel
+region: ``f`` before the column-parallel layers and ``g`` after the row-parallel ones (Shoeybi et al.,
+"Megatron-LM", arXiv:1909.08053, figure 3), and their sequence-parallel forms (Korthikanti et al.,
+arXiv:2205.05198). The process group is an argument everywhere, never global state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from engine.tensor_parallel.seq_shard import all_gather_seq, mark_gathered, reduce_scatter_seq
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.clone(memory_format=torch.contiguous_format)  # never modify a tensor autograd may hold
+    dist.all_reduce(x, group=group)
+    return x
+
+
+class CopyToTP(torch.autograd.Function):
+    """``f``: identity forward, all-reduce of the input gradient backward (before column-parallel layers)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class ReduceFromTP(torch.autograd.Function):
+    """``g``: all-reduce forward (after row-parallel layers), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class GatherFromSeq(torch.autograd.Function):
+    """Sequence-parallel ``f``: all-gather along T forward, reduce-scatter of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return reduce_scatter_seq(g, ctx.group), None
+
+
+class ReduceScatterToSeq(torch.autograd.Function):
+    """Sequence-parallel ``g``: reduce-scatter along T forward, all-gather of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather_seq(g, ctx.group), None
+
+
+def enter_tp(x: torch.Tensor, group, sequence_parallel: bool, *, regather: bool = True) -> torch.Tensor:
+    """The input mapping of a column-parallel region (full-sequence, replicated output).
+
+    Under sequence parallelism (and ``regather``) the gathered tensor remembers the shard it came
+    from (`SeqShard`), so the column-parallel matmuls reading it save that shard for backward
+    instead of the full sequence."""
+    if not sequence_parallel:
+        return CopyToTP.apply(x, group)
+    full = GatherFromSeq.apply(x, group)
+    if regather and torch.is_grad_enabled() and full.requires_grad:
+        mark_gathered(full, x, group)
+    return full
+
+
+def exit_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """The output mapping of a row-parallel region (sums the partial results of the tp ranks)."""
+    return ReduceScatterToSeq.apply(x, group) if sequence_parallel else ReduceFromTP.apply(x, group)
