@@ -15,7 +15,7 @@ from engine.optim import Optimizer, param_refs
 from engine.pipeline import stage_layer_ranges
 from tests.support.launch import SMALL_MODEL, train_in_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- the even layer split -----------------------------------------------------------------------------
