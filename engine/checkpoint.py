@@ -345,39 +345,47 @@ def prune(root: Path, keep_last: int, *, current: int, protect: Iterable[str] = 
     return doomed
 
 
-def check_intact(path: Path) -> None:
-    """Raise `CheckpointError` unless the manifest reads and every file matches its checksum."""
+def check_intact(path: Path) -> dict:
+    """Raise `CheckpointError` unless the manifest reads and every file matches its checksum; return
+    the manifest."""
     manifest = read_manifest(path)
     verify_files(path, manifest, manifest["files"])
+    return manifest
 
 
 def resolve(root: str | Path, resume: str | None, *, warn=None) -> Path | None:
-    """``checkpoint.resume``: None -> None; ``auto`` -> the newest intact checkpoint under root
-    (manifest readable, every file matching its checksum), None when there is none; a damaged newer
-    one is skipped with a warning (``warn(message)``, default stderr) naming it. When every one is
-    damaged this raises the newest one's error rather than silently starting over. Anything else
-    is a checkpoint directory that must exist."""
+    """The checkpoint directory `find` picks (see there), without its manifest."""
+    return find(root, resume, warn=warn)[0]
+
+
+def find(root: str | Path, resume: str | None, *, warn=None) -> tuple[Path | None, dict | None]:
+    """``checkpoint.resume`` / ``checkpoint.load`` -> (directory, its manifest), each read once:
+    None -> (None, None); ``auto`` -> the newest intact checkpoint under root (manifest readable,
+    every file matching its checksum), (None, None) when there is none; a damaged newer one is
+    skipped with a warning (``warn(message)``, default stderr) naming it. When every one is damaged
+    this raises the newest one's error rather than silently starting over. Anything else is a
+    checkpoint directory that must exist and have a readable manifest."""
     if resume is None:
-        return None
+        return None, None
     if resume == "auto":
         found = list_checkpoints(root)
         errors = []
         for cand in reversed(found):
             try:
-                check_intact(cand)
+                manifest = check_intact(cand)
             except CheckpointError as e:
                 errors.append(e)
                 (warn or _warn)(f"warning: skipping checkpoint {str(cand)!r}: {e}")
                 continue
-            return cand
+            return cand, manifest
         if errors:
             raise errors[0]
-        return None
+        return None, None
     path = Path(resume)
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"{resume!r} is not a checkpoint directory (no {MANIFEST}); point "
                               f"checkpoint.resume / checkpoint.load at a step_XXXXXX directory, or use 'auto'")
-    return path
+    return path, read_manifest(path)
 
 
 def _warn(message: str) -> None:

@@ -282,18 +282,21 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, mesh, p, c = self.cfg, self.mesh, self.cfg.parallel, self.cfg.checkpoint
-        self.resume_from = rank0_then_agree(lambda: ckpt.resolve(self.ckpt_root, c.resume), rank=mesh.rank)
+        # each manifest is read once: rank 0 finds (and checksums) the resume point and hands every
+        # rank its manifest; the model shape, the resume step, the data check and the restore use it
+        self.resume_from, resume_manifest = rank0_then_agree(lambda: ckpt.find(self.ckpt_root, c.resume),
+                                                             rank=mesh.rank)
         # checkpoint.load=init names the seeded initialization explicitly (evaluating it is then intended)
-        self.load_from = ckpt.resolve(self.ckpt_root, c.load) if c.load and c.load != "init" else None
+        self.load_from, load_manifest = (ckpt.find(self.ckpt_root, c.load) if c.load and c.load != "init"
+                                         else (None, None))
         source = self.resume_from or self.load_from
+        self.source_manifest = resume_manifest if self.resume_from is not None else load_manifest
         if cfg.train.eval_only and source is None and c.load != "init":
             raise ConfigError("train.eval_only=true but there is no checkpoint to evaluate (checkpoint.resume found "
                               "none, checkpoint.load is unset); set checkpoint.load=<step dir>, checkpoint.resume, "
                               "or checkpoint.load=init to evaluate the initialization on purpose")
         if not cfg.train.eval_only:
             rank0_then_agree(self._check_fresh_start, rank=mesh.rank)
-        # read once: the model shape, the resume step, the data check and the restore all use it
-        self.source_manifest = ckpt.read_manifest(source) if source is not None else None
         self.mcfg = resolve_model_config(cfg, source, self.source_manifest)
         if cfg.train.seq_len > self.mcfg.max_seq_len:
             raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
