@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.pipeline.generators import SCHEDULES, check_schedule_name
 from models.config import ModelConfig
+from models.llama import RECOMPUTE_MODES
 
 
 @dataclass
@@ -195,8 +196,8 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
     t, p, o, c, e = cfg.train, cfg.parallel, cfg.optim, cfg.checkpoint, cfg.eval
     _need(cfg.precision in ("fp32", "bf16"), f"precision={cfg.precision!r} is not one of fp32, bf16")
     _need(cfg.kernels in ("auto", "triton", "torch"), f"kernels={cfg.kernels!r} is not one of auto, triton, torch")
-    _need(p.recompute in ("none", "selective", "full"),
-          f"parallel.recompute={p.recompute!r} is not one of none, selective, full")
+    _need(p.recompute in RECOMPUTE_MODES,
+          f"parallel.recompute={p.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}")
     _need(o.zero in (0, 1), f"optim.zero={o.zero} is not supported; use 0 or 1")
     for key, v in (("train.global_batch_size", t.global_batch_size), ("train.seq_len", t.seq_len),
                    ("parallel.micro_batch_size", p.micro_batch_size), ("train.max_steps", t.max_steps),

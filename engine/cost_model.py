@@ -18,7 +18,7 @@ import torch
 from engine.recompute import apply_recompute
 from engine.tensor_parallel.plan import validate_tp
 from models.config import ModelConfig
-from models.llama import Llama
+from models.llama import RECOMPUTE_MODES, Llama
 
 GB = 1e9
 
@@ -77,8 +77,8 @@ class Setup:
                              f"at least one layer; lower parallel.pp")
         # the trainer's own rule for what tp can split (heads, KV heads, ffn, vocabulary, sequence)
         validate_tp(m, self.tp, seq_len=self.seq_len, sequence_parallel=self.sequence_parallel)
-        if self.recompute not in ("none", "selective", "full"):
-            raise ValueError(f"parallel.recompute={self.recompute!r} is not one of none, selective, full")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"parallel.recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}")
         if self.global_batch % self.dp:
             raise ValueError(f"train.global_batch_size={self.global_batch} is not divisible by dp={self.dp}")
 

@@ -200,6 +200,10 @@ def parallelize(model: nn.Module, mesh: Mesh, *, sequence_parallel: bool = False
         return model
     if getattr(model, "tp_layout", None) is not None:
         raise ValueError("this model is already tensor-parallel; call parallelize once, on a plain Llama")
+    if any(getattr(m, "weight_grad_store", None) is not None for m in model.modules()):
+        # the layers parallelize builds would not carry the store: deferral is switched on last
+        raise ValueError("weight-gradient deferral is already on; call parallelize before "
+                         "enable_weight_grad_deferral (the pipeline runtime does)")
     for name, p in list(model.named_parameters()):
         path = name.rpartition(".")[0]
         rule = rule_of(path)

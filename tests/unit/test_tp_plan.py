@@ -15,6 +15,7 @@ import torch
 from engine.checkpoint import CheckpointError, read_manifest
 from engine.convert.tandem import Region, reshard, stage_layers, tp_region, write_tandem
 from engine.pipeline.stages import stage_layer_ranges
+from engine.pipeline.weight_grad import WeightGradStore, enable_weight_grad_deferral
 from engine.tensor_parallel import GradSync, param_shard, parallelize
 from models import Llama, ModelConfig
 from models.shard import iter_params
@@ -147,3 +148,13 @@ def test_a_shape_the_plan_cannot_split_is_refused_by_parallelize_and_the_convert
     _consolidated(tmp_path / "one", cfg)
     with pytest.raises(CheckpointError, match=r"neither divides model.n_kv_heads=2"):
         reshard(tmp_path / "one", tmp_path / "re", tp=3, pp=1)
+
+
+def test_parallelize_refuses_a_model_whose_weight_gradients_are_already_deferred():
+    """The layers parallelize builds would not carry the store, so deferral silently stopped."""
+    cfg = ModelConfig(**BASE)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    enable_weight_grad_deferral([model], WeightGradStore())
+    with pytest.raises(ValueError, match="call parallelize before enable_weight_grad_deferral"):
+        parallelize(model, SimpleNamespace(tp=2, tp_rank=0, tp_group=None))
