@@ -38,9 +38,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed.pipelining as pipelining
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.mesh import build_mesh  # noqa: E402
+from engine.pipeline import PipelineRunner, build_stage_chunks, build_step_actions  # noqa: E402
+from engine.pipeline.actions import parse_action  # noqa: E402
+from engine.pipeline.simulate import simulate  # noqa: E402
+from models import ModelConfig, init_weights  # noqa: E402
 from scripts._common import run_distributed  # noqa: E402
 
 PEER = {"1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B", "zb_h1": "ScheduleInterleavedZeroBubble"}
@@ -58,9 +64,6 @@ def _reset_peak_rss() -> None:
 
 
 def _build(args, pp, rank, v):
-    from engine.pipeline import build_stage_chunks
-    from engine.mesh import build_mesh
-    from models import ModelConfig, init_weights
 
     mesh = build_mesh(pp=pp)
     cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
@@ -82,7 +85,6 @@ def _make_step(engine, schedule, args, rank, world):
     x, y = tokens[:, :-1], tokens[:, 1:]
     first, last = mesh.is_first_stage, mesh.is_last_stage
     if engine == "tandem":
-        from engine.pipeline import PipelineRunner, build_step_actions
 
         runner = PipelineRunner(chunks, mesh, build_step_actions(schedule, world, n_micro, v),
                                 hidden_shape=(mb, T, cfg.dim))
@@ -90,7 +92,6 @@ def _make_step(engine, schedule, args, rank, world):
         def step():
             runner.forward_backward(x if first else None, y if last else None)
     else:
-        import torch.distributed.pipelining as pipelining
 
         runner = None
         stages = [pipelining.PipelineStage(c, stage_index=i * world + rank, num_stages=world * v,
@@ -164,7 +165,6 @@ def _worker(rank, world, schedule, args, measure):
 
 def _compute_summary(timings):
     """(total compute seconds, {action: seconds}) of one step."""
-    from engine.pipeline.actions import parse_action
 
     per = {}
     for label, start, end in timings:
@@ -176,8 +176,6 @@ def _compute_summary(timings):
 def _simulate_measured(results):
     """Simulate Tandem's lists with each rank's measured mean cost per action kind: (simulated
     bubble with the measured p2p-free costs, makespan in seconds)."""
-    from engine.pipeline.actions import parse_action
-    from engine.pipeline.simulate import simulate
 
     actions, mean = [], []
     for r in results:
