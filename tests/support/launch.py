@@ -117,6 +117,10 @@ def grad_norms(records: list[dict]) -> list[float]:
 # gradients not averaged), so neither tolerance leaves them room.
 REL = 1e-5
 GRAD_NORM_REL = 1e-4
+# step 1's gradient norm comes before any update, so no rounding difference has been amplified yet:
+# measured within 3e-8 of serial for pp2, dp2 and tp2, while a replica counted twice in the norm
+# moves it by 7.5e-5 under tp2 (and by ~40 % under dp2)
+FIRST_GRAD_NORM_REL = 1e-6
 
 
 def assert_losses_match(a: list[float], b: list[float], rel: float = REL, what: str = "loss") -> None:
@@ -126,11 +130,15 @@ def assert_losses_match(a: list[float], b: list[float], rel: float = REL, what: 
 
 
 def assert_runs_match(records: list[dict], reference: list[dict], rel: float = REL,
-                      grad_norm_rel: float = GRAD_NORM_REL) -> None:
+                      grad_norm_rel: float = GRAD_NORM_REL, first_grad_norm_rel: float | None = FIRST_GRAD_NORM_REL
+                      ) -> None:
     """The same steps, and per step the loss and the gradient norm within their tolerance of
     ``reference``'s: the norm sees a gradient the loss has not felt yet (a missing sync, a replica
-    counted twice)."""
+    counted twice). A run that starts at step 1 has that step's norm checked tighter still."""
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [r["step"] for r in reference if "loss" in r], steps
+    if first_grad_norm_rel is not None and steps and steps[0] == 1:
+        assert_losses_match(grad_norms(records)[:1], grad_norms(reference)[:1], first_grad_norm_rel,
+                            what="grad_norm before any update")
     assert_losses_match(losses(records), losses(reference), rel)
     assert_losses_match(grad_norms(records), grad_norms(reference), grad_norm_rel, what="grad_norm")
