@@ -35,6 +35,7 @@ from engine.hang import HangReporter
 from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
 from engine.pipeline import PipelineRunner, StepActions, build_step_actions, stage_layer_ranges
 from engine.recompute import apply_recompute
+from kernels.cross_entropy import check_target_ids
 from models import Llama, ModelConfig, init_weights
 
 
@@ -445,6 +446,8 @@ class Trainer:
         y = self._local_rows(targets) if m.is_last_stage else None
         if m.pp == 1:
             x, y = self._local_rows(inputs), self._local_rows(targets)
+        if self.cfg.train.check_targets and y is not None:   # debug only: a device->host read
+            check_target_ids(y, self.mcfg.vocab_size)
         with self.autocast:
             loss = self.executor.forward_backward(x, y, backward=backward)
         return loss
