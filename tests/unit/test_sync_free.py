@@ -1,0 +1,64 @@
+"""A training step reads at most one value back to the host: the all-reduced [loss, stop flag,
+save-failed flag, gradient norm] at its end (issue 14). On a GPU each further read (`.item()`,
+`bool(tensor)`, `.cpu()`, ...) stalls the host until the device has drained its queue."""
+import pytest
+
+from tests.support.distributed import run_distributed
+from tests.support.host_reads import counting_host_reads, host_reads_per_step, on_device_path
+from tests.support.launch import SMALL_MODEL
+
+import torch
+
+
+def _overrides(data_dir, run_dir, *extra):
+    # 4 micro-batches per step: a read per micro-batch (the loss's backward scale) would show 4 times
+    return [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run_dir}", "kernels=torch", *extra]
+
+
+def _assert_at_most_one(per_step):
+    for reads in map(on_device_path, per_step):
+        assert len(reads) <= 1, f"{len(reads)} host reads in one training step: {reads}"
+        assert [name for name, _ in reads] == ["tolist"], reads  # the step's one agreed read
+
+
+def test_the_counter_sees_each_kind_of_host_read():
+    t = torch.ones(2)
+    with counting_host_reads() as seen:
+        t[0].item(), t.tolist(), t.cpu(), t.numpy(), bool(t[0]), float(t[0]), int(t[0])
+        if t[1]:
+            pass
+    assert [r[0] for r in seen] == ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
+                                    "__bool__"]
+
+
+def test_serial_step_reads_the_host_once(data_dir, tmp_path):
+    import torch.distributed as dist
+
+    try:
+        per_step = host_reads_per_step(0, 1, _overrides(data_dir, tmp_path / "pp1"), steps=2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _assert_at_most_one(per_step)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
+def test_pipeline_step_reads_the_host_once_per_rank(data_dir, tmp_path, schedule):
+    overrides = _overrides(data_dir, tmp_path / schedule, "parallel.pp=2", f"parallel.schedule={schedule}")
+    for rank, per_step in enumerate(run_distributed(host_reads_per_step, 2, (overrides, 2))):
+        _assert_at_most_one(per_step)
+
+
+def test_the_target_check_is_a_debug_switch_that_costs_reads(data_dir, tmp_path):
+    """train.check_targets=true checks each step's targets on the device: the counter sees it,
+    so the default run's single read is not the counter missing things."""
+    import torch.distributed as dist
+
+    try:
+        per_step = host_reads_per_step(0, 1, _overrides(data_dir, tmp_path / "check", "train.check_targets=true"),
+                                       steps=1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    reads = on_device_path(per_step[0])
+    assert len(reads) > 1 and any("check" in where or "cross_entropy" in where for _, where in reads), reads
