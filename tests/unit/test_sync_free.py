@@ -62,3 +62,23 @@ def test_the_target_check_is_a_debug_switch_that_costs_reads(data_dir, tmp_path)
             dist.destroy_process_group()
     reads = on_device_path(per_step[0])
     assert len(reads) > 1 and any("check" in where or "cross_entropy" in where for _, where in reads), reads
+
+
+def test_rope_tables_are_built_once_per_model_and_device(monkeypatch):
+    """The cos/sin tables (float64 trigonometry) are a function of (seq_len, device, dtype): built at
+    the first forward, then shared by every layer and micro-batch of the model."""
+    import models.llama as llama
+    from models import ModelConfig, init_weights
+
+    built = []
+    real = llama.rope_cos_sin
+    monkeypatch.setattr(llama, "rope_cos_sin", lambda *a, **k: built.append(a) or real(*a, **k))
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64)
+    model = init_weights(llama.Llama(cfg), seed=0, n_layers=cfg.n_layers)
+    x = torch.randint(0, 64, (2, 8))
+    for _ in range(2):
+        model(x, x).backward()
+    model(x[:, :5])
+    assert built == [(8, cfg.head_dim, cfg.rope_theta), (5, cfg.head_dim, cfg.rope_theta)]
+    cos, sin = model.layers["0"].attention.rope.get(8, x.device)
+    assert torch.equal(cos, real(8, cfg.head_dim, cfg.rope_theta)[0])
