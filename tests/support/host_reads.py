@@ -55,23 +55,26 @@ def on_device_path(reads: list[tuple]) -> list[tuple[str, str]]:
             if not (device == "cpu" and (where.startswith("data/") or "/torch/optim/" in innermost))]
 
 
-def host_reads_per_step(rank, world, overrides: list[str], steps: int) -> list[list[tuple]]:
-    """Build the trainer, run one warm-up step uncounted, then ``steps`` counted training steps;
-    returns each counted step's host reads."""
+def host_reads_per_step(rank, world, runs: dict[str, list[str]], steps: int) -> dict[str, list[list[tuple]]]:
+    """For each composed override list, in order (one spawned world serves them all): build the
+    trainer, run one warm-up step uncounted, then ``steps`` counted training steps; returns each run's
+    host reads per counted step."""
     import torch.distributed as dist
 
     from engine.trainer import Trainer
     from tests.support.launch import compose
 
-    trainer = Trainer(compose(overrides))
-    try:
-        trainer.train_step()
-        out = []
-        for _ in range(steps):
-            with counting_host_reads() as seen:
-                trainer.train_step()
-            out.append(seen)
-        dist.barrier()
-        return out
-    finally:
-        trainer.close()
+    out = {}
+    for name, overrides in runs.items():
+        trainer = Trainer(compose(overrides))
+        try:
+            trainer.train_step()
+            out[name] = []
+            for _ in range(steps):
+                with counting_host_reads() as seen:
+                    trainer.train_step()
+                out[name].append(seen)
+            dist.barrier()
+        finally:
+            trainer.close()
+    return out

@@ -1,13 +1,11 @@
 """A training step reads at most one value back to the host: the all-reduced [loss, stop flag,
 save-failed flag, gradient norm] at its end (issue 14). On a GPU each further read (`.item()`,
 `bool(tensor)`, `.cpu()`, ...) stalls the host until the device has drained its queue."""
-import pytest
+import torch
 
 from tests.support.distributed import run_distributed
 from tests.support.host_reads import counting_host_reads, host_reads_per_step, on_device_path
 from tests.support.launch import SMALL_MODEL
-
-import torch
 
 
 def _overrides(data_dir, run_dir, *extra):
@@ -15,9 +13,9 @@ def _overrides(data_dir, run_dir, *extra):
     return [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run_dir}", "kernels=torch", *extra]
 
 
-def _assert_at_most_one(per_step):
+def _assert_at_most_one(per_step, what="serial"):
     for reads in map(on_device_path, per_step):
-        assert len(reads) <= 1, f"{len(reads)} host reads in one training step: {reads}"
+        assert len(reads) <= 1, f"{what}: {len(reads)} host reads in one training step: {reads}"
         assert [name for name, _ in reads] == ["tolist"], reads  # the step's one agreed read
 
 
@@ -35,18 +33,25 @@ def test_serial_step_reads_the_host_once(data_dir, tmp_path):
     import torch.distributed as dist
 
     try:
-        per_step = host_reads_per_step(0, 1, _overrides(data_dir, tmp_path / "pp1"), steps=2)
+        per_step = host_reads_per_step(0, 1, {"pp1": _overrides(data_dir, tmp_path / "pp1")}, steps=1)["pp1"]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     _assert_at_most_one(per_step)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
-def test_pipeline_step_reads_the_host_once_per_rank(data_dir, tmp_path, schedule):
-    overrides = _overrides(data_dir, tmp_path / schedule, "parallel.pp=2", f"parallel.schedule={schedule}")
-    for rank, per_step in enumerate(run_distributed(host_reads_per_step, 2, (overrides, 2))):
-        _assert_at_most_one(per_step)
+LAYOUTS = {"pp2-1f1b": ["parallel.pp=2", "parallel.schedule=1f1b"],
+           "pp2-zb_h1": ["parallel.pp=2", "parallel.schedule=zb_h1"],
+           "dp2-zero1": ["parallel.dp=2", "optim.zero=1"]}
+
+
+def test_two_rank_steps_read_the_host_once_per_rank(data_dir, tmp_path):
+    """pp=2 under 1F1B and zero-bubble (deferred weight gradients), dp=2 with ZeRO-1 (overlapped
+    gradient all-reduce, bucketed parameter broadcasts); one spawned world runs the three."""
+    runs = {name: _overrides(data_dir, tmp_path / name, *layout) for name, layout in LAYOUTS.items()}
+    for rank, by_run in enumerate(run_distributed(host_reads_per_step, 2, (runs, 1))):
+        for name, per_step in by_run.items():
+            _assert_at_most_one(per_step, f"{name}, rank {rank}")
 
 
 def test_the_target_check_is_a_debug_switch_that_costs_reads(data_dir, tmp_path):
@@ -55,8 +60,8 @@ def test_the_target_check_is_a_debug_switch_that_costs_reads(data_dir, tmp_path)
     import torch.distributed as dist
 
     try:
-        per_step = host_reads_per_step(0, 1, _overrides(data_dir, tmp_path / "check", "train.check_targets=true"),
-                                       steps=1)
+        run = _overrides(data_dir, tmp_path / "check", "train.check_targets=true")
+        per_step = host_reads_per_step(0, 1, {"check": run}, steps=1)["check"]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
