@@ -502,6 +502,7 @@ class Trainer:
             self.phase = "optimizer step (ZeRO broadcast)"
             self.optimizer.step(lr)
         self.optimizer.zero_grad()
+        self.dp_reducer.zero_grad()   # dp > 1: the gradients are views into its persistent buckets again
         self.skipped_steps += skipped
         self.phase = "between steps"
         if self.mesh.device.type == "cuda":
