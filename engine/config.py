@@ -53,6 +53,7 @@ class TrainSchema:
     log_interval: int = 10
     stop_at: Optional[int] = None  # stop (saving a checkpoint) at this step; the schedule still spans max_steps
     max_skipped_steps: int = 5  # consecutive non-finite steps (update skipped) before the run stops with an error
+    check_targets: bool = False  # debug: check each step's targets on the device (one extra host read per step)
 
 
 @dataclass
@@ -205,6 +206,7 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
                    ("eval.batches", e.batches), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
                    ("parallel.virtual_stages", p.virtual_stages)):
         _need(v >= 1, f"{key}={v} must be at least 1")
+    _need(isinstance(t.check_targets, bool), f"train.check_targets={t.check_targets!r} must be true or false")
     _need(p.dp is None or p.dp >= 1, f"parallel.dp={p.dp} must be at least 1 (or unset: world / (tp × pp))")
     _need(t.global_batch_size % p.micro_batch_size == 0,
           f"train.global_batch_size={t.global_batch_size} is not divisible by parallel.micro_batch_size="

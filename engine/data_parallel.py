@@ -1,12 +1,19 @@
 """Data-parallel gradient averaging, overlapped with the backward of the last micro-batch.
 
+The gradients live in persistent flat buckets: at construction each parameter's ``.grad`` becomes a
+view into one bucket's buffer (buckets hold parameters of one dtype and device, in reverse
+registration order, roughly the order backward finishes them, up to ``bucket_bytes`` each). Backward
+accumulates into those views in place, so averaging a bucket is one in-place all-reduce of its
+buffer: no per-step concatenation and no copy back. `zero_grad()` zeroes the buffers and re-attaches
+any view that was replaced (an optimizer's ``grad = None``).
+
 A parameter's gradient is final once it has been accumulated ``n_micro`` times in a step (each
 micro-batch's backward adds to it once, in any executor: serial or any pipeline schedule). A
-post-accumulate-grad hook counts; final gradients join a bucket, and a full bucket is averaged
-over dp with an asynchronous all-reduce while backward goes on. `finish()` flushes the last
-bucket, waits, and copies the averages back. Replicas run the same graph, so hooks fire in the
-same order on every dp rank and buckets line up; anything a hook never saw (a gradient written
-by hand) is averaged at `finish()`, so correctness never depends on the overlap.
+post-accumulate-grad hook counts; a bucket whose parameters are all final is averaged over dp with
+an asynchronous all-reduce while backward goes on. `finish()` sends the buckets a hook never
+completed (a gradient written by hand, such as a deferred weight gradient), in a fixed order, and
+waits. Replicas run the same graph, so hooks fire in the same order on every dp rank and the
+all-reduces line up; correctness never depends on the overlap.
 """
 from __future__ import annotations
 
@@ -24,50 +31,79 @@ class OverlappedGradReducer:
         self.n_micro = n_micro
         self.bucket_bytes = bucket_bytes
         self.launched_during_backward = 0  # buckets sent before finish(): the overlap actually achieved
-        self._reset()
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        self.flats: list[torch.Tensor] = []
+        self.views: list[list[torch.Tensor]] = []   # each parameter's gradient: a view into its bucket
+        self.bucket_of: dict[int, int] = {}
         if self.size > 1:
+            self._build_buckets()
+            self.zero_grad()
             for p in params:
                 p.register_post_accumulate_grad_hook(self._on_grad)
+        self._reset()
+
+    def _build_buckets(self) -> None:
+        open_bucket: dict[tuple, int] = {}  # (dtype, device) -> index of the bucket being filled
+        sizes: list[int] = []
+        for p in reversed(self.params):
+            key, nbytes = (p.dtype, p.device), p.numel() * p.element_size()
+            b = open_bucket.get(key)
+            if b is None or (sizes[b] and sizes[b] + nbytes > self.bucket_bytes):
+                b = open_bucket[key] = len(self.buckets)
+                self.buckets.append([])
+                sizes.append(0)
+            self.buckets[b].append(p)
+            sizes[b] += nbytes
+            self.bucket_of[id(p)] = b
+        self.flats = [torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+                      for ps in self.buckets]
+        self.views = [[v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)]
+                      for flat, ps in zip(self.flats, self.buckets)]
+
+    def zero_grad(self) -> None:
+        """Zero every bucket and make each parameter's ``.grad`` its view again (call between steps)."""
+        for flat in self.flats:
+            flat.zero_()
+        for ps, vs in zip(self.buckets, self.views):
+            for p, v in zip(ps, vs):
+                if p.grad is not v:
+                    p.grad = v
 
     def _reset(self):
         self.counts: dict[int, int] = {}
-        self.done: set[int] = set()
-        self.bucket: list[torch.nn.Parameter] = []
-        self.bucket_size = 0
-        self.inflight: list[tuple[dist.Work, torch.Tensor, list[torch.nn.Parameter]]] = []
+        self.ready = [0] * len(self.buckets)   # final parameters per bucket
+        self.inflight: dict[int, dist.Work] = {}
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         k = id(p)
         self.counts[k] = self.counts.get(k, 0) + 1
         if self.counts[k] == self.n_micro:
-            self._add(p)
-            if self.bucket_size >= self.bucket_bytes:
-                self._launch()
+            b = self.bucket_of[k]
+            self.ready[b] += 1
+            if self.ready[b] == len(self.buckets[b]):
+                self._launch(b)
                 self.launched_during_backward += 1
 
-    def _add(self, p) -> None:
-        self.done.add(id(p))
-        self.bucket.append(p)
-        self.bucket_size += p.grad.numel() * p.grad.element_size()
+    def _launch(self, b: int) -> None:
+        self._check_views(b)
+        self.inflight[b] = dist.all_reduce(self.flats[b], group=self.group, async_op=True)
 
-    def _launch(self) -> None:
-        flat = torch.cat([p.grad.reshape(-1) for p in self.bucket])
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self.inflight.append((work, flat, self.bucket))
-        self.bucket, self.bucket_size = [], 0
+    def _check_views(self, b: int) -> None:
+        for p, v in zip(self.buckets[b], self.views[b]):
+            if p.grad is None:
+                p.grad = v  # no gradient this step: its zeroed view takes part, as zeros
+            elif p.grad is not v:   # replaced by hand since zero_grad(): move it into the bucket
+                v.copy_(p.grad)
+                p.grad = v
 
     def finish(self) -> None:
         """Average every gradient over the group; call once per step after all micro-batches."""
         if self.size == 1:
             return
-        for p in self.params:  # in a fixed order, so leftovers line up across ranks
-            if id(p) not in self.done and p.grad is not None:
-                self._add(p)
-        if self.bucket:
-            self._launch()
-        for work, flat, bucket in self.inflight:
+        for b in range(len(self.buckets)):  # in a fixed order, so leftovers line up across ranks
+            if b not in self.inflight:
+                self._launch(b)
+        for b, work in self.inflight.items():
             work.wait()
-            flat.div_(self.size)
-            for p, v in zip(bucket, flat.split([p.grad.numel() for p in bucket])):
-                p.grad.copy_(v.view_as(p.grad))
+            self.flats[b].div_(self.size)
         self._reset()

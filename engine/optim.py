@@ -19,6 +19,8 @@ from engine.checkpoint import Entry, held_lowest, optim_key
 from engine.mesh import Mesh
 from models.shard import ShardMeta, iter_params
 
+BROADCAST_BUCKET_BYTES = 25 * 2**20  # ZeRO-1: parameters per broadcast, as the dp reducer's buckets
+
 @dataclass
 class ParamRef:
     name: str
@@ -82,8 +84,13 @@ class Optimizer:
         no_decay = [r.param for r in mine if r.param.ndim < 2]
         groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        self.inner = torch.optim.AdamW(groups or [{"params": []}], lr=lr, betas=betas, eps=eps)
+        # one fused kernel per step on CUDA (its step counters live on the device, so nothing is read
+        # back); elsewhere the foreach (multi-tensor) math, not a Python loop over the parameters
+        self.fused = bool(refs) and refs[0].param.device.type == "cuda"
+        self.inner = torch.optim.AdamW(groups or [{"params": []}], lr=lr, betas=betas, eps=eps,
+                                       **({"fused": True} if self.fused else {"foreach": True}))
         self.mine = mine
+        self.broadcast_buckets = None  # ZeRO-1's, built at the first step (this needs the process group)
 
     @staticmethod
     def _partition(refs: list[ParamRef], dp: int) -> list[int]:
@@ -96,13 +103,44 @@ class Optimizer:
             load[i] += r.param.numel()
         return [owner[r.name] for r in refs]
 
+    def _broadcast_buckets(self, bucket_bytes: int = BROADCAST_BUCKET_BYTES) -> list[tuple[int, list[nn.Parameter]]]:
+        """ZeRO-1's parameter broadcasts grouped into (owner's global rank, parameters) buckets: one
+        owner and one dtype per bucket, up to ``bucket_bytes`` each, in the same order on every dp rank."""
+        by_key: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
+        for r, o in zip(self.refs, self.owner_dp):
+            by_key.setdefault((o, r.param.dtype), []).append(r.param)
+        out = []
+        for (o, _), params in by_key.items():
+            src = dist.get_global_rank(self.mesh.dp_group, o)
+            bucket, size = [], 0
+            for p in params:
+                if bucket and size + p.numel() * p.element_size() > bucket_bytes:
+                    out.append((src, bucket))
+                    bucket, size = [], 0
+                bucket.append(p)
+                size += p.numel() * p.element_size()
+            out.append((src, bucket))
+        return out
+
     def step(self, lr: float) -> None:
         for g in self.inner.param_groups:
             g["lr"] = lr
         self.inner.step()
-        if self.zero:
-            for r, o in zip(self.refs, self.owner_dp):
-                dist.broadcast(r.param.data, src=dist.get_global_rank(self.mesh.dp_group, o), group=self.mesh.dp_group)
+        if self.zero:   # the owners' new values to every dp rank: one broadcast per bucket, all in flight at once
+            if self.broadcast_buckets is None:
+                self.broadcast_buckets = self._broadcast_buckets()
+            me, group = dist.get_rank(), self.mesh.dp_group
+            sent = []
+            for src, params in self.broadcast_buckets:
+                flat = torch.cat([p.data.reshape(-1) for p in params]) if src == me else torch.empty(
+                    sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+                sent.append((dist.broadcast(flat, src=src, group=group, async_op=True), flat, params, src))
+            with torch.no_grad():
+                for work, flat, params, src in sent:
+                    work.wait()
+                    if src != me:
+                        torch._foreach_copy_([p.data for p in params],
+                                             [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)])
 
     def zero_grad(self) -> None:
         for r in self.refs:
@@ -124,7 +162,8 @@ class Optimizer:
         out = []
         for r in self.mine:
             st = self.inner.state[r.param]
-            st["step"] = torch.tensor(float(step))
+            # where AdamW itself keeps it: on the parameter's device (float32) when fused, else the CPU
+            st["step"] = torch.tensor(float(step), device=r.param.device if self.fused else None)
             for k in ("exp_avg", "exp_avg_sq"):
                 st[k] = torch.zeros_like(r.param, memory_format=torch.preserve_format)
                 out.append(Entry(optim_key(k, r.name), st[k], r.meta))

@@ -38,6 +38,7 @@ from engine.pipeline import (PipelineRunner, StepActions, build_stage_chunks, bu
                              sync_tied_grads)
 from engine.recompute import apply_recompute
 from engine.tensor_parallel import parallelize, sync_tp_grads, validate_tp
+from kernels.cross_entropy import check_target_ids
 from models import Llama, ModelConfig, init_weights
 
 
@@ -440,6 +441,8 @@ class Trainer:
         y = self._local_rows(targets) if mesh.is_last_stage else None
         if mesh.pp == 1:
             x, y = self._local_rows(inputs), self._local_rows(targets)
+        if self.cfg.train.check_targets and y is not None:   # debug only: a device->host read
+            check_target_ids(y, self.mcfg.vocab_size)
         with self.autocast:
             loss = self.executor.forward_backward(x, y, backward=backward)
         return loss
@@ -494,6 +497,7 @@ class Trainer:
             self.phase = "optimizer step (ZeRO broadcast)"
             self.optimizer.step(lr)
         self.optimizer.zero_grad()
+        self.dp_reducer.zero_grad()   # dp > 1: the gradients are views into its persistent buckets again
         self.skipped_steps += skipped
         self.phase = "between steps"
         if self.mesh.device.type == "cuda":

@@ -80,10 +80,15 @@ class _TorchCrossEntropy(torch.autograd.Function):
         return (grad * g.to(grad.dtype)).view(ctx.shape), None, None, None
 
 
-def cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, tp_group=None):
+def cross_entropy_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, tp_group=None,
+                        check_targets: bool = False):
     """The ``kernels=torch`` loss: mean cross-entropy over non-ignored targets, gradient computed
     in the forward. logits: (..., V or V/tp); targets: (...). Float32 logits that require grad and
-    are not a leaf are overwritten with the gradient: do not read them after this call."""
+    are not a leaf are overwritten with the gradient: do not read them after this call.
+    ``check_targets``: as `cross_entropy` (off, the step reads nothing back to the host)."""
+    if check_targets:
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        check_target_ids(targets, logits.shape[-1] * tp, ignore_index)
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     return _TorchCrossEntropy.apply(logits, targets, int(ignore_index), tp_group)
@@ -137,7 +142,19 @@ def _ce_grad_kernel(X, G, TARGETS, LSE, SCALE, stride_x, stride_g, V, vocab_star
         tl.store(G + row * stride_g + cols, p.to(G.dtype.element_ty), mask=mask)
 
 
-def _check(logits, targets, ignore_index, tp_group):
+@triton.jit
+def _ce_scale_kernel(G, SCALE, stride_g, V, BLOCK: tl.constexpr):
+    """G *= SCALE[0] in float32, one row per program; the factor never goes through the host."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(SCALE)
+    for off in range(0, V, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < V
+        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(G + row * stride_g + cols, (g * scale).to(G.dtype.element_ty), mask=mask)
+
+
+def _check(logits, targets, ignore_index, tp_group, check_targets):
     op = "cross_entropy"
     check_float(op, "logits", logits)
     if targets.dtype not in (torch.int64, torch.int32):
@@ -146,11 +163,18 @@ def _check(logits, targets, ignore_index, tp_group):
         raise ValueError(f"{op}: logits {tuple(logits.shape)} must be targets' shape {tuple(targets.shape)} "
                          "plus a trailing vocabulary dim")
     check_launchable(op, logits, targets)
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    vocab = logits.shape[-1] * tp
+    if check_targets:
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        check_target_ids(targets, logits.shape[-1] * tp, ignore_index)
+
+
+def check_target_ids(targets: torch.Tensor, vocab: int, ignore_index: int = -100) -> None:
+    """Raise if a target is outside [0, vocab) and not ``ignore_index``. This reads a value back to
+    the host (a device synchronization), so the training path leaves it to the data loader, which
+    checks every window on the host, and runs it only under ``train.check_targets=true``."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if targets.numel() and bool(bad.any()):
-        raise ValueError(f"{op}: targets hold ids outside [0, {vocab}) that are not ignore_index={ignore_index}, "
+        raise ValueError(f"cross_entropy: targets hold ids outside [0, {vocab}) that are not ignore_index={ignore_index}, "
                          f"e.g. {targets[bad][0].item()}; check the tokenizer's vocab against model.vocab_size")
 
 
@@ -211,23 +235,28 @@ class CrossEntropyFunction(torch.autograd.Function):
                                "its stored gradient was scaled in place by the first; use kernels=torch for that")
         ctx.consumed = True
         grad = ctx.saved_tensors[0].detach()
-        # The loss is a scalar, so g is one number: 1.0 (plain backward) needs no pass over the logits;
-        # otherwise (a loss scaled by 1/micro-batches) scale in place rather than allocate a logits-sized copy.
-        # A Python float keeps the factor in float32 (a bf16 copy of 1/3 would be off by 0.4%).
-        scale = g.item()
-        if scale != 1.0:
-            grad.mul_(scale)
+        # The loss is a scalar, so g is one number (1/micro-batches under accumulation). It is read by
+        # the kernel from device memory, never by the host (no synchronization), and applied in float32
+        # in place: a bf16 copy of 1/3 would be off by 0.4%, and a logits-sized copy would double the peak.
+        rows = as_rows(grad)  # the forward's own rows view: no copy (a copy was made there if needed)
+        if rows.numel():
+            block = min(triton.next_power_of_2(rows.shape[1]), MAX_BLOCK)
+            launch(_ce_scale_kernel, (rows.shape[0],), rows, g.detach().to(torch.float32).reshape(1), rows.stride(0),
+                   rows.shape[1], BLOCK=block, num_warps=num_warps(block))
         return grad.view(ctx.shape), None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, tp_group=None):
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, tp_group=None,
+                  check_targets: bool = False):
     """Mean cross-entropy over targets != ignore_index (0 when all are ignored); float32 scalar.
 
     logits: (..., V) or, with ``tp_group``, (..., V / tp) holding vocabulary ids
     [rank * V/tp, (rank + 1) * V/tp); targets: (...) global ids. When ``logits`` require grad and are
     not a leaf, their storage is overwritten with the gradient: do not read them after this call.
+    Out-of-range targets are an error only with ``check_targets`` (`check_target_ids`, a device
+    synchronization); otherwise they are the caller's contract (the data loader checks its windows).
     """
-    _check(logits, targets, ignore_index, tp_group)
+    _check(logits, targets, ignore_index, tp_group, check_targets)
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     return CrossEntropyFunction.apply(logits, targets, int(ignore_index), tp_group)

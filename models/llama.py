@@ -70,15 +70,33 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
+class RopeTables:
+    """The rotary cos/sin tables of one model, built on first use for each (seq_len, device, dtype)
+    and then shared by all its attention layers and micro-batches (not module buffers: they are a
+    function of the config, never saved, and follow the input's device by their key)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        key = (seq_len, device, dtype)
+        if key not in self.tables:
+            with torch.no_grad():
+                self.tables[key] = rope_cos_sin(seq_len, self.head_dim, self.theta, device=device, dtype=dtype)
+        return self.tables[key]
+
+
 class Attention(nn.Module):
     """Grouped-query attention. Head counts are read off the projection shapes, so the same code
     runs on a tensor-parallel shard holding a subset of the heads."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, rope: RopeTables | None = None):
         super().__init__()
         hd = cfg.head_dim
         self.head_dim = hd
         self.rope_theta = cfg.rope_theta
+        self.rope = rope if rope is not None else RopeTables(hd, cfg.rope_theta)
         self.ops = ops
         self.wq = Linear(cfg.dim, cfg.n_heads * hd, bias=False)
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
@@ -105,7 +123,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, hd)  # (B, T, n_heads, hd)
         k = self.wk(x).view(B, T, -1, hd)  # (B, T, n_kv_heads, hd)
         v = self.wv(x).view(B, T, -1, hd)
-        cos, sin = rope_cos_sin(T, hd, self.rope_theta, device=x.device, dtype=torch.float32)
+        cos, sin = self.rope.get(T, x.device)
         q = self.ops.apply_rotary(q, cos, sin)
         k = self.ops.apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
@@ -134,10 +152,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, rope: RopeTables | None = None):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
-        self.attention = Attention(cfg, ops)
+        self.attention = Attention(cfg, ops, rope)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.feed_forward = FeedForward(cfg, ops)
         self.recompute = "none"
@@ -187,7 +205,8 @@ class Llama(nn.Module):
         self.ops = ops
         if self.is_first or (self.is_last and cfg.tie_embeddings):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, ops) for i in range(start, stop)})
+        rope = RopeTables(cfg.head_dim, cfg.rope_theta)  # one set of position tables for all the layers
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, ops, rope) for i in range(start, stop)})
         if self.is_last:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
             if not cfg.tie_embeddings:

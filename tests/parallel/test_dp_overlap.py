@@ -32,3 +32,41 @@ def test_overlapped_reduction_equals_the_mean_and_starts_during_backward():
     for launched, err in run_distributed(_reduce, 2):
         assert err < 1e-5
         assert launched >= 4  # most buckets were sent while the last backward was still running
+
+
+def _persistent(rank, world):
+    """Two steps with an optimizer's ``grad = None`` between them: every gradient is a view into its
+    bucket's flat buffer in both, and the second step's average is of the second step's gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
+    params = list(model.parameters())
+    reducer = OverlappedGradReducer(params, dist.group.WORLD, n_micro=2, bucket_bytes=16 * 16 * 4)
+    out = []
+    for step in range(2):
+        for mb in range(2):
+            torch.manual_seed(100 * step + 10 * rank + mb)
+            model(torch.randn(4, 16)).square().sum().backward()
+        reducer.finish()
+        in_bucket = all(p.grad.untyped_storage().data_ptr()
+                        == reducer.flats[reducer.bucket_of[id(p)]].untyped_storage().data_ptr() for p in params)
+        out.append((in_bucket, [p.grad.tolist() for p in params]))  # plain lists: tensors do not cross processes
+        for p in params:
+            p.grad = None
+        reducer.zero_grad()
+    return out
+
+
+def test_gradients_live_in_persistent_buckets_across_steps():
+    results = run_distributed(_persistent, 2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(3)])
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        for rank in range(2):
+            for mb in range(2):
+                torch.manual_seed(100 * step + 10 * rank + mb)
+                (model(torch.randn(4, 16)).square().sum() / 2).backward()
+        for in_bucket, grads in (r[step] for r in results):
+            assert in_bucket
+            for g, p in zip(grads, model.parameters()):
+                torch.testing.assert_close(torch.tensor(g), p.grad, rtol=1e-5, atol=1e-6)

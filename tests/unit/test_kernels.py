@@ -504,8 +504,10 @@ def test_get_ops_selects_the_triton_path():
     (lambda: apply_rotary(randn(3, 2, 6), *rope_cos_sin(3, 6, 1e4, device=DEVICE)), ValueError, "batch, seq"),
     (lambda: cross_entropy(randn(4, 9), torch.tensor([1.0, 2, 3, 4], device=DEVICE)), TypeError, "int64"),
     (lambda: cross_entropy(randn(4, 9), torch.tensor([1, 2, 3], device=DEVICE)), ValueError, "trailing vocabulary"),
-    (lambda: cross_entropy(randn(4, 9), torch.tensor([1, 2, 9, -100], device=DEVICE)), ValueError,
-     r"outside \[0, 9\).*vocab_size"),
+    (lambda: cross_entropy(randn(4, 9), torch.tensor([1, 2, 9, -100], device=DEVICE), check_targets=True),
+     ValueError, r"outside \[0, 9\).*vocab_size"),
+    (lambda: cross_entropy_torch(randn(4, 9), torch.tensor([1, 2, -1, -100], device=DEVICE), check_targets=True),
+     ValueError, r"outside \[0, 9\).*vocab_size"),
 ])
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
