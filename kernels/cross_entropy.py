@@ -154,6 +154,14 @@ def _ce_scale_kernel(G, SCALE, stride_g, V, BLOCK: tl.constexpr):
         tl.store(G + row * stride_g + cols, (g * scale).to(G.dtype.element_ty), mask=mask)
 
 
+def scale_rows_(rows: torch.Tensor, scale: torch.Tensor) -> None:
+    """rows *= scale[0] in place, in float32; ``scale`` is a one-element float32 device tensor."""
+    if rows.numel():
+        block = min(triton.next_power_of_2(rows.shape[1]), MAX_BLOCK)
+        launch(_ce_scale_kernel, (rows.shape[0],), rows, scale, rows.stride(0), rows.shape[1], BLOCK=block,
+               num_warps=num_warps(block))
+
+
 def _check(logits, targets, ignore_index, tp_group, check_targets):
     op = "cross_entropy"
     check_float(op, "logits", logits)
@@ -239,10 +247,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # the kernel from device memory, never by the host (no synchronization), and applied in float32
         # in place: a bf16 copy of 1/3 would be off by 0.4%, and a logits-sized copy would double the peak.
         rows = as_rows(grad)  # the forward's own rows view: no copy (a copy was made there if needed)
-        if rows.numel():
-            block = min(triton.next_power_of_2(rows.shape[1]), MAX_BLOCK)
-            launch(_ce_scale_kernel, (rows.shape[0],), rows, g.detach().to(torch.float32).reshape(1), rows.stride(0),
-                   rows.shape[1], BLOCK=block, num_warps=num_warps(block))
+        scale_rows_(rows, g.detach().to(torch.float32).reshape(1))
         return grad.view(ctx.shape), None, None, None
 
 
