@@ -6,6 +6,7 @@ Only the entry point sees the Hydra ``DictConfig``; it converts it to `Config` w
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class ParallelSchema:
     sequence_parallel: bool = False
     recompute: str = "none"
     timeout_s: float = 1800.0
+    p2p_dtype: str = "fp32"  # pipeline activations/gradients on the wire: fp32, or bf16 (needs precision=bf16)
 
 
 @dataclass
@@ -115,6 +117,16 @@ class EvalSchema:
 
 
 @dataclass
+class MetricsSchema:
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to <run_dir>/tensorboard (pip install tensorboard)
+
+
+@dataclass
+class ProfileSchema:
+    steps: Optional[list[int]] = None  # [a, b]: a torch.profiler Chrome trace per rank of steps a..b (1-based)
+
+
+@dataclass
 class PlannerSchema:
     """scripts/plan_stages.py only: how to cost the model and where to write the plan."""
 
@@ -138,6 +150,8 @@ class Config:
     data: DataSchema = field(default_factory=DataSchema)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
+    metrics: MetricsSchema = field(default_factory=MetricsSchema)
+    profile: ProfileSchema = field(default_factory=ProfileSchema)
     run_dir: str = "runs/${model.name}"
     precision: str = "fp32"
     kernels: str = "auto"
@@ -217,6 +231,10 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
         raise ConfigError(str(e)) from None
     _need(p.layers_per_stage is None or p.pp > 1,
           f"parallel.layers_per_stage={p.layers_per_stage} needs parallel.pp > 1; drop it for pp=1")
+    _need(p.p2p_dtype in ("fp32", "bf16"), f"parallel.p2p_dtype={p.p2p_dtype!r} is not one of fp32, bf16")
+    _need(p.p2p_dtype == "fp32" or cfg.precision == "bf16",
+          f"parallel.p2p_dtype={p.p2p_dtype} needs precision=bf16 (under fp32 the activations are fp32); set "
+          f"precision=bf16 or parallel.p2p_dtype=fp32")
     _need(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive (seconds a collective may wait)")
     _need(o.lr >= 0, f"optim.lr={o.lr} must not be negative")
     _need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be within [0, 1]")
@@ -237,8 +255,20 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
     _need(bool(cfg.data.dir), "data.dir is empty; set it to a prepared data directory (or where to prepare one)")
     _need(not Path(cfg.data.dir).exists() or Path(cfg.data.dir).is_dir(),
           f"data.dir={cfg.data.dir!r} exists and is not a directory; point data.dir at a directory")
+    if purpose == "train":
+        validate_observability(cfg)
     if purpose == "plan":
         validate_planner(cfg)
+
+
+def validate_observability(cfg: Config) -> None:
+    steps = cfg.profile.steps
+    _need(steps is None or (len(steps) == 2 and 1 <= steps[0] <= steps[1] <= cfg.train.max_steps),
+          f"profile.steps={None if steps is None else list(steps)} must be [first, last] with 1 <= first <= last <= "
+          f"train.max_steps={cfg.train.max_steps} (1-based step numbers, as in metrics.jsonl)")
+    _need(not cfg.metrics.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+          "metrics.tensorboard=true but the tensorboard package is not installed; `pip install tensorboard` "
+          "(or `pip install -e '.[tensorboard]'`), or set metrics.tensorboard=false")
 
 
 def validate_planner(cfg: Config) -> None:

@@ -1,7 +1,10 @@
-"""Throughput and model FLOPs utilization, and the rank-0 metrics log."""
+"""Throughput and model FLOPs utilization, per-rank peak memory, and the rank-0 metrics log
+(``metrics.jsonl``, mirrored to TensorBoard with ``metrics.tensorboard=true``)."""
 from __future__ import annotations
 
 import json
+import numbers
+import sys
 from pathlib import Path
 
 import torch
@@ -21,16 +24,77 @@ def device_peak_flops(device: torch.device) -> tuple[float | None, str]:
     return None, f"{name}: unknown peak, mfu reported as null"
 
 
-class MetricsLog:
-    """Appends one JSON object per record to ``<run_dir>/metrics.jsonl`` (rank 0 only)."""
+class PeakMemory:
+    """This rank's peak memory since the previous `take` (MiB): the CUDA caching allocator's peak of
+    allocated bytes on a GPU, the process's peak resident set (VmHWM) on a CPU. Both are host-side
+    counters: reading and resetting them costs no device synchronization. Where the kernel refuses
+    the VmHWM reset (/proc/self/clear_refs), the CPU peak is the process's lifetime peak."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.take()
+
+    def take(self) -> float:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak / 2**20
+        peak = _vm_kib("VmHWM")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")   # 5: reset the peak RSS to the current RSS
+        except OSError:
+            pass
+        return peak / 1024
+
+
+def _vm_kib(key: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    import resource   # no /proc (macOS): the lifetime peak, in KiB on Linux and bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform == "darwin" else float(rss)
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The record's numbers as TensorBoard scalars: booleans as 0/1, a list as ``key/<index>``
+    (``peak_mem_mib/3`` is global rank 3's), None (mfu on a CPU) and ``step`` left out."""
+    out = {}
+    for k, v in record.items():
+        items = [(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, (list, tuple)) else [(k, v)]
+        for name, x in items:
+            if isinstance(x, numbers.Real) and k != "step":
+                out[name] = float(x)
+    return out
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``<run_dir>/metrics.jsonl`` (rank 0 only); with
+    ``tensorboard_dir``, writes the same records' scalars there at ``global_step = record["step"]``.
+    ``purge_step`` (a resume) drops the TensorBoard events of the abandoned later history."""
+
+    def __init__(self, path: Path | None, *, tensorboard_dir: Path | None = None, purge_step: int | None = None):
         self.path = path
+        self.tb = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter   # validate() checked the package is there
+            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=purge_step, flush_secs=30)
 
     def write(self, record: dict) -> None:
         if self.path is None:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for name, value in scalars(record).items():
+                self.tb.add_scalar(name, value, global_step=record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

@@ -32,8 +32,9 @@ from engine.data.prepare import prepare_once
 from engine.data_parallel import OverlappedGradReducer
 from engine.hang import HangReporter
 from engine.mesh import Mesh, build_mesh, init_distributed
-from engine.metrics import MetricsLog, device_peak_flops
+from engine.metrics import MetricsLog, PeakMemory, device_peak_flops
 from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
+from engine.profiling import StepProfiler
 from engine.pipeline import (PipelineRunner, StepActions, build_stage_chunks, build_step_actions, stage_layer_ranges,
                              sync_tied_grads)
 from engine.recompute import apply_recompute
@@ -330,7 +331,11 @@ class Trainer:
                                    weight_decay=o.weight_decay, zero=o.zero)
         self.phase = "setup"
         self.skipped_steps = 0
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl" if mesh.rank == 0 else None)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl" if mesh.rank == 0 else None,
+                              tensorboard_dir=self.run_dir / "tensorboard" if cfg.metrics.tensorboard else None,
+                              purge_step=self.step + 1 if self.resume_from is not None else None)
+        self.peak_mem = PeakMemory(mesh.device)
+        self.profiler = StepProfiler(cfg.profile.steps, run_dir=self.run_dir, rank=mesh.rank, device=mesh.device)
         self.peak_flops, self.peak_label = device_peak_flops(mesh.device)
         # bf16 compute under autocast (CUDA, or the CPU's own autocast, so CPU runs exercise the same
         # path); parameters, gradients, optimizer state and the loss stay float32
@@ -381,6 +386,9 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory; a launch that failed before writing anything leaves no directory."""
+        for part in ("profiler", "log"):   # absent when the launch failed before creating them
+            if hasattr(self, part):
+                getattr(self, part).close()
         if self.mesh.rank == 0:
             self.lock.release()
             rundir.remove_if_empty(self._made_dirs)
@@ -447,16 +455,21 @@ class Trainer:
             loss = self.executor.forward_backward(x, y, backward=backward)
         return loss
 
-    def _reduce_loss(self, loss, stop: bool = False, save_failed: bool = False) -> torch.Tensor:
+    def _reduce_loss(self, loss, stop: bool = False, save_failed: bool = False,
+                     peak_mib: float | None = None) -> torch.Tensor:
         """The loss lives on the last stage's dp × tp ranks: one all-reduce of [mean loss, stop flag,
-        background-save failure flag] (float64, on the device) brings all three to every rank."""
+        background-save failure flag] (float64, on the device) brings all three to every rank. With
+        ``peak_mib`` (a host number) the buffer has a slot per global rank after them: each rank fills
+        its own, so the same all-reduce gathers every rank's peak memory."""
         self.phase = "loss all-reduce"
         mesh = self.mesh
-        buf = torch.zeros(3, dtype=torch.float64, device=mesh.device)
+        buf = torch.zeros(3 + (mesh.world_size if peak_mib is not None else 0), dtype=torch.float64, device=mesh.device)
         if mesh.is_last_stage and loss is not None:
             buf[0] = loss.detach().double() / (mesh.dp * mesh.tp)   # stays on the device: no host read before the reduce
         buf[1] = float(stop)
         buf[2] = float(save_failed)
+        if peak_mib is not None:
+            buf[3 + mesh.rank] = peak_mib
         dist.all_reduce(buf)
         return buf
 
@@ -465,7 +478,8 @@ class Trainer:
 
     def _step(self, stop_requested=False) -> tuple[torch.Tensor, float]:
         """The step's forward, backward and gradient work, without reading any value back: returns the
-        device tensor [mean loss, stop flag, save-failed flag, global gradient norm] and the learning
+        device tensor [mean loss, stop flag, save-failed flag, peak MiB of each rank..., global gradient
+        norm] and the learning
         rate. ``stop_requested`` (a bool, or a callable read at the step's end) is agreed across ranks
         in the loss all-reduce."""
         cfg = self.cfg
@@ -480,7 +494,9 @@ class Trainer:
                    min_lr_ratio=cfg.optim.min_lr_ratio)
         stop = stop_requested() if callable(stop_requested) else stop_requested
         save_failed = self.saver is not None and self.saver.failed.is_set()
-        return torch.cat([self._reduce_loss(loss, stop, save_failed), grad_norm.reshape(1)]), lr
+        # the peak since the previous step's measurement: its optimizer step, this forward and backward
+        peak = self.peak_mem.take()
+        return torch.cat([self._reduce_loss(loss, stop, save_failed, peak), grad_norm.reshape(1)]), lr
 
     def train_step(self, stop_requested=False) -> dict:
         """One optimizer step. A non-finite loss or gradient norm (the same on every rank: both are
@@ -488,7 +504,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         scalars, lr = self._step(stop_requested)
-        loss_value, stop, save_failed, grad_norm = scalars.tolist()   # the step's one read back to the host
+        loss_value, stop, save_failed, *peak_mib, grad_norm = scalars.tolist()   # the step's one host read
         stop, save_failed = stop > 0, save_failed > 0
         if save_failed:
             self.saver.wait()  # raises the background save's error, on every rank
@@ -511,7 +527,8 @@ class Trainer:
         return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "step_time_s": dt, "mfu": mfu, "skipped": skipped,
                 "skipped_steps": self.skipped_steps, **self.data.position(samples, cfg.train.seq_len),
-                "tokens_seen": samples * cfg.train.seq_len, "_stop": stop}
+                "tokens_seen": samples * cfg.train.seq_len, "peak_mem_mib": [round(m, 1) for m in peak_mib],
+                "_stop": stop}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -548,7 +565,8 @@ class Trainer:
         bar = _progress(self.step, cfg.train.max_steps, enabled=mesh.rank == 0)
         consecutive_skips = 0
         while self.step < cfg.train.max_steps:
-            rec = self.train_step(lambda: stop.requested)
+            with self.profiler.step(self.step + 1):
+                rec = self.train_step(lambda: stop.requested)
             stopping = rec.pop("_stop") or self.step == cfg.train.stop_at
             records.append(rec)
             consecutive_skips = consecutive_skips + 1 if rec["skipped"] else 0

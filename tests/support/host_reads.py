@@ -58,7 +58,7 @@ def on_device_path(reads: list[tuple]) -> list[tuple[str, str]]:
 def host_reads_per_step(rank, world, runs: dict[str, list[str]], steps: int) -> dict[str, list[list[tuple]]]:
     """For each composed override list, in order (one spawned world serves them all): build the
     trainer, run one warm-up step uncounted, then ``steps`` counted training steps; returns each run's
-    host reads per counted step."""
+    host reads per counted step, and under ``name + ":peak_mem_mib"`` the counted steps' per-rank peaks."""
     import torch.distributed as dist
 
     from engine.trainer import Trainer
@@ -69,11 +69,12 @@ def host_reads_per_step(rank, world, runs: dict[str, list[str]], steps: int) -> 
         trainer = Trainer(compose(overrides))
         try:
             trainer.train_step()
-            out[name] = []
+            out[name], out[name + ":peak_mem_mib"] = [], []
             for _ in range(steps):
                 with counting_host_reads() as seen:
-                    trainer.train_step()
+                    record = trainer.train_step()
                 out[name].append(seen)
+                out[name + ":peak_mem_mib"].append(record["peak_mem_mib"])
             dist.barrier()
         finally:
             trainer.close()

@@ -49,9 +49,14 @@ def test_two_rank_steps_read_the_host_once_per_rank(data_dir, tmp_path):
     """pp=2 under 1F1B and zero-bubble (deferred weight gradients), dp=2 with ZeRO-1 (overlapped
     gradient all-reduce, bucketed parameter broadcasts); one spawned world runs the three."""
     runs = {name: _overrides(data_dir, tmp_path / name, *layout) for name, layout in LAYOUTS.items()}
-    for rank, by_run in enumerate(run_distributed(host_reads_per_step, 2, (runs, 1))):
-        for name, per_step in by_run.items():
-            _assert_at_most_one(per_step, f"{name}, rank {rank}")
+    results = run_distributed(host_reads_per_step, 2, (runs, 1))
+    for rank, by_run in enumerate(results):
+        for name in runs:
+            _assert_at_most_one(by_run[name], f"{name}, rank {rank}")
+            # the same all-reduce brought both ranks' peak memory (RSS here), in global-rank order
+            peaks = by_run[name + ":peak_mem_mib"][0]
+            assert len(peaks) == 2 and all(p > 10 for p in peaks), (name, peaks)
+            assert peaks == results[0][name + ":peak_mem_mib"][0], (name, rank)
 
 
 def test_the_target_check_is_a_debug_switch_that_costs_reads(data_dir, tmp_path):

@@ -1,0 +1,77 @@
+"""Observability (issue 14): the metrics mirrored to TensorBoard, per-rank peak memory, and
+torch.profiler Chrome traces of chosen steps."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from engine.config import ConfigError, validate
+from engine.metrics import PeakMemory, scalars
+from engine.profiling import trace_path
+from tests.support.launch import SMALL_MODEL, compose, read_metrics, train_in_process
+
+
+def args(data_dir, run_dir, *extra):
+    return [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={run_dir}", *extra]
+
+
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})   # 0: keep every event
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_peak_memory_and_profile_trace_of_one_run(data_dir, tmp_path):
+    """One 3-step run with metrics.tensorboard=true, profile.steps=[2,3] and an eval at step 3: the
+    event file holds exactly metrics.jsonl's numbers (float32, as TensorBoard stores them), each
+    record carries this rank's peak memory, and the trace of steps 2..3 is Chrome-trace JSON."""
+    run = tmp_path / "run"
+    records = train_in_process(args(data_dir, run, "train.max_steps=3", "metrics.tensorboard=true",
+                                    "profile.steps=[2,3]", "eval.interval=3", "eval.batches=1"))
+    logged = read_metrics(run)
+    assert logged == records and len(logged) == 4   # 3 steps and an eval
+
+    want: dict[str, list[tuple[int, float]]] = {}
+    for rec in logged:
+        for tag, value in scalars(rec).items():
+            want.setdefault(tag, []).append((rec["step"], value))
+    got = tensorboard_scalars(run / "tensorboard")
+    assert set(got) == set(want) and {"loss", "eval_loss", "grad_norm", "lr", "peak_mem_mib/0"} <= set(got)
+    for tag, series in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in series], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in series], rel=1e-6, abs=1e-30), tag
+
+    steps = [r for r in logged if "loss" in r]
+    assert all(len(r["peak_mem_mib"]) == 1 and r["peak_mem_mib"][0] > 10 for r in steps), steps  # torch alone > 10 MiB
+
+    trace = trace_path(run, 0, [2, 3])
+    events = json.loads(trace.read_text())["traceEvents"]
+    labels = {e.get("name") for e in events}
+    assert {"step 2", "step 3"} <= labels and "step 1" not in labels, sorted(l for l in labels if "step" in str(l))
+    assert any(str(e.get("name", "")).startswith("aten::") for e in events)   # the ops, not just the labels
+
+
+def test_peak_memory_sees_a_transient_allocation_and_resets():
+    """On a CPU the peak is the resident set's high-water mark (VmHWM), reset at each reading."""
+    mem = PeakMemory(torch.device("cpu"))
+    base = mem.take()
+    x = torch.ones(64 * 2**20 // 4)   # 64 MiB, touched
+    del x
+    peak = mem.take()
+    assert peak >= base + 60, (base, peak)
+    assert mem.take() < peak - 50   # the 64 MiB are gone and the reset took
+
+
+def test_tensorboard_missing_and_bad_profile_steps_are_clear_errors(tmp_path, monkeypatch):
+    cfg = compose(args(tmp_path / "data", tmp_path / "run", "metrics.tensorboard=true"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"metrics.tensorboard=true .*`pip install tensorboard`"):
+        validate(cfg)
+    for steps in ("[3,2]", "[0,1]", "[1]", "[5,300]"):
+        with pytest.raises(ConfigError, match=r"profile.steps=.* must be \[first, last\]"):
+            validate(compose(args(tmp_path / "data", tmp_path / "run", f"profile.steps={steps}",
+                                  "train.max_steps=200")))
