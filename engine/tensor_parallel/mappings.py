@@ -12,9 +12,25 @@ from engine.tensor_parallel.seq_shard import all_gather_seq, mark_gathered, redu
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.clone(memory_format=torch.contiguous_format)  # never modify a tensor autograd may hold
+    """All-reduce a copy of ``x`` (for a tensor that may not be modified)."""
+    x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
+
+
+def _owned(x: torch.Tensor) -> bool:
+    """Whether ``g``'s forward may all-reduce its input in place: contiguous, not a view, not a leaf
+    requiring grad. The row-parallel partial sum (a matmul's fresh output, which the matmul's backward
+    does not save) always is: Megatron-LM reduces it in place too."""
+    return x.is_contiguous() and x._base is None and not (x.is_leaf and x.requires_grad)
+
+
+def _owned_grad(g: torch.Tensor) -> bool:
+    """Whether ``f``'s backward may all-reduce the incoming gradient in place: contiguous, and not part
+    of a double-backward graph. It is the gradient of the column-parallel layers' input, computed by
+    their matmuls' backward (summed when several read the input): a fresh buffer, or a reshaped view
+    of one, that nothing else holds — as Megatron-LM assumes when it reduces it in place."""
+    return g.is_contiguous() and not g.requires_grad
 
 
 class CopyToTP(torch.autograd.Function):
@@ -27,15 +43,24 @@ class CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+        if not _owned_grad(g):
+            return _all_reduce(g, ctx.group), None
+        dist.all_reduce(g, group=ctx.group)   # in place: no copy of the (B, T, dim) gradient
+        return g, None
 
 
 class ReduceFromTP(torch.autograd.Function):
-    """``g``: all-reduce forward (after row-parallel layers), identity backward."""
+    """``g``: all-reduce forward (after row-parallel layers), identity backward. In place when the
+    input allows it (`_owned`), declared to autograd with ``mark_dirty``: if anything had saved the
+    input for backward, autograd would refuse the modified version with an error, never use it."""
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        if not _owned(x):
+            return _all_reduce(x, group)
+        dist.all_reduce(x, group=group)
+        ctx.mark_dirty(x)
+        return x
 
     @staticmethod
     def backward(ctx, g):

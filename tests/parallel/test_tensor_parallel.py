@@ -281,6 +281,31 @@ def _comm_case(mesh, sequence_parallel):
             "logits_numel": logits.numel()}
 
 
+def _inplace_case(mesh):
+    """The non-SP mappings all-reduce in place: no clone in forward or backward of a column -> row
+    pair (whose values the layers case checks against serial); a leaf that requires grad, which
+    must not be modified, is copied first."""
+    g = mesh.tp_group
+    torch.manual_seed(2)
+    col = ColumnParallelLinear(12, 20, group=g)
+    row = RowParallelLinear(20, 12, group=g)
+    for m in (col, row):
+        torch.nn.init.normal_(m.weight)
+    x = torch.randn(B, T, 12, requires_grad=True)
+    clones = []
+    real = torch.Tensor.clone
+    torch.Tensor.clone = lambda self, *a, **k: clones.append(tuple(self.shape)) or real(self, *a, **k)
+    try:
+        y = row(col(x))
+        y.square().sum().backward()
+    finally:
+        torch.Tensor.clone = real
+    leaf = torch.full((3,), float(mesh.tp_rank + 1), requires_grad=True)
+    from engine.tensor_parallel.mappings import ReduceFromTP
+    reduced = ReduceFromTP.apply(leaf, g)
+    return {"clones": clones, "leaf": leaf.detach().clone(), "reduced": reduced.detach().clone()}
+
+
 def _twice_case(mesh):
     with torch.device("meta"):
         model = Llama(ModelConfig(**CFG))
@@ -299,7 +324,7 @@ def _world(rank, world, cases):
     for key, kind, *args in cases:
         out[key] = {"model": _model_case, "layers": _layers_case, "comm": _comm_case,
                     "stages": _stages_case, "ckpt": _ckpt_case,
-                    "twice": _twice_case}[kind](mesh, *args)
+                    "twice": _twice_case, "inplace": _inplace_case}[kind](mesh, *args)
     buf = io.BytesIO()  # tensors as bytes: shared-memory handles would die with this process
     torch.save(out, buf)
     return buf.getvalue()
@@ -314,7 +339,8 @@ CASES2 = [("layers", "layers", False), ("layers_sp", "layers", True),
           ("comm", "comm", False), ("comm_sp", "comm", True),
           ("untied_sp", "model", CFG, True), ("untied_sp_selective", "model", CFG, True, "selective"),
           ("tied_sp_full", "model", dict(CFG, tie_embeddings=True), True, "full"),
-          ("stages_tied_sp", "stages", dict(CFG, tie_embeddings=True), True), ("twice", "twice")]
+          ("stages_tied_sp", "stages", dict(CFG, tie_embeddings=True), True), ("twice", "twice"),
+          ("inplace", "inplace")]
 CASES4 = [("ckpt", "ckpt", CFG4, None, False),  # path filled in by the fixture
           ("gqa_replicated_tied", "model", dict(CFG4, tie_embeddings=True), False),
           ("gqa_replicated_sp", "model", CFG4, True)]
@@ -481,3 +507,11 @@ def test_unshardable_models_are_rejected_early(kw, tp, message):
 def test_sequence_parallel_needs_divisible_seq_len():
     with pytest.raises(ValueError, match=r"train.seq_len=30 is not divisible by parallel.tp=4"):
         validate_tp(ModelConfig(**CFG4), 4, seq_len=30, sequence_parallel=True)
+
+
+def test_tp_all_reduces_run_in_place_where_autograd_allows(tp2):
+    for rank, res in enumerate(tp2):
+        case = res["inplace"]
+        assert case["clones"] == [], case["clones"]
+        assert case["leaf"].tolist() == [rank + 1.0] * 3   # the leaf itself untouched
+        assert case["reduced"].tolist() == [3.0] * 3
