@@ -1,6 +1,6 @@
 """The training loop: builds the mesh, the model chunks and the executor, then runs steps.
 
-One step: the step's global batch (a function of (seed, step)) is sliced by dp rank, run as
+One step: this dp rank's rows of the step's global batch (a function of (seed, step)), run as
 micro-batches (serially, or through the pipeline schedule), gradients are synchronized
 (tp, tied embeddings, dp), clipped by the global norm, and AdamW steps.
 """
@@ -28,6 +28,7 @@ from engine import run_dir as rundir
 from engine.checkpoint_saver import Checkpointer
 from engine.config import Config, ConfigError, validate
 from engine.data import DataError, DataMix, open_sources
+from engine.data.device import local_batch
 from engine.data.prepare import prepare_once
 from engine.data_parallel import OverlappedGradReducer
 from engine.hang import HangReporter
@@ -436,19 +437,13 @@ class Trainer:
             print(f"{what} from {path}", flush=True)
 
     # -- steps ---------------------------------------------------------------------------------
-    def _local_rows(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0] // self.mesh.dp
-        return x[self.mesh.dp_rank * n:(self.mesh.dp_rank + 1) * n].to(self.mesh.device)
-
-    def _forward_backward(self, inputs, targets, *, backward: bool):
+    def _forward_backward(self, read, *, backward: bool):
         """One step's micro-batches through the executor (forward only with ``backward=False``);
-        returns the local mean loss, or None off the last stage."""
+        ``read(first, count)`` gives rows of the step's global batch as (count, T + 1) windows, of which
+        this rank reads only its dp slice (`engine.data.device`). Returns the local mean loss, or None
+        off the last stage."""
         self.phase = _SCHEDULE_PHASES[backward]
-        mesh = self.mesh
-        x = self._local_rows(inputs) if mesh.is_first_stage else None
-        y = self._local_rows(targets) if mesh.is_last_stage else None
-        if mesh.pp == 1:
-            x, y = self._local_rows(inputs), self._local_rows(targets)
+        x, y = local_batch(read, self.mesh, self.cfg.train.global_batch_size)
         if self.cfg.train.check_targets and y is not None:   # debug only: a device->host read
             check_target_ids(y, self.mcfg.vocab_size)
         with self.autocast:
@@ -483,9 +478,10 @@ class Trainer:
         rate. ``stop_requested`` (a bool, or a callable read at the step's end) is agreed across ranks
         in the loss all-reduce."""
         cfg = self.cfg
-        inputs, targets = self.data.train_batch(self.step, seed=cfg.train.seed, batch_size=cfg.train.global_batch_size,
-                                                seq_len=cfg.train.seq_len)
-        loss = self._forward_backward(inputs, targets, backward=True)
+        t = cfg.train
+        loss = self._forward_backward(lambda first, count: self.data.train_rows(
+            self.step, seed=t.seed, batch_size=t.global_batch_size, seq_len=t.seq_len, first=first, count=count),
+            backward=True)
         self.phase = "gradient synchronization (dp all-reduce, tp and tied-embedding sums)"
         sync_grads(self.chunks, self.mesh, self.dp_reducer)
         self.phase = "gradient-norm all-reduce"
@@ -536,8 +532,8 @@ class Trainer:
         g = cfg.train.global_batch_size
         losses = []
         for b in range(cfg.eval.batches):
-            x, y = self.data.eval_windows(b * g, g, seq_len=cfg.train.seq_len)
-            losses.append(self._global_mean(self._forward_backward(x, y, backward=False)))
+            read = lambda first, count, b=b: self.data.eval_rows(b * g + first, count, seq_len=cfg.train.seq_len)  # noqa: E731
+            losses.append(self._global_mean(self._forward_backward(read, backward=False)))
         return sum(losses) / len(losses)
 
     def run(self) -> list[dict]:

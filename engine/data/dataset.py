@@ -86,13 +86,17 @@ class TokenData:
                             f"({want} bytes); the file is truncated or replaced, prepare the directory again")
         return np.memmap(f, dtype=self.dtype, mode="r") if want else np.zeros(0, self.dtype)
 
-    def windows(self, stream: TokenStream, starts, seq_len: int):
-        """(inputs, targets), each (B, T) int64, of the windows [start, start + T + 1)."""
+    def window_rows(self, stream: TokenStream, starts, seq_len: int) -> np.ndarray:
+        """The windows [start, start + T + 1) as a (B, T + 1) int64 array, checked against the vocabulary."""
         w = np.stack([stream.read(s, s + seq_len + 1) for s in starts])
         if w.size and w.max() >= self.meta["vocab_size"]:
             raise DataError(f"{self.dir} holds token id {int(w.max())}, not below the vocabulary size "
                             f"{self.meta['vocab_size']}; the directory is corrupt, prepare it again")
-        w = torch.from_numpy(w)
+        return w
+
+    def windows(self, stream: TokenStream, starts, seq_len: int):
+        """(inputs, targets), each (B, T) int64, of the windows [start, start + T + 1)."""
+        w = torch.from_numpy(self.window_rows(stream, starts, seq_len))
         return w[:, :-1], w[:, 1:]
 
     def n_windows(self, seq_len: int) -> int:
@@ -102,11 +106,16 @@ class TokenData:
 
     def eval_windows(self, first: int, count: int, *, seq_len: int):
         """Windows ``first .. first+count-1`` of the validation tokens; window i is tokens [i·T, (i+1)·T + 1)."""
+        w = self.eval_rows(first, count, seq_len=seq_len)
+        return w[:, :-1], w[:, 1:]
+
+    def eval_rows(self, first: int, count: int, *, seq_len: int) -> torch.Tensor:
+        """The same windows as one (count, T + 1) tensor: inputs are [:, :-1], targets [:, 1:]."""
         need = (first + count) * seq_len + 1
         if need > len(self.val):
             raise DataError(f"the val split in {str(self.dir)!r} has {len(self.val)} tokens but eval needs {need}; "
                             f"lower eval.batches or train.global_batch_size, or prepare a larger corpus")
-        return self.windows(self.val, [i * seq_len for i in range(first, first + count)], seq_len)
+        return torch.from_numpy(self.window_rows(self.val, [i * seq_len for i in range(first, first + count)], seq_len))
 
 
 # -- sampling without replacement -------------------------------------------------------------------
@@ -182,6 +191,9 @@ class DataMix:
     def eval_windows(self, first: int, count: int, *, seq_len: int):
         return self.first.eval_windows(first, count, seq_len=seq_len)
 
+    def eval_rows(self, first: int, count: int, *, seq_len: int) -> torch.Tensor:
+        return self.first.eval_rows(first, count, seq_len=seq_len)
+
     def _locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sample index -> (source, index of the sample among that source's samples)."""
         period, r = np.divmod(samples, BLEND_PERIOD)
@@ -190,16 +202,25 @@ class DataMix:
 
     def train_batch(self, step: int, *, seed: int, batch_size: int, seq_len: int):
         """The ``batch_size`` sequences of optimizer step ``step``: (inputs, targets), each (B, T) int64."""
-        samples = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+        w = self.train_rows(step, seed=seed, batch_size=batch_size, seq_len=seq_len)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def train_rows(self, step: int, *, seed: int, batch_size: int, seq_len: int, first: int = 0,
+                   count: int | None = None) -> torch.Tensor:
+        """Rows ``first .. first+count-1`` of step ``step``'s batch of ``batch_size`` as one
+        (count, T + 1) int64 tensor (inputs [:, :-1], targets [:, 1:]). A row depends only on its
+        sample index, so a dp rank reads its own slice and gets exactly those rows of the whole batch."""
+        count = batch_size - first if count is None else count
+        if not (0 <= first and first + count <= batch_size):
+            raise ValueError(f"rows {first}..{first + count - 1} are outside a batch of {batch_size}")
+        samples = np.arange(step * batch_size + first, step * batch_size + first + count, dtype=np.int64)
         src, j = self._locate(samples)
-        x = np.empty((batch_size, seq_len), dtype=np.int64)
-        y = np.empty_like(x)
+        w = np.empty((count, seq_len + 1), dtype=np.int64)
         for d in np.unique(src):
             rows = np.nonzero(src == d)[0]
             starts = self._window_starts(int(d), j[rows], seed=seed, seq_len=seq_len)
-            xd, yd = self.sources[d].windows(self.sources[d].train, starts, seq_len)
-            x[rows], y[rows] = xd.numpy(), yd.numpy()
-        return torch.from_numpy(x), torch.from_numpy(y)
+            w[rows] = self.sources[d].window_rows(self.sources[d].train, starts, seq_len)
+        return torch.from_numpy(w)
 
     def _window_starts(self, d: int, j: np.ndarray, *, seed: int, seq_len: int) -> list[int]:
         n = self._n_windows(d, seq_len)

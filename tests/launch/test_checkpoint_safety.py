@@ -235,10 +235,10 @@ def test_a_stop_signal_during_a_step_stops_at_the_end_of_that_step(data_dir, tmp
 
     real = Trainer._forward_backward
 
-    def run(self, inputs, targets, *, backward):
+    def run(self, read, *, backward):
         if backward and self.step == 2:  # inside step 3
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, inputs, targets, backward=backward)
+        return real(self, read, backward=backward)
 
     monkeypatch.setattr(Trainer, "_forward_backward", run)
     recs = train_in_process(args(data_dir, tmp_path, "train.max_steps=50"))

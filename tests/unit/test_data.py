@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from engine.data import DataError, DataMix, TokenData, load_tokenizer, open_sources, permute, prepare_data
 from engine.data.prepare import is_val_doc, prepare_once
@@ -363,3 +364,48 @@ def test_other_ranks_wait_on_a_file_flag(docs, sp_model, tmp_path):
     assert sorted(r for r, _ in errors) == [0, 1]
     assert any(r == 1 and "rank 0 failed to prepare" in m and "no key 'nope'" in m for r, m in errors)
     assert_nothing_left(tmp_path, "e")
+
+
+def test_a_dp_rank_reads_exactly_its_rows_of_the_batch(data_dir):
+    """train_rows(first, count) is rows first..first+count-1 of the whole batch, as one (n, T + 1)
+    window tensor whose [:, :-1] / [:, 1:] are train_batch's inputs / targets."""
+    mix = open_sources([str(data_dir)], None, vocab_size=TEST_VOCAB)
+    x, y = mix.train_batch(3, seed=1, batch_size=8, seq_len=32)
+    for first, count in ((0, 4), (4, 4), (5, 3)):
+        w = mix.train_rows(3, seed=1, batch_size=8, seq_len=32, first=first, count=count)
+        assert w.shape == (count, 33)
+        assert torch.equal(w[:, :-1], x[first:first + count]) and torch.equal(w[:, 1:], y[first:first + count])
+    with pytest.raises(ValueError, match="outside a batch of 8"):
+        mix.train_rows(3, seed=1, batch_size=8, seq_len=32, first=6, count=4)
+
+
+def _fake_mesh(device, *, dp=2, dp_rank=1, pp_rank=0, pp=1):
+    from types import SimpleNamespace
+    return SimpleNamespace(device=torch.device(device), dp=dp, dp_rank=dp_rank,
+                           is_first_stage=pp_rank == 0, is_last_stage=pp_rank == pp - 1)
+
+
+def test_each_rank_reads_only_its_slice_and_copies_it_once(monkeypatch):
+    """engine.data.device.local_batch: dp rank 1 of 2 asks for rows 4..7 of a global 8, once; a middle
+    pipeline stage reads nothing; on CUDA the one copy goes from pinned memory, non-blocking (the
+    copy is stubbed here: the CPU build has no CUDA), on a CPU it is the tensor as read."""
+    from engine.data.device import local_batch
+
+    calls = []
+    def read(first, count):
+        calls.append((first, count))
+        return torch.arange(first * 5, (first + count) * 5).reshape(count, 5)
+
+    x, y = local_batch(read, _fake_mesh("cpu"), 8)
+    assert calls == [(4, 4)] and x.tolist()[0] == [20, 21, 22, 23] and y.tolist()[0] == [21, 22, 23, 24]
+    assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()   # one tensor, two views
+    calls.clear()
+    assert local_batch(read, _fake_mesh("cpu", pp_rank=1, pp=3), 8) == (None, None) and calls == []
+    x, y = local_batch(read, _fake_mesh("cpu", pp_rank=2, pp=3), 8)
+    assert x is None and y.shape == (4, 4)
+
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: copies.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((str(a[0]), k)) or self)
+    x, y = local_batch(read, _fake_mesh("cuda"), 8)
+    assert copies == ["pin", ("cuda", {"non_blocking": True})], copies
