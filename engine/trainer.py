@@ -217,8 +217,8 @@ def build_executor(cfg: Config, mcfg: ModelConfig, mesh: Mesh, chunks, n_micro: 
     if mesh.pp == 1:
         return SerialExecutor(chunks[0], n_micro)
     t_local = cfg.train.seq_len // mesh.tp if cfg.parallel.sequence_parallel else cfg.train.seq_len
-    return PipelineRunner(chunks, mesh, step_actions,
-                          hidden_shape=(cfg.parallel.micro_batch_size, t_local, mcfg.dim))
+    return PipelineRunner(chunks, mesh, step_actions, hidden_shape=(cfg.parallel.micro_batch_size, t_local, mcfg.dim),
+                          dtype=torch.bfloat16 if cfg.parallel.p2p_dtype == "bf16" else torch.float32)
 
 
 def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:

@@ -14,6 +14,10 @@
   (B, or I for the graph) and dropped then; `live_peak` records the most that were alive at once.
 * Loss: each micro-batch's loss is scaled by 1/n_micro before backward, so the accumulated gradients
   equal the serial step's over the whole batch.
+* Wire dtype: activations and their gradients travel in ``dtype`` (``parallel.p2p_dtype``): float32
+  by default, bfloat16 to halve the bytes under ``precision=bf16``. Under autocast the residual
+  stream a stage hands on is float32 (only the matmuls run in bf16), so a bf16 wire rounds it once
+  per stage boundary; the receiver casts back to the stage's own dtype before computing.
 * Zero-bubble (I/W): a list with W actions turns on the chunks' weight-gradient deferral
   (`engine.pipeline.weight_grad`): an I runs backward inside `WeightGradStore.capture`, which
   stashes what each deferred weight gradient needs, and the W action computes them.
@@ -68,7 +72,10 @@ class PipelineRunner:
         self.pp, self.v, self.n_micro = mesh.pp, actions.virtual_stages, actions.n_micro
         self.n_stages = self.pp * self.v
         self.hidden_shape = tuple(hidden_shape)
-        self.dtype = dtype
+        self.dtype = dtype   # on the wire
+        # what the stages compute in and hand on: their parameters' dtype (float32 under autocast)
+        self.act_dtype = next((p.dtype for c in self.chunks for p in c.parameters() if p.is_floating_point()),
+                              torch.float32)
         self.schedule = actions.schedule
         self.actions = actions.train[mesh.pp_rank]
         self.forward_actions = actions.forward[mesh.pp_rank]
@@ -166,9 +173,9 @@ class PipelineRunner:
             if a.kind == Kind.SF:
                 key = (a.mb, a.stage)
                 tensor = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
-                ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=0))
+                ops.append(dist.P2POp(dist.isend, tensor.to(self.dtype), self._peer(a), tag=0))
             elif a.kind == Kind.SB:
-                tensor = self._grads.pop((a.mb, a.stage))
+                tensor = self._grads.pop((a.mb, a.stage)).to(self.dtype)
                 ops.append(dist.P2POp(dist.isend, tensor, self._peer(a), tag=0))
             else:
                 buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.mesh.device)
@@ -204,7 +211,7 @@ class PipelineRunner:
             key = (a.mb, a.stage - 1)
             h = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
         else:
-            h = self._take(Action(a.stage, Kind.RF, a.mb))
+            h = self._take(Action(a.stage, Kind.RF, a.mb)).to(self.act_dtype)
         return h.requires_grad_(torch.is_grad_enabled())
 
     def _run_F(self, a: Action) -> None:
@@ -230,7 +237,7 @@ class PipelineRunner:
             if (a.stage + 1) % self.pp == a.stage % self.pp:     # next stage on this rank
                 grad = self._grads.pop((a.mb, a.stage + 1))
             else:
-                grad = self._take(Action(a.stage, Kind.RB, a.mb))
+                grad = self._take(Action(a.stage, Kind.RB, a.mb)).to(out.dtype)
             torch.autograd.backward(out, grad)
         if a.stage > 0:
             self._grads[(a.mb, a.stage)] = x.grad

@@ -34,3 +34,21 @@ def run_trainers_reporting_dtypes(rank, world, runs: dict[str, list[str]]) -> di
                      else None}
         dist.barrier()
     return out
+
+
+def run_trainers_recording_p2p_dtypes(rank, world, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """As `run_trainers`, plus the dtypes of every tensor each run sent or received point-to-point."""
+    import engine.pipeline.runtime as runtime
+    from engine.trainer import main
+    from tests.support.launch import compose
+
+    out, seen = {}, set()
+    real = runtime.post_p2p
+    runtime.post_p2p = lambda ops: seen.update(str(op.tensor.dtype) for op in ops) or real(ops)
+    try:
+        for name, overrides in runs.items():
+            seen.clear()
+            out[name] = {"records": main(compose(overrides)), "p2p_dtypes": sorted(seen)}
+    finally:
+        runtime.post_p2p = real
+    return out
