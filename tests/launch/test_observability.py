@@ -26,23 +26,15 @@ def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
 
 def test_tensorboard_peak_memory_and_profile_trace_of_one_run(data_dir, tmp_path):
     """One 3-step run with metrics.tensorboard=true, profile.steps=[2,3] and an eval at step 3: the
-    event file holds exactly metrics.jsonl's numbers (float32, as TensorBoard stores them), each
-    record carries this rank's peak memory, and the trace of steps 2..3 is Chrome-trace JSON."""
+    event file holds exactly metrics.jsonl's numbers, each record carries this rank's peak memory, and
+    the trace of steps 2..3 is Chrome-trace JSON. A resume from step 2 keeps the two in step."""
     run = tmp_path / "run"
     records = train_in_process(args(data_dir, run, "train.max_steps=3", "metrics.tensorboard=true",
-                                    "profile.steps=[2,3]", "eval.interval=3", "eval.batches=1"))
+                                    "profile.steps=[2,3]", "eval.interval=3", "eval.batches=1",
+                                    "checkpoint.interval=2"))
     logged = read_metrics(run)
     assert logged == records and len(logged) == 4   # 3 steps and an eval
-
-    want: dict[str, list[tuple[int, float]]] = {}
-    for rec in logged:
-        for tag, value in scalars(rec).items():
-            want.setdefault(tag, []).append((rec["step"], value))
-    got = tensorboard_scalars(run / "tensorboard")
-    assert set(got) == set(want) and {"loss", "eval_loss", "grad_norm", "lr", "peak_mem_mib/0"} <= set(got)
-    for tag, series in want.items():
-        assert [s for s, _ in got[tag]] == [s for s, _ in series], tag
-        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in series], rel=1e-6, abs=1e-30), tag
+    assert_tensorboard_holds(run, logged)
 
     steps = [r for r in logged if "loss" in r]
     assert all(len(r["peak_mem_mib"]) == 1 and r["peak_mem_mib"][0] > 10 for r in steps), steps  # torch alone > 10 MiB
@@ -52,6 +44,27 @@ def test_tensorboard_peak_memory_and_profile_trace_of_one_run(data_dir, tmp_path
     labels = {e.get("name") for e in events}
     assert {"step 2", "step 3"} <= labels and "step 1" not in labels, sorted(l for l in labels if "step" in str(l))
     assert any(str(e.get("name", "")).startswith("aten::") for e in events)   # the ops, not just the labels
+
+    # resuming from step 2 abandons step 3: metrics.jsonl drops its record, TensorBoard purges its events
+    train_in_process(args(data_dir, run, "train.max_steps=3", "metrics.tensorboard=true", "eval.interval=3",
+                          "eval.batches=1", f"checkpoint.resume={run / 'checkpoints' / 'step_000002'}"))
+    relogged = read_metrics(run)
+    assert [r["step"] for r in relogged] == [1, 2, 3, 3] and relogged[:2] == logged[:2]
+    assert_tensorboard_holds(run, relogged)
+
+
+def assert_tensorboard_holds(run, logged: list[dict]) -> None:
+    """The event files hold exactly the records' numbers, step by step (float32, as TensorBoard
+    stores them)."""
+    want: dict[str, list[tuple[int, float]]] = {}
+    for rec in logged:
+        for tag, value in scalars(rec).items():
+            want.setdefault(tag, []).append((rec["step"], value))
+    got = tensorboard_scalars(run / "tensorboard")
+    assert set(got) == set(want) and {"loss", "eval_loss", "grad_norm", "lr", "peak_mem_mib/0"} <= set(got)
+    for tag, series in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in series], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in series], rel=1e-6, abs=1e-30), tag
 
 
 def test_peak_memory_sees_a_transient_allocation_and_resets():

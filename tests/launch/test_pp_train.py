@@ -1,5 +1,6 @@
 """The training launch with pipeline parallelism: per-step losses equal the serial run's, a
 checkpoint written at pp=2 resumes at pp=1 and pp=4, and bad pipeline configs fail before work."""
+import json
 import shutil
 
 import pytest
@@ -96,7 +97,11 @@ def test_pp2_bf16_wire_tracks_the_fp32_wire(data_dir, tmp_path):
 
     base = [*SMALL_PP, f"data.dir={data_dir}", "train.max_steps=3", "precision=bf16", "parallel.pp=2"]
     runs = {wire: [*base, f"run_dir={tmp_path / wire}", f"parallel.p2p_dtype={wire}"] for wire in ("fp32", "bf16")}
+    runs["bf16"].append("profile.steps=[3,3]")   # and, in passing, a profile trace from each rank
     result = run_distributed(run_trainers_recording_p2p_dtypes, world_size=2, args=(runs,))
+    for r in range(2):
+        trace = json.loads((tmp_path / "bf16" / "profile" / f"rank{r:05d}_steps3-3.json").read_text())
+        assert any(e.get("name") == "step 3" for e in trace["traceEvents"]), r
     for rank in result:
         assert rank["fp32"]["p2p_dtypes"] == ["torch.float32"] and rank["bf16"]["p2p_dtypes"] == ["torch.bfloat16"]
     fp32_wire = [r["loss"] for r in result[0]["fp32"]["records"]]
