@@ -612,7 +612,8 @@ def _progress(start, total, enabled):
 def _fmt(rec: dict) -> str:
     mfu = "n/a" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"
     return (f"step {rec['step']} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.3f} "
-            f"tokens/s {rec['tokens_per_s']:.0f} step {1000 * rec['step_time_s']:.0f} ms mfu {mfu}")
+            f"tokens/s {rec['tokens_per_s']:.0f} step {1000 * rec['step_time_s']:.0f} ms mfu {mfu} "
+            f"peak mem {max(rec['peak_mem_mib']):.0f} MiB")
 
 
 def main(cfg: Config) -> list[dict]:
