@@ -321,6 +321,8 @@ class Trainer:
                 raise ConfigError(f"checkpoint {str(self.resume_from)!r} is at step {self.step}, not before "
                                   f"train.max_steps={cfg.train.max_steps}; raise train.max_steps to train on")
         self.data = ensure_data(cfg, mesh, self.mcfg.vocab_size)
+        if cfg.eval.interval or cfg.train.eval_only:   # on every rank: a rank reads only its slice at eval time
+            self.data.check_eval(cfg.eval.batches, batch_size=cfg.train.global_batch_size, seq_len=cfg.train.seq_len)
         if self.resume_from is not None and not cfg.train.eval_only:
             self._check_data_settings(self.source_manifest["train_state"])
         self.chunks = build_chunks(cfg, self.mcfg, mesh)

@@ -45,7 +45,9 @@ class TokenStream:
 
 class TokenData:
     """A prepared data directory, memory-mapped, checked on open: files present, sizes as meta.json
-    says, ids below the vocabulary."""
+    says, ids below the vocabulary. Every check that can fail runs here, when every rank opens the
+    directory, never on a read: a rank reads only its slice of a batch, so an error raised while
+    reading would stop some ranks and leave the others waiting in the next collective."""
 
     def __init__(self, data_dir: str | Path, *, vocab_size: int | None = None):
         d = Path(data_dir)
@@ -63,18 +65,21 @@ class TokenData:
 
     def _open_split(self, name: str) -> list[np.ndarray]:
         fmt = self.meta.get("format", "tandem-data/1")
-        if fmt == "tandem-data/1":  # one flat file per split, no document index
-            shards = [{"file": f"{name}.bin", "tokens": self.meta[f"{name}_tokens"]}]
-        elif fmt == FORMAT:
+        if fmt == "tandem-data/1":  # one flat file per split, no document index and no recorded max_id
+            arrays = [self._open_shard({"file": f"{name}.bin", "tokens": self.meta[f"{name}_tokens"]})]
+            self._check_max_id(name, max_token_id(arrays, self.meta["vocab_size"]))
+            return arrays
+        if fmt == FORMAT:
             split = self.meta["splits"][name]
-            shards = split["shards"]
-            if split["max_id"] >= self.meta["vocab_size"]:
-                raise DataError(f"{self.dir}/{name}: token id {split['max_id']} is not below the vocabulary size "
-                                f"{self.meta['vocab_size']}; the directory is corrupt, prepare it again")
-        else:
-            raise DataError(f"{str(self.dir)!r} has data format {fmt!r}, which this version does not read "
-                            f"(it reads tandem-data/1 and {FORMAT}); prepare the corpus again")
-        return [self._open_shard(s) for s in shards]
+            self._check_max_id(name, split["max_id"])   # recorded at prepare time: no scan
+            return [self._open_shard(s) for s in split["shards"]]
+        raise DataError(f"{str(self.dir)!r} has data format {fmt!r}, which this version does not read "
+                        f"(it reads tandem-data/1 and {FORMAT}); prepare the corpus again")
+
+    def _check_max_id(self, name: str, max_id: int | None) -> None:
+        if max_id is not None and max_id >= self.meta["vocab_size"]:
+            raise DataError(f"{self.dir}/{name}: token id {max_id} is not below the vocabulary size "
+                            f"{self.meta['vocab_size']}; the directory is corrupt, prepare it again")
 
     def _open_shard(self, shard: dict) -> np.ndarray:
         f = self.dir / shard["file"]
@@ -87,12 +92,8 @@ class TokenData:
         return np.memmap(f, dtype=self.dtype, mode="r") if want else np.zeros(0, self.dtype)
 
     def window_rows(self, stream: TokenStream, starts, seq_len: int) -> np.ndarray:
-        """The windows [start, start + T + 1) as a (B, T + 1) int64 array, checked against the vocabulary."""
-        w = np.stack([stream.read(s, s + seq_len + 1) for s in starts])
-        if w.size and w.max() >= self.meta["vocab_size"]:
-            raise DataError(f"{self.dir} holds token id {int(w.max())}, not below the vocabulary size "
-                            f"{self.meta['vocab_size']}; the directory is corrupt, prepare it again")
-        return w
+        """The windows [start, start + T + 1) as a (B, T + 1) int64 array (ids were checked on open)."""
+        return np.stack([stream.read(s, s + seq_len + 1) for s in starts])
 
     def windows(self, stream: TokenStream, starts, seq_len: int):
         """(inputs, targets), each (B, T) int64, of the windows [start, start + T + 1)."""
@@ -109,13 +110,33 @@ class TokenData:
         w = self.eval_rows(first, count, seq_len=seq_len)
         return w[:, :-1], w[:, 1:]
 
+    def check_eval(self, windows: int, *, seq_len: int) -> None:
+        """The val split holds ``windows`` evaluation windows. Called at launch on every rank with the
+        whole evaluation's count (eval.batches × global batch): a rank reads only its slice, so a bound
+        checked per read would fail on some ranks only and leave the others waiting."""
+        need = windows * seq_len + 1
+        if need > len(self.val):
+            raise DataError(f"the val split in {str(self.dir)!r} has {len(self.val)} tokens but eval needs {need} "
+                            f"({windows} windows of train.seq_len={seq_len}); lower eval.batches or "
+                            f"train.global_batch_size, or prepare a larger corpus")
+
     def eval_rows(self, first: int, count: int, *, seq_len: int) -> torch.Tensor:
         """The same windows as one (count, T + 1) tensor: inputs are [:, :-1], targets [:, 1:]."""
-        need = (first + count) * seq_len + 1
-        if need > len(self.val):
-            raise DataError(f"the val split in {str(self.dir)!r} has {len(self.val)} tokens but eval needs {need}; "
-                            f"lower eval.batches or train.global_batch_size, or prepare a larger corpus")
+        self.check_eval(first + count, seq_len=seq_len)   # a direct caller's guard; a launch checked it all
         return torch.from_numpy(self.window_rows(self.val, [i * seq_len for i in range(first, first + count)], seq_len))
+
+
+def max_token_id(arrays: list[np.ndarray], vocab_size: int, chunk: int = 1 << 24) -> int | None:
+    """The largest id in memory-mapped ``arrays`` (for data without a recorded ``max_id``), read in
+    chunks so memory stays bounded; None when the dtype cannot hold an id as large as ``vocab_size``
+    (then no scan is needed)."""
+    if not arrays or np.iinfo(arrays[0].dtype).max < vocab_size:
+        return None
+    out = -1
+    for a in arrays:
+        for i in range(0, len(a), chunk):
+            out = max(out, int(a[i:i + chunk].max()))
+    return out
 
 
 # -- sampling without replacement -------------------------------------------------------------------
@@ -193,6 +214,10 @@ class DataMix:
 
     def eval_rows(self, first: int, count: int, *, seq_len: int) -> torch.Tensor:
         return self.first.eval_rows(first, count, seq_len=seq_len)
+
+    def check_eval(self, batches: int, *, batch_size: int, seq_len: int) -> None:
+        """Evaluation (``batches`` global batches of the first source's val split) fits; see TokenData."""
+        self.first.check_eval(batches * batch_size, seq_len=seq_len)
 
     def _locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sample index -> (source, index of the sample among that source's samples)."""

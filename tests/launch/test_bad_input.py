@@ -189,3 +189,29 @@ def test_to_hf_with_a_tokenizer_that_is_not_one(run_with_checkpoint, tmp_path, c
     err = capfd.readouterr().err
     assert code == 2 and "--tokenizer" in err and str(bogus) in err, err[-2000:]
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_data_error_stops_every_rank_at_launch_alike(data_dir, tmp_path):
+    """Each rank reads only its dp slice (and a middle pipeline stage nothing), so a data error found
+    while reading would stop some ranks and leave the others waiting in a collective. Both data errors
+    are found at launch instead, on every rank, with the same message: a val split too small for the
+    evaluation (dp2 and pp2) and an id past the vocabulary in data without a recorded max_id (one
+    spot in the train split, a window at most one rank reads)."""
+    from tests.support.data_dirs import flat_format_copy
+    from tests.support.distributed import run_distributed
+    from tests.support.trainer_world import run_trainers_reporting_errors
+
+    bad_ids = flat_format_copy(data_dir, tmp_path / "flat", train_ids={1000: 600})
+    base = [*SMALL_MODEL, "train.max_steps=1"]
+    runs = {"eval dp2": [*base, f"data.dir={data_dir}", f"run_dir={tmp_path / 'a'}", "eval.interval=1",
+                         "eval.batches=1000"],
+            "eval pp2": [*base, f"data.dir={data_dir}", f"run_dir={tmp_path / 'b'}", "parallel.pp=2",
+                         "eval.interval=1", "eval.batches=1000"],
+            "ids dp2": [*base, f"data.dir={bad_ids}", f"run_dir={tmp_path / 'c'}"]}
+    ranks = run_distributed(run_trainers_reporting_errors, world_size=2, args=(runs,), timeout=120)
+    assert ranks[0] == ranks[1], ranks
+    assert ranks[0]["eval dp2"].startswith("DataError: the val split") and "lower eval.batches" in ranks[0]["eval dp2"]
+    assert ranks[0]["eval pp2"] == ranks[0]["eval dp2"]
+    assert ranks[0]["ids dp2"].startswith("DataError: ") and "token id 600 is not below the vocabulary size 512" \
+        in ranks[0]["ids dp2"], ranks
+    assert not any((tmp_path / r).exists() for r in "abc")

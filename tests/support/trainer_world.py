@@ -52,3 +52,19 @@ def run_trainers_recording_p2p_dtypes(rank, world, runs: dict[str, list[str]]) -
     finally:
         runtime.post_p2p = real
     return out
+
+
+def run_trainers_reporting_errors(rank, world, runs: dict[str, list[str]]) -> dict[str, str]:
+    """As `run_trainers`, but each run's exception is caught: returns ``"<type>: <message>"`` per run
+    (``"ok"`` when it ran through), so a test can assert that every rank failed the same way."""
+    from engine.trainer import main
+    from tests.support.launch import compose
+
+    out = {}
+    for name, overrides in runs.items():
+        try:
+            main(compose(overrides))
+            out[name] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out[name] = f"{type(e).__name__}: {e}"
+    return out

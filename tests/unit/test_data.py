@@ -340,6 +340,27 @@ def test_prepared_directory_is_checked_on_open(two_sources, tmp_path):
         TokenData(d)
 
 
+def test_ids_and_the_eval_size_are_checked_on_open_not_per_read(data_dir, tmp_path):
+    """A rank reads only its slice, so nothing may fail per read: ids are checked when a directory is
+    opened (tandem-data/2 from meta's max_id; tandem-data/1, which records none, by one chunked scan),
+    and the val split against a whole evaluation by `check_eval`, which the trainer calls at launch."""
+    from tests.support.data_dirs import flat_format_copy
+
+    new = open_sources([str(data_dir)], None, vocab_size=TEST_VOCAB)
+    old = open_sources([str(flat_format_copy(data_dir, tmp_path / "flat"))], None, vocab_size=TEST_VOCAB)
+    assert torch.equal(old.train_rows(2, seed=1, batch_size=8, seq_len=32),
+                       new.train_rows(2, seed=1, batch_size=8, seq_len=32))
+    bad = flat_format_copy(data_dir, tmp_path / "bad", train_ids={12345: TEST_VOCAB + 3})
+    with pytest.raises(DataError, match=r"bad/train: token id 515 is not below the vocabulary size 512; .*prepare it again"):
+        TokenData(bad)
+
+    fits = (len(new.first.val) - 1) // 32 // 8   # whole global batches of 8 windows of 32 tokens
+    new.check_eval(fits, batch_size=8, seq_len=32)
+    with pytest.raises(DataError, match=rf"val split .* has {len(new.first.val)} tokens but eval needs "
+                                        rf"{(fits + 1) * 8 * 32 + 1} .*lower eval.batches"):
+        new.check_eval(fits + 1, batch_size=8, seq_len=32)
+
+
 # -- preparing inside a launch ---------------------------------------------------------------------
 def test_other_ranks_wait_on_a_file_flag(docs, sp_model, tmp_path):
     """Rank 0 prepares while rank 1 polls for meta.json; if rank 0 fails, rank 1 stops with its error."""
