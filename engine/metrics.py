@@ -59,12 +59,24 @@ def _vm_kib(key: str) -> float:
     return rss / 1024 if sys.platform == "darwin" else float(rss)
 
 
+# per-rank lists: TensorBoard gets their max, the rank holding it and their mean (one tag per rank
+# would be thousands of tags at scale); metrics.jsonl keeps the whole list
+PER_RANK = ("peak_mem_mib",)
+
+
 def scalars(record: dict) -> dict[str, float]:
-    """The record's numbers as TensorBoard scalars: booleans as 0/1, a list as ``key/<index>``
-    (``peak_mem_mib/3`` is global rank 3's), None (mfu on a CPU) and ``step`` left out."""
+    """The record's numbers as TensorBoard scalars: booleans as 0/1, a per-rank list (`PER_RANK`) as
+    ``key/max``, ``key/argmax`` (the global rank) and ``key/mean``, another list as ``key/<index>``,
+    None (mfu on a CPU) and ``step`` left out."""
     out = {}
     for k, v in record.items():
-        items = [(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, (list, tuple)) else [(k, v)]
+        if k in PER_RANK and isinstance(v, (list, tuple)) and v:
+            top = max(range(len(v)), key=lambda i: v[i])
+            items = [(f"{k}/max", v[top]), (f"{k}/argmax", top), (f"{k}/mean", sum(v) / len(v))]
+        elif isinstance(v, (list, tuple)):
+            items = [(f"{k}/{i}", x) for i, x in enumerate(v)]
+        else:
+            items = [(k, v)]
         for name, x in items:
             if isinstance(x, numbers.Real) and k != "step":
                 out[name] = float(x)
@@ -74,22 +86,25 @@ def scalars(record: dict) -> dict[str, float]:
 class MetricsLog:
     """Appends one JSON object per record to ``<run_dir>/metrics.jsonl`` (rank 0 only); with
     ``tensorboard_dir``, writes the same records' scalars there at ``global_step = record["step"]``.
-    ``purge_step`` (a resume) drops the TensorBoard events of the abandoned later history."""
+    ``purge_step`` (a training resume) drops the TensorBoard events of the abandoned later history.
+    Nothing is created before the first record: a launch that fails in its setup (a restore, a
+    check) leaves no event file and no purge marker behind."""
 
     def __init__(self, path: Path | None, *, tensorboard_dir: Path | None = None, purge_step: int | None = None):
         self.path = path
+        self.tensorboard_dir = tensorboard_dir if path is not None else None
+        self.purge_step = purge_step
         self.tb = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        if path is not None and tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter   # validate() checked the package is there
-            self.tb = SummaryWriter(str(tensorboard_dir), purge_step=purge_step, flush_secs=30)
 
     def write(self, record: dict) -> None:
         if self.path is None:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard_dir is not None and self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter   # validate() checked the package is there
+            self.tb = SummaryWriter(str(self.tensorboard_dir), purge_step=self.purge_step, flush_secs=30)
         if self.tb is not None:
             for name, value in scalars(record).items():
                 self.tb.add_scalar(name, value, global_step=record["step"])

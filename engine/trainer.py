@@ -336,7 +336,8 @@ class Trainer:
         self.skipped_steps = 0
         self.log = MetricsLog(self.run_dir / "metrics.jsonl" if mesh.rank == 0 else None,
                               tensorboard_dir=self.run_dir / "tensorboard" if cfg.metrics.tensorboard else None,
-                              purge_step=self.step + 1 if self.resume_from is not None else None)
+                              purge_step=self.step + 1 if self.resume_from is not None and not cfg.train.eval_only
+                              else None)   # eval_only truncates no history: nothing to purge
         self.peak_mem = PeakMemory(mesh.device)
         self.profiler = StepProfiler(cfg.profile.steps, run_dir=self.run_dir, rank=mesh.rank, device=mesh.device)
         self.peak_flops, self.peak_label = device_peak_flops(mesh.device)
@@ -388,13 +389,32 @@ class Trainer:
         rundir.truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     def close(self) -> None:
-        """Release the run directory; a launch that failed before writing anything leaves no directory."""
-        for part in ("profiler", "log"):   # absent when the launch failed before creating them
-            if hasattr(self, part):
-                getattr(self, part).close()
-        if self.mesh.rank == 0:
-            self.lock.release()
-            rundir.remove_if_empty(self._made_dirs)
+        """Release the run directory; a launch that failed before writing anything leaves no directory.
+        Every part is closed even if another fails, and the lock is always released. Called while an
+        exception propagates (a failed launch or step), a failure here is only reported, so it does not
+        replace that error; otherwise the first one is raised after everything is closed."""
+        failures = []
+        try:
+            for part in ("profiler", "log"):   # absent when the launch failed before creating them
+                try:
+                    if hasattr(self, part):
+                        getattr(self, part).close()
+                except Exception as e:  # noqa: BLE001 - closing goes on; raised or reported below
+                    failures.append((part, e))
+        finally:
+            if self.mesh.rank == 0:
+                try:
+                    self.lock.release()
+                    rundir.remove_if_empty(self._made_dirs)   # after the lock: its file is in the directory
+                except Exception as e:  # noqa: BLE001
+                    failures.append(("run directory lock", e))
+        if not failures:
+            return
+        if sys.exc_info()[1] is None:
+            raise failures[0][1]
+        for part, e in failures:
+            print(f"warning: closing the {part} after the error below failed too: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
 
     def where(self) -> str:
         """What this rank is doing now, for the report of a timed-out or failed rank: the pipeline

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, validate
-from engine.metrics import PeakMemory, scalars
+from engine.metrics import MetricsLog, PeakMemory, scalars
 from engine.profiling import trace_path
 from tests.support.launch import SMALL_MODEL, compose, read_metrics, train_in_process
 
@@ -52,6 +52,12 @@ def test_tensorboard_peak_memory_and_profile_trace_of_one_run(data_dir, tmp_path
     assert [r["step"] for r in relogged] == [1, 2, 3, 3] and relogged[:2] == logged[:2]
     assert_tensorboard_holds(run, relogged)
 
+    # evaluating a checkpoint of the run (eval_only with resume) truncates nothing, so it purges nothing
+    train_in_process(args(data_dir, run, "train.max_steps=3", "metrics.tensorboard=true", "eval.batches=1",
+                          "train.eval_only=true", f"checkpoint.resume={run / 'checkpoints' / 'step_000002'}"))
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 3, 2]
+    assert [s for s, _ in tensorboard_scalars(run / "tensorboard")["loss"]] == [1, 2, 3]
+
 
 def assert_tensorboard_holds(run, logged: list[dict]) -> None:
     """The event files hold exactly the records' numbers, step by step (float32, as TensorBoard
@@ -61,7 +67,7 @@ def assert_tensorboard_holds(run, logged: list[dict]) -> None:
         for tag, value in scalars(rec).items():
             want.setdefault(tag, []).append((rec["step"], value))
     got = tensorboard_scalars(run / "tensorboard")
-    assert set(got) == set(want) and {"loss", "eval_loss", "grad_norm", "lr", "peak_mem_mib/0"} <= set(got)
+    assert set(got) == set(want) and {"loss", "eval_loss", "grad_norm", "lr", "peak_mem_mib/max"} <= set(got)
     for tag, series in want.items():
         assert [s for s, _ in got[tag]] == [s for s, _ in series], tag
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in series], rel=1e-6, abs=1e-30), tag
@@ -88,3 +94,48 @@ def test_tensorboard_missing_and_bad_profile_steps_are_clear_errors(tmp_path, mo
         with pytest.raises(ConfigError, match=r"profile.steps=.* must be \[first, last\]"):
             validate(compose(args(tmp_path / "data", tmp_path / "run", f"profile.steps={steps}",
                                   "train.max_steps=200")))
+
+
+def test_per_rank_peak_memory_reaches_tensorboard_as_max_argmax_mean():
+    """At 1k+ ranks one tag per rank would swamp TensorBoard: it gets the max, its rank and the mean
+    (metrics.jsonl keeps the list); other lists stay per index."""
+    got = scalars({"step": 4, "loss": 2.0, "peak_mem_mib": [10.0, 40.0, 30.0, 40.0], "source_epochs": [0.5, 0.25],
+                   "skipped": False, "mfu": None})
+    assert got == {"loss": 2.0, "peak_mem_mib/max": 40.0, "peak_mem_mib/argmax": 1.0, "peak_mem_mib/mean": 30.0,
+                   "source_epochs/0": 0.5, "source_epochs/1": 0.25, "skipped": 0.0}
+
+
+def test_metrics_log_creates_nothing_before_the_first_record(tmp_path):
+    log = MetricsLog(tmp_path / "run" / "metrics.jsonl", tensorboard_dir=tmp_path / "run" / "tensorboard", purge_step=3)
+    log.close()
+    assert not (tmp_path / "run").exists()   # no event file, no purge marker for a launch that wrote nothing
+
+
+def test_close_releases_the_run_dir_even_when_closing_fails(data_dir, tmp_path, monkeypatch, capfd):
+    """A failure while closing (here the profiler's) neither skips the lock release and the removal of
+    a failed launch's empty run directory, nor replaces the error that failed the launch; with
+    metrics.tensorboard=true the failed fresh launch still leaves no directory (the event writer is
+    created with the first record). Without an error in flight, the close failure is raised."""
+    from engine.profiling import StepProfiler
+    from engine.run_dir import LOCK
+    from engine.trainer import Trainer
+
+    def fail(what):
+        def raiser(*a, **k):
+            raise RuntimeError(what)
+        return raiser
+
+    monkeypatch.setattr(StepProfiler, "close", fail("profiler close failed"))
+    real_start = Trainer._start_history
+    monkeypatch.setattr(Trainer, "_start_history", fail("the launch failed"))
+    run = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError, match="the launch failed"):
+        train_in_process(args(data_dir, run, "train.max_steps=1", "metrics.tensorboard=true"))
+    assert "closing the profiler after the error below failed too: RuntimeError: profiler close failed" in \
+        capfd.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+    monkeypatch.setattr(Trainer, "_start_history", real_start)
+    with pytest.raises(RuntimeError, match="profiler close failed"):
+        train_in_process(args(data_dir, run, "train.max_steps=1", "metrics.tensorboard=true"))
+    assert not (run / LOCK).exists() and [r["step"] for r in read_metrics(run)] == [1]
