@@ -235,6 +235,9 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
     _need(p.p2p_dtype == "fp32" or cfg.precision == "bf16",
           f"parallel.p2p_dtype={p.p2p_dtype} needs precision=bf16 (under fp32 the activations are fp32); set "
           f"precision=bf16 or parallel.p2p_dtype=fp32")
+    _need(p.p2p_dtype == "fp32" or p.pp > 1,
+          f"parallel.p2p_dtype={p.p2p_dtype} needs parallel.pp > 1 (it is the dtype of the activations sent between "
+          f"pipeline stages; pp=1 sends none); drop it for pp=1")
     _need(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive (seconds a collective may wait)")
     _need(o.lr >= 0, f"optim.lr={o.lr} must not be negative")
     _need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be within [0, 1]")

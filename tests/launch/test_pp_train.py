@@ -110,7 +110,7 @@ def test_pp2_bf16_wire_tracks_the_fp32_wire(data_dir, tmp_path):
     assert [r["loss"] for r in result[1]["bf16"]["records"]] == bf16_wire   # every rank agrees on the loss
 
 
-def test_a_bf16_wire_needs_bf16_precision(tmp_path):
+def test_a_bf16_wire_needs_bf16_precision_and_pp(tmp_path):
     from engine.config import ConfigError, validate
     from tests.support.launch import compose
 
@@ -118,3 +118,6 @@ def test_a_bf16_wire_needs_bf16_precision(tmp_path):
                        ("parallel.p2p_dtype=fp16", r"parallel.p2p_dtype='fp16' is not one of fp32, bf16")):
         with pytest.raises(ConfigError, match=match):
             validate(compose([f"data.dir={tmp_path}", f"run_dir={tmp_path / 'run'}", "parallel.pp=2", bad]))
+    with pytest.raises(ConfigError, match=r"parallel.p2p_dtype=bf16 needs parallel.pp > 1 .*drop it for pp=1"):
+        validate(compose([f"data.dir={tmp_path}", f"run_dir={tmp_path / 'run'}", "precision=bf16",
+                          "parallel.p2p_dtype=bf16"]))   # pp=1 sends nothing: a silent no-op is refused
