@@ -211,14 +211,14 @@ def build_chunks(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> list[nn.Module]:
 
 
 def build_executor(cfg: Config, mcfg: ModelConfig, mesh: Mesh, chunks, n_micro: int,
-                   step_actions: StepActions | None = None):
+                   step_actions: StepActions | None = None, dtype: torch.dtype = torch.float32):
     """The serial executor for pp=1, else a PipelineRunner over `step_actions` (the launch's proven
     lists, `build_step_actions`; required when pp > 1)."""
     if mesh.pp == 1:
         return SerialExecutor(chunks[0], n_micro)
     t_local = cfg.train.seq_len // mesh.tp if cfg.parallel.sequence_parallel else cfg.train.seq_len
     return PipelineRunner(chunks, mesh, step_actions,
-                          hidden_shape=(cfg.parallel.micro_batch_size, t_local, mcfg.dim))
+                          hidden_shape=(cfg.parallel.micro_batch_size, t_local, mcfg.dim), dtype=dtype)
 
 
 def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:
@@ -325,9 +325,15 @@ class Trainer:
         if self.resume_from is not None and not cfg.train.eval_only:
             self._check_data_settings(self.source_manifest["train_state"])
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
-        self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro, self.step_actions)
-        self.refs = param_refs(self.chunks)
+        # precision=bf16 with ZeRO-2: bf16 parameters (and pipeline messages); the fp32 master weights
+        # live only in the optimizer's dp slices (engine/zero.py)
+        bf16_params = cfg.precision == "bf16" and cfg.optim.zero == 2 and mesh.dp > 1
+        for chunk in self.chunks if bf16_params else ():
+            chunk.to(torch.bfloat16)
+        self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro, self.step_actions,
+                                       dtype=torch.bfloat16 if bf16_params else torch.float32)
         o = cfg.optim
+        self.refs = param_refs(self.chunks)
         self.dp_reducer, self.optimizer = build_dp_optimizer(self.refs, self.chunks, mesh, self.n_micro, zero=o.zero,
                                                              lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                                              weight_decay=o.weight_decay)
