@@ -95,8 +95,7 @@ LAYOUTS = {
                                   "train.global_batch_size=16"],
     "tp2_dp2_zero1_recompute": ["parallel.tp=2", "parallel.dp=2", "optim.zero=1", "parallel.recompute=selective"],
     "dp4_tied": ["parallel.dp=4", "model.tie_embeddings=true"],
-    "pp2_dp2_zero2_tied_bf16": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true",
-                                "precision=bf16"],
+    "pp2_dp2_zero2_tied": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true"],
 }
 
 
