@@ -194,6 +194,8 @@ class ShardedOptimizer:
         # disjoint pieces): counts in the gradient norm, and writes optimizer state and master weights
         keys = [(pc.ref.name, pc.ref.meta.offset, pc.ref.meta.shape, mesh.dp_rank) for pc in self.pieces]
         self.owner = held_lowest(keys)
+        for i, k in enumerate(keys):   # both tied copies on one rank (virtual stages): the first one's pieces
+            self.owner[i] = self.owner[i] and k not in keys[:i]
 
     # -- the step ------------------------------------------------------------------------------
     def _grad_piece(self, pc: Piece) -> torch.Tensor:

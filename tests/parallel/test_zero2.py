@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
+from engine.convert.tandem import verify
 from models.shard import ShardMeta
 from tests.support.distributed import run_distributed
 from tests.support.launch import SMALL_MODEL, assert_runs_match, train_in_process
@@ -53,6 +54,7 @@ def assert_checkpoints_match(path, reference, rel: float = 1e-3):
     weights of up to 1.0, 1.8e-8 on first moments, 7e-10 on second moments (tp's other summation
     order, amplified by Adam); a misplaced slice, a missing sum or an unaveraged gradient moves a
     tensor by a good fraction of its size."""
+    verify(path)   # every checksum, and every global tensor covered exactly once by the saved boxes
     got, want = read_full(path), read_full(reference)
     assert sorted(got) == sorted(want)
     for k in want:
@@ -111,6 +113,7 @@ def test_bf16_parameters_keep_their_fp32_master_in_the_optimizer_slices(four, se
     losses = [r["loss"] for r in result[0]["tp2_dp2_bf16"]["records"] if "loss" in r]
     reference = [r["loss"] for r in serial["untied"][0][:3]]
     assert len(losses) == 3 and all(abs(a - b) <= 1e-3 * b for a, b in zip(losses, reference)), (losses, reference)
+    verify(root / "tp2_dp2_bf16" / "checkpoints" / "step_000003")
     manifest = ckpt.read_manifest(root / "tp2_dp2_bf16" / "checkpoints" / "step_000003")
     assert {t["dtype"] for k, t in manifest["tensors"].items() if k.startswith("model/")} == {"float32"}
     for by_run in result:
