@@ -183,6 +183,8 @@ class ShardedOptimizer:
         self.shards = shards
         self.master_pieces = [self.master[pc.bucket][pc.flat - reducer.shard(pc.bucket)[0]:][:pc.stop - pc.start]
                               for pc in self.pieces]
+        # each piece's gradient: a persistent view into its bucket (the reducer's buffers never move)
+        self.grad_pieces = [reducer.flats[pc.bucket][pc.flat:pc.flat + pc.stop - pc.start] for pc in self.pieces]
         decay = [m for pc, m in zip(self.pieces, self.master_pieces) if pc.ref.param.ndim >= 2]
         no_decay = [m for pc, m in zip(self.pieces, self.master_pieces) if pc.ref.param.ndim < 2]
         groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
@@ -194,18 +196,21 @@ class ShardedOptimizer:
         # disjoint pieces): counts in the gradient norm, and writes optimizer state and master weights
         keys = [(pc.ref.name, pc.ref.meta.offset, pc.ref.meta.shape, mesh.dp_rank) for pc in self.pieces]
         self.owner = held_lowest(keys)
+        seen = set()
         for i, k in enumerate(keys):   # both tied copies on one rank (virtual stages): the first one's pieces
-            self.owner[i] = self.owner[i] and k not in keys[:i]
+            self.owner[i] = self.owner[i] and k not in seen
+            seen.add(k)
+        # what the norm reads and the clip scales, as persistent views (boxes without padding rows)
+        self.norm_views = [g[f:f + math.prod(ext)].view(ext)[meta.local_slices()]
+                           for pc, g, own in zip(self.pieces, self.grad_pieces, self.owner) if own
+                           for f, meta, ext in pc.boxes()]
+        self.owned_grads = [reducer.shard_view(b) for b in range(len(reducer.flats))]
 
     # -- the step ------------------------------------------------------------------------------
-    def _grad_piece(self, pc: Piece) -> torch.Tensor:
-        return self.reducer.flats[pc.bucket][pc.flat:pc.flat + pc.stop - pc.start]
-
     def clip_grad_norm(self, max_norm: float, device: torch.device) -> torch.Tensor:
         """`engine.optim.clip_grad_norm` over the owned slices: the same float64 norm on every rank,
         nothing read back to the host."""
-        grads = [self._grad_piece(pc)[f:f + math.prod(ext)].view(ext)[meta.local_slices()]
-                 for pc, own in zip(self.pieces, self.owner) if own for f, meta, ext in pc.boxes()]
+        grads = self.norm_views
         total = torch.zeros((), dtype=torch.float64, device=device)
         if grads:
             total += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
@@ -213,7 +218,7 @@ class ShardedOptimizer:
         norm = total.sqrt()
         if max_norm and max_norm > 0:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            held = [self.reducer.shard_view(b) for b in range(len(self.reducer.flats))]
+            held = self.owned_grads
             for dtype in {g.dtype for g in held}:
                 torch._foreach_mul_([g for g in held if g.dtype == dtype], scale.to(dtype))
         return norm
@@ -221,9 +226,9 @@ class ShardedOptimizer:
     def step(self, lr: float) -> None:
         for g in self.inner.param_groups:
             g["lr"] = lr
-        for pc, m in zip(self.pieces, self.master_pieces):
-            g = self._grad_piece(pc)
-            m.grad = g if g.dtype == m.dtype else g.float()   # bf16 gradients: an fp32 copy for this step
+        for g, m in zip(self.grad_pieces, self.master_pieces):
+            if m.grad is not g:   # fp32: the persistent gradient view, set once; bf16: an fp32 copy per step
+                m.grad = g if g.dtype == m.dtype else g.float()
         self.inner.step()
         with torch.no_grad():
             if self.separate_master:
@@ -235,10 +240,13 @@ class ShardedOptimizer:
                 w.wait()
 
     def zero_grad(self) -> None:
+        """The model's gradients are views into the reducer's buckets, which its own zero_grad zeroes
+        and re-attaches; the bf16 case's fp32 copies are dropped."""
         for r in self.refs:
             r.param.grad = None
-        for m in self.master_pieces:
-            m.grad = None
+        if self.separate_master:
+            for m in self.master_pieces:
+                m.grad = None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_entries(self) -> list[Entry]:
