@@ -2,7 +2,7 @@
 Megatron's theoretical memory report): parameters, gradients, fp32 master weights, AdamW moments
 (with their per-tensor step counters), and module buffers. Activations and transient buffers are not
 counted. The numbers follow the rules the engine builds by, not the tensors it built:
-tests/unit/test_zero2.py holds them against the bytes of the tensors that really exist.
+tests/parallel/test_zero2.py holds them against the bytes of the tensors that really exist.
 
 - parameters: every local parameter; under zero=2 the padded parameter buckets they are views of.
 - gradients: dp > 1: the reducer's persistent buckets (padded to a multiple of dp under zero=2);

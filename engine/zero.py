@@ -42,6 +42,8 @@ from engine.checkpoint import Entry, held_lowest, model_key, optim_key
 from engine.data_parallel import BUCKET_BYTES, OverlappedGradReducer
 from engine.mesh import Mesh
 from engine.optim import Optimizer, ParamRef
+from engine.pipeline.stages import tied_copies
+from engine.tensor_parallel.grad_sync import tp_synced_params
 from models.shard import ShardMeta
 
 
@@ -88,9 +90,6 @@ class ShardedGradReducer(OverlappedGradReducer):
 def late_params(chunks: list[nn.Module], mesh: Mesh) -> list[nn.Parameter]:
     """The parameters whose gradients are summed over tp or between the tied embedding's copies after
     backward: their buckets wait for those sums (see the module docstring)."""
-    from engine.pipeline.stages import tied_copies
-    from engine.tensor_parallel.grad_sync import tp_synced_params
-
     out = tp_synced_params(chunks) if mesh.tp > 1 else []
     if chunks and chunks[0].cfg.tie_embeddings:
         out += tied_copies(chunks)

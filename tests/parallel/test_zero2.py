@@ -103,6 +103,7 @@ def test_four_rank_layouts_match_serial(four, serial, name, model):
     assert_runs_match(result[0][name]["records"], records)
     assert_checkpoints_match(_final(root / name), reference)
     assert_report_is_real(result, name)
+    assert all(by_run[name]["overlapped"] > 0 for by_run in result)   # reduce-scatters sent during backward
 
 
 def test_bf16_parameters_keep_their_fp32_master_in_the_optimizer_slices(four, serial):
@@ -152,6 +153,7 @@ def test_dp2_matches_serial_and_reports_its_memory(two, serial):
     assert_runs_match(result[0]["dp2_zero2"]["records"], records)
     assert_checkpoints_match(_final(root / "dp2_zero2"), reference)
     assert_report_is_real(result, "dp2_zero2")
+    assert all(by_run["dp2_zero2"]["overlapped"] >= STEPS for by_run in result)   # every step's bucket during backward
     assert_report_is_real(result, "zero1_from_zero2")
     # each rank writes its own slice of the moments: the state is spread over both files
     manifest = ckpt.read_manifest(_final(root / "dp2_zero2"))

@@ -27,7 +27,8 @@ def held_bytes(trainer) -> dict[str, int]:
 
 def run_measured(rank, world, runs: dict[str, list[str]]) -> dict[str, dict]:
     """For each composed override list, in order: train, then return the records, the launch report
-    rank 0 printed (None elsewhere), and `held_bytes` after the last step."""
+    rank 0 printed (None elsewhere), `held_bytes` after the last step, the parameter dtypes, and how
+    many gradient buckets were sent while backward was still running."""
     import contextlib
     import io
 
@@ -44,7 +45,8 @@ def run_measured(rank, world, runs: dict[str, list[str]]) -> dict[str, dict]:
         try:
             records = trainer.run()
             out[name] = {"records": records, "printed": printed.getvalue() if rank == 0 else None,
-                         "held": held_bytes(trainer), "param_dtypes": sorted({str(r.param.dtype) for r in trainer.refs})}
+                         "held": held_bytes(trainer), "param_dtypes": sorted({str(r.param.dtype) for r in trainer.refs}),
+                         "overlapped": trainer.dp_reducer.launched_during_backward}
             dist.barrier()
         finally:
             trainer.close()
