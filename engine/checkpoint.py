@@ -191,6 +191,22 @@ def _write_local(tmp: Path, fname: str, items: list[tuple[Entry, torch.Tensor]])
     return record
 
 
+def _files(fname: str, items: list[tuple[Entry, torch.Tensor]]) -> list[tuple[str, list]]:
+    """A rank's items spread over files so that no file holds a key twice: ``fname`` takes each key's
+    first region, ``<stem>_1.safetensors`` its second, and so on. Only ZeRO-2 holds several regions
+    of one tensor (the boxes of a flat slice, `engine.zero.flat_boxes`); the manifest names the file
+    of every slice, so readers need no change."""
+    layers: list[list] = [[]]
+    seen: dict[str, int] = {}
+    for item in items:
+        k = seen[item[0].key] = seen.get(item[0].key, -1) + 1
+        if k == len(layers):
+            layers.append([])
+        layers[k].append(item)
+    stem = fname.removesuffix(".safetensors")
+    return [(fname if k == 0 else f"{stem}_{k}.safetensors", layer) for k, layer in enumerate(layers)]
+
+
 def _error_text(e: BaseException, path: Path) -> str:
     return f"{type(e).__name__} writing {str(path)!r}: {e}"
 
@@ -217,7 +233,7 @@ def write_checkpoint(root: str | Path, step: int, items: list[tuple[Entry, torch
     _agree(error, f"checkpoint save of step {step}", group)
     fname = f"rank_{_global_rank():05d}.safetensors"
     try:
-        record, error = _write_local(tmp, fname, items), None
+        record, error = [_write_local(tmp, f, layer) for f, layer in _files(fname, items)], None
     except (OSError, FloatingPointError) as e:
         record, error = None, _error_text(e, tmp / fname)
     records = _all_gather((record, error), group)
@@ -228,7 +244,7 @@ def write_checkpoint(root: str | Path, step: int, items: list[tuple[Entry, torch
     error = None
     if rank == 0:
         try:
-            _write_manifest(tmp, [rec for rec, _ in records], step=step, model_config=model_config, layout=layout,
+            _write_manifest(tmp, [r for recs, _ in records for r in recs], step=step, model_config=model_config, layout=layout,
                             train_state=train_state)
             _fsync_dir(tmp)
             _swap_into_place(tmp, final)

@@ -72,6 +72,9 @@ class ParallelSchema:
     p2p_dtype: str = "fp32"  # pipeline activations/gradients on the wire: fp32, or bf16 (needs precision=bf16)
 
 
+ZERO_MODES = (0, 1, 2)  # optim.zero; docs/parallelism.md
+
+
 @dataclass
 class OptimSchema:
     lr: float = 3e-3
@@ -213,7 +216,8 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
     _need(cfg.kernels in ("auto", "triton", "torch"), f"kernels={cfg.kernels!r} is not one of auto, triton, torch")
     _need(p.recompute in RECOMPUTE_MODES,
           f"parallel.recompute={p.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}")
-    _need(o.zero in (0, 1), f"optim.zero={o.zero} is not supported; use 0 or 1")
+    _need(o.zero in ZERO_MODES, f"optim.zero={o.zero!r} is not one of {', '.join(map(str, ZERO_MODES))} (0: AdamW state "
+          f"on every dp rank, 1: state sharded over dp, 2: gradients, state and fp32 master weights sharded over dp)")
     for key, v in (("train.global_batch_size", t.global_batch_size), ("train.seq_len", t.seq_len),
                    ("parallel.micro_batch_size", p.micro_batch_size), ("train.max_steps", t.max_steps),
                    ("train.log_interval", t.log_interval), ("train.max_skipped_steps", t.max_skipped_steps),

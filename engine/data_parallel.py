@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from engine.buckets import size_buckets
+
 BUCKET_BYTES = 25 * 2**20
 
 
@@ -35,6 +37,7 @@ class OverlappedGradReducer:
         self.flats: list[torch.Tensor] = []
         self.views: list[list[torch.Tensor]] = []   # each parameter's gradient: a view into its bucket
         self.bucket_of: dict[int, int] = {}
+        self.late: set[int] = set()   # buckets reduced only in finish_late() (ZeRO-2)
         if self.size > 1:
             self._build_buckets()
             self.zero_grad()
@@ -43,22 +46,21 @@ class OverlappedGradReducer:
         self._reset()
 
     def _build_buckets(self) -> None:
-        open_bucket: dict[tuple, int] = {}  # (dtype, device) -> index of the bucket being filled
-        sizes: list[int] = []
-        for p in reversed(self.params):
-            key, nbytes = (p.dtype, p.device), p.numel() * p.element_size()
-            b = open_bucket.get(key)
-            if b is None or (sizes[b] and sizes[b] + nbytes > self.bucket_bytes):
-                b = open_bucket[key] = len(self.buckets)
-                self.buckets.append([])
-                sizes.append(0)
-            self.buckets[b].append(p)
-            sizes[b] += nbytes
-            self.bucket_of[id(p)] = b
-        self.flats = [torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+        buckets = size_buckets(reversed(self.params), key=self._bucket_key, bucket_bytes=self.bucket_bytes,
+                               nbytes=lambda p: p.numel() * p.element_size())
+        self.buckets = [ps for _, ps in buckets]
+        self.bucket_of = {id(p): b for b, ps in enumerate(self.buckets) for p in ps}
+        self.flats = [torch.zeros(self._flat_numel(sum(p.numel() for p in ps)), dtype=ps[0].dtype, device=ps[0].device)
                       for ps in self.buckets]
-        self.views = [[v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)]
+        self.views = [[v.view_as(p) for v, p in zip(flat[:sum(p.numel() for p in ps)].split([p.numel() for p in ps]), ps)]
                       for flat, ps in zip(self.flats, self.buckets)]
+
+    def _bucket_key(self, p: torch.nn.Parameter) -> tuple:
+        return p.dtype, p.device
+
+    def _flat_numel(self, numel: int) -> int:
+        """A bucket's buffer length for ``numel`` gradient elements (ZeRO-2 pads to a multiple of dp)."""
+        return numel
 
     def zero_grad(self) -> None:
         """Zero every bucket and make each parameter's ``.grad`` its view again (call between steps)."""
@@ -80,13 +82,21 @@ class OverlappedGradReducer:
         if self.counts[k] == self.n_micro:
             b = self.bucket_of[k]
             self.ready[b] += 1
-            if self.ready[b] == len(self.buckets[b]):
+            if self.ready[b] == len(self.buckets[b]) and b not in self.late:
                 self._launch(b)
                 self.launched_during_backward += 1
 
     def _launch(self, b: int) -> None:
         self._check_views(b)
-        self.inflight[b] = dist.all_reduce(self.flats[b], group=self.group, async_op=True)
+        self.inflight[b] = self._reduce(b)
+
+    def _reduce(self, b: int) -> dist.Work:
+        """Start bucket ``b``'s sum over the group (an all-reduce here; ZeRO-2 reduce-scatters)."""
+        return dist.all_reduce(self.flats[b], group=self.group, async_op=True)
+
+    def _averaged(self, b: int) -> torch.Tensor:
+        """The part of bucket ``b`` that holds the group's sum once its reduction is done."""
+        return self.flats[b]
 
     def _check_views(self, b: int) -> None:
         for p, v in zip(self.buckets[b], self.views[b]):
@@ -101,9 +111,19 @@ class OverlappedGradReducer:
         if self.size == 1:
             return
         for b in range(len(self.buckets)):  # in a fixed order, so leftovers line up across ranks
-            if b not in self.inflight:
+            if b not in self.inflight and b not in self.late:
                 self._launch(b)
+        self._wait()
+
+    def finish_late(self) -> None:
+        """The buckets that must follow the tp and tied-embedding sums: none for an all-reduce, which
+        commutes with them; ZeRO-2's reduce-scatter does not (engine/zero.py)."""
+        for b in sorted(self.late):
+            self._launch(b)
+        self._wait()
+
+    def _wait(self) -> None:
         for b, work in self.inflight.items():
             work.wait()
-            self.flats[b].div_(self.size)
+            self._averaged(b).div_(self.size)
         self._reset()

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.buckets import size_buckets
 from engine.checkpoint import Entry, held_lowest, optim_key
 from engine.mesh import Mesh
 from models.shard import ShardMeta, iter_params
@@ -106,21 +107,11 @@ class Optimizer:
     def _broadcast_buckets(self, bucket_bytes: int = BROADCAST_BUCKET_BYTES) -> list[tuple[int, list[nn.Parameter]]]:
         """ZeRO-1's parameter broadcasts grouped into (owner's global rank, parameters) buckets: one
         owner and one dtype per bucket, up to ``bucket_bytes`` each, in the same order on every dp rank."""
-        by_key: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
-        for r, o in zip(self.refs, self.owner_dp):
-            by_key.setdefault((o, r.param.dtype), []).append(r.param)
-        out = []
-        for (o, _), params in by_key.items():
-            src = dist.get_global_rank(self.mesh.dp_group, o)
-            bucket, size = [], 0
-            for p in params:
-                if bucket and size + p.numel() * p.element_size() > bucket_bytes:
-                    out.append((src, bucket))
-                    bucket, size = [], 0
-                bucket.append(p)
-                size += p.numel() * p.element_size()
-            out.append((src, bucket))
-        return out
+        buckets = size_buckets(zip(self.refs, self.owner_dp), key=lambda ro: (ro[1], ro[0].param.dtype),
+                               nbytes=lambda ro: ro[0].param.numel() * ro[0].param.element_size(),
+                               bucket_bytes=bucket_bytes)
+        return [(dist.get_global_rank(self.mesh.dp_group, owner), [r.param for r, _ in items])
+                for (owner, _), items in buckets]
 
     def step(self, lr: float) -> None:
         for g in self.inner.param_groups:

@@ -33,13 +33,15 @@ from engine.data.prepare import prepare_once
 from engine.data_parallel import OverlappedGradReducer
 from engine.hang import HangReporter
 from engine.mesh import Mesh, build_mesh, init_distributed
+from engine.memory import launch_report
 from engine.metrics import MetricsLog, PeakMemory, device_peak_flops
-from engine.optim import Optimizer, clip_grad_norm, lr_at, param_refs
+from engine.optim import clip_grad_norm, lr_at, param_refs
 from engine.profiling import StepProfiler
 from engine.pipeline import (PipelineRunner, StepActions, build_stage_chunks, build_step_actions, stage_layer_ranges,
                              sync_tied_grads)
 from engine.recompute import apply_recompute
 from engine.tensor_parallel import parallelize, sync_tp_grads, validate_tp
+from engine.zero import build_dp_optimizer, late_params
 from kernels.cross_entropy import check_target_ids
 from models import Llama, ModelConfig, init_weights
 
@@ -211,14 +213,16 @@ def build_chunks(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> list[nn.Module]:
 
 
 def build_executor(cfg: Config, mcfg: ModelConfig, mesh: Mesh, chunks, n_micro: int,
-                   step_actions: StepActions | None = None):
+                   step_actions: StepActions | None = None, dtype: torch.dtype = torch.float32):
     """The serial executor for pp=1, else a PipelineRunner over `step_actions` (the launch's proven
     lists, `build_step_actions`; required when pp > 1)."""
     if mesh.pp == 1:
         return SerialExecutor(chunks[0], n_micro)
     t_local = cfg.train.seq_len // mesh.tp if cfg.parallel.sequence_parallel else cfg.train.seq_len
-    return PipelineRunner(chunks, mesh, step_actions, hidden_shape=(cfg.parallel.micro_batch_size, t_local, mcfg.dim),
-                          dtype=torch.bfloat16 if cfg.parallel.p2p_dtype == "bf16" else torch.float32)
+    if cfg.parallel.p2p_dtype == "bf16":
+        dtype = torch.bfloat16
+    return PipelineRunner(chunks, mesh, step_actions,
+                          hidden_shape=(cfg.parallel.micro_batch_size, t_local, mcfg.dim), dtype=dtype)
 
 
 def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:
@@ -229,6 +233,7 @@ def sync_grads(chunks, mesh: Mesh, dp_reducer: OverlappedGradReducer) -> None:
         sync_tp_grads(chunks, mesh)
     if mesh.pp > 1:
         sync_tied_grads(chunks, mesh)
+    dp_reducer.finish_late()   # ZeRO-2: the buckets a reduce-scatter may only take after those sums
 
 
 def precision_warnings(precision: str, device: torch.device, mcfg: ModelConfig) -> list[str]:
@@ -326,12 +331,22 @@ class Trainer:
         if self.resume_from is not None and not cfg.train.eval_only:
             self._check_data_settings(self.source_manifest["train_state"])
         self.chunks = build_chunks(cfg, self.mcfg, mesh)
-        self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro, self.step_actions)
-        self.refs = param_refs(self.chunks)
-        self.dp_reducer = OverlappedGradReducer([r.param for r in self.refs], mesh.dp_group, self.n_micro)
+        # precision=bf16 with ZeRO-2: bf16 parameters (and pipeline messages); the fp32 master weights
+        # live only in the optimizer's dp slices (engine/zero.py)
+        bf16_params = cfg.precision == "bf16" and cfg.optim.zero == 2 and mesh.dp > 1
+        for chunk in self.chunks if bf16_params else ():
+            chunk.to(torch.bfloat16)
+        self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro, self.step_actions,
+                                       dtype=torch.bfloat16 if bf16_params else torch.float32)
         o = cfg.optim
-        self.optimizer = Optimizer(self.refs, mesh, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                   weight_decay=o.weight_decay, zero=o.zero)
+        self.refs = param_refs(self.chunks)
+        self.dp_reducer, self.optimizer = build_dp_optimizer(self.refs, self.chunks, mesh, self.n_micro, zero=o.zero,
+                                                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                                             weight_decay=o.weight_decay)
+        self.memory, report = launch_report(self.refs, self.chunks, mesh, zero=o.zero,
+                                            late=late_params(self.chunks, mesh) if o.zero == 2 else ())
+        if report is not None:
+            print(report, flush=True)
         self.phase = "setup"
         self.skipped_steps = 0
         self.log = MetricsLog(self.run_dir / "metrics.jsonl" if mesh.rank == 0 else None,
@@ -429,8 +444,12 @@ class Trainer:
         return self.phase
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _model_entries(self):
-        return [ckpt.Entry(ckpt.model_key(r.name), r.param, r.meta) for r in self.refs]
+    def _model_entries(self, *, saving: bool = False):
+        """The weights' entries; ZeRO-2 with bf16 parameters saves its fp32 master pieces instead of the
+        bf16 parameters, and loads both."""
+        master = self.optimizer.master_entries(saving=saving) if hasattr(self.optimizer, "master_entries") else []
+        params = [] if saving and master else [ckpt.Entry(ckpt.model_key(r.name), r.param, r.meta) for r in self.refs]
+        return params + master
 
     def save(self) -> Path:
         """Collective. With checkpoint.async_save this returns once the host copy is taken."""
@@ -442,7 +461,7 @@ class Trainer:
                  "data_weights": self.data.weights}
         self.phase = "checkpoint save"
         with torch.no_grad():
-            return self.saver.save(self.step, self._model_entries() + self.optimizer.state_entries(),
+            return self.saver.save(self.step, self._model_entries(saving=True) + self.optimizer.state_entries(),
                                    model_config=self.mcfg.to_dict(), layout=layout, train_state=state)
 
     def _restore(self, path: Path, manifest: dict, *, with_optimizer: bool) -> None:
@@ -507,7 +526,10 @@ class Trainer:
         self.phase = "gradient synchronization (dp all-reduce, tp and tied-embedding sums)"
         sync_grads(self.chunks, self.mesh, self.dp_reducer)
         self.phase = "gradient-norm all-reduce"
-        grad_norm = clip_grad_norm(self.refs, cfg.optim.clip_grad, self.mesh.device)
+        if getattr(self.optimizer, "sharded_grads", False):   # ZeRO-2: each rank holds its slice of the gradients
+            grad_norm = self.optimizer.clip_grad_norm(cfg.optim.clip_grad, self.mesh.device)
+        else:
+            grad_norm = clip_grad_norm(self.refs, cfg.optim.clip_grad, self.mesh.device)
         lr = lr_at(self.step, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                    min_lr_ratio=cfg.optim.min_lr_ratio)
         stop = stop_requested() if callable(stop_requested) else stop_requested

@@ -52,7 +52,8 @@ def build_stage_chunks(mcfg: ModelConfig, mesh: Mesh, *, layers_per_stage: Seque
                 for c in range(virtual_stages)]
 
 
-def _tied_copies(chunks: Sequence[nn.Module]) -> list[nn.Parameter]:
+def tied_copies(chunks: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """This rank's copies of the tied embedding (none, one, or both ends of the pipeline)."""
     return [c.tok_embeddings.weight for c in chunks if hasattr(c, "tok_embeddings")]
 
 
@@ -64,7 +65,7 @@ def sync_tied_grads(chunks: Sequence[nn.Module], mesh: Mesh) -> None:
     dp and tp coordinates); a no-op without tied embeddings or on the other ranks."""
     if not chunks or not chunks[0].cfg.tie_embeddings:
         return
-    copies = _tied_copies(chunks)
+    copies = tied_copies(chunks)
     for p in copies:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -10,16 +10,22 @@ from engine.tensor_parallel.plan import GradSync, TPShard, param_shard
 from models.shard import shard_meta
 
 
-def _to_sync(chunk: nn.Module):
-    """(parameter, its `TPShard`) for every parameter of ``chunk`` with a gradient the plan syncs."""
+def _to_sync(chunk: nn.Module, *, with_grad: bool = True):
+    """(parameter, its `TPShard`) for every parameter of ``chunk`` (with a gradient, by default)
+    whose gradient the plan syncs."""
     layout = chunk.tp_layout
     for name, p in chunk.named_parameters():
-        if p.grad is None:
+        if with_grad and p.grad is None:
             continue
         shard = param_shard(name, shard_meta(chunk, name).global_shape, chunk.cfg, layout.tp, layout.tp_rank,
                             sequence_parallel=layout.sequence_parallel)
         if shard.grad_sync is not None:
             yield p, shard
+
+
+def tp_synced_params(chunks: list[nn.Module]) -> list[nn.Parameter]:
+    """The parameters whose gradients `sync_tp_grads` sums over tp."""
+    return [p for c in chunks for p, _ in _to_sync(c, with_grad=False)]
 
 
 def sync_tp_grads(chunks: list[nn.Module], mesh: Mesh) -> None:

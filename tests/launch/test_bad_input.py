@@ -41,6 +41,7 @@ TRAIN_ROWS = [
     ("stop_at<0", ["train.stop_at=-1"], "train.stop_at=-1"),
     ("resume+load", ["checkpoint.resume=auto", "checkpoint.load={tmp}"], "checkpoint.load="),
     ("lr<0", ["optim.lr=-0.1"], "optim.lr=-0.1"),
+    ("zero=3", ["optim.zero=3"], "optim.zero=3 is not one of 0, 1, 2"),
     ("timeout_s=0", ["parallel.timeout_s=0"], "parallel.timeout_s=0"),
     ("unwritable run_dir", ["run_dir={tmp}/a_file/run"], "run_dir="),
     ("data.dir is a file", ["data.dir={tmp}/a_file"], "data.dir="),

@@ -9,7 +9,7 @@
   collective or p2p op must be on the mesh's device — a host tensor (``.cpu()``, or a tensor made
   without ``device=``) is refused, as NCCL would refuse it. This covers the TP mappings, the
   vocab-parallel loss, pipeline p2p, the tied-embedding exchange, the DP reducer, the gradient
-  norm, the loss reduce and the ZeRO broadcast in one go.
+  norm, the loss reduce, the ZeRO-1 broadcast and ZeRO-2's reduce-scatter and all-gather in one go.
 """
 import dataclasses
 import re
@@ -95,6 +95,7 @@ LAYOUTS = {
                                   "train.global_batch_size=16"],
     "tp2_dp2_zero1_recompute": ["parallel.tp=2", "parallel.dp=2", "optim.zero=1", "parallel.recompute=selective"],
     "dp4_tied": ["parallel.dp=4", "model.tie_embeddings=true"],
+    "pp2_dp2_zero2_tied": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true"],
 }
 
 
@@ -148,6 +149,8 @@ def test_every_communicated_tensor_is_on_the_mesh_device(meta_world, layout):
             assert calls.get("batch_isend_irecv", 0) > 0, calls
         if "zero1" in layout:
             assert calls.get("broadcast", 0) > 0, calls
+        if "zero2" in layout:   # the gradient reduce-scatter and the parameter all-gather, on the device
+            assert calls.get("reduce_scatter_single", 0) > 0 and calls.get("all_gather_single", 0) > 0, calls
         if "_sp_" in layout:
             assert calls.get("all_gather_single", 0) > 0 and calls.get("reduce_scatter_single", 0) > 0, calls
 

@@ -42,12 +42,14 @@ def test_serial_step_reads_the_host_once(data_dir, tmp_path):
 
 LAYOUTS = {"pp2-1f1b": ["parallel.pp=2", "parallel.schedule=1f1b"],
            "pp2-zb_h1": ["parallel.pp=2", "parallel.schedule=zb_h1"],
-           "dp2-zero1": ["parallel.dp=2", "optim.zero=1"]}
+           "dp2-zero1": ["parallel.dp=2", "optim.zero=1"],
+           "dp2-zero2": ["parallel.dp=2", "optim.zero=2"]}
 
 
 def test_two_rank_steps_read_the_host_once_per_rank(data_dir, tmp_path):
     """pp=2 under 1F1B and zero-bubble (deferred weight gradients), dp=2 with ZeRO-1 (overlapped
-    gradient all-reduce, bucketed parameter broadcasts); one spawned world runs the three."""
+    gradient all-reduce, bucketed parameter broadcasts) and ZeRO-2 (overlapped reduce-scatter, norm
+    over the slices, in-place all-gather); one spawned world runs the four."""
     runs = {name: _overrides(data_dir, tmp_path / name, *layout) for name, layout in LAYOUTS.items()}
     results = run_distributed(host_reads_per_step, 2, (runs, 1))
     for rank, by_run in enumerate(results):
