@@ -48,7 +48,7 @@ def read_full(path) -> dict[str, torch.Tensor]:
     return full
 
 
-def assert_checkpoints_match(path, reference, rel: float = 1e-3):
+def assert_checkpoints_match(path, reference, rel: float = 1e-4):
     """Every weight and AdamW moment of the checkpoint at ``path`` against ``reference``'s, each
     within ``rel`` of the tensor's largest value. Measured for tp2 × dp2 after 10 steps: 6.6e-6 on
     weights of up to 1.0, 1.8e-8 on first moments, 7e-10 on second moments (tp's other summation
