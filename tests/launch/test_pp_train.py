@@ -21,6 +21,7 @@ def serial(serial_run):
 SCHEDULE_RUNS = {
     "gpipe": ["parallel.schedule=gpipe", "parallel.layers_per_stage=[3,1]"],
     "1f1b": ["parallel.schedule=1f1b"],
+    "1f1b+recompute": ["parallel.schedule=1f1b", "parallel.recompute=full"],
     "zb_h1": ["parallel.schedule=zb_h1"],
     "zb_h1+recompute": ["parallel.schedule=zb_h1", "parallel.recompute=full"],
     "interleaved_1f1b": ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
@@ -46,9 +47,12 @@ def test_pp2_training_matches_serial_for_every_schedule(data_dir, tmp_path, seri
 
 
 def test_pp2_dp2_zero_bubble_matches_serial(data_dir, tmp_path, serial):
-    """pp × dp: zb_h1's deferred weight gradients reach the data-parallel average (ZeRO-1 on)."""
+    """pp × dp: zb_h1's deferred weight gradients reach the data-parallel average (ZeRO-1 on), with
+    full recompute (the recomputed forward feeds both the input and the deferred weight gradients).
+    This launch also stands for test_3d's former pp2×dp2 zero=1 recompute=full layout."""
     torchrun(4, [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
-                 "parallel.pp=2", "parallel.dp=2", "parallel.schedule=zb_h1", "optim.zero=1"])
+                 "parallel.pp=2", "parallel.dp=2", "parallel.schedule=zb_h1", "optim.zero=1",
+                 "parallel.recompute=full"])
     assert_runs_match(read_metrics(tmp_path), serial)
 
 
