@@ -22,7 +22,7 @@ def serial(serial_run):
 
 SCHEDULE_RUNS = {
     "gpipe": ["parallel.schedule=gpipe", "parallel.layers_per_stage=[3,1]"],
-    "1f1b": ["parallel.schedule=1f1b"],
+    "1f1b": ["parallel.schedule=1f1b", "checkpoint.interval=5"],   # step 5 is test_checkpoint_from_pp2...'s source
     "1f1b+recompute": ["parallel.schedule=1f1b", "parallel.recompute=full"],
     "zb_h1": ["parallel.schedule=zb_h1"],
     "zb_h1+recompute": ["parallel.schedule=zb_h1", "parallel.recompute=full"],
@@ -67,15 +67,15 @@ def test_pp2_dp2_zero_bubble_matches_serial(data_dir, tmp_path, serial):
     assert_runs_match(read_metrics(tmp_path), serial)
 
 
-def test_checkpoint_from_pp2_resumes_at_pp1_and_pp4(data_dir, tmp_path, serial):
-    """Stop a pp=2 run at step 5 (it saves), then finish the remaining steps at pp=1 and at pp=4:
-    both continue the serial loss curve."""
+def test_checkpoint_from_pp2_resumes_at_pp1_and_pp4(pp2_world, data_dir, tmp_path, serial):
+    """The pp=2 1F1B run of the schedule world saves at step 5; from that checkpoint alone, finish the
+    remaining steps at pp=1 (in process) and at pp=4 (torchrun): both continue the serial loss curve.
+    (The pp=2 writer used to be a torchrun launch of its own stopped at step 5 by train.stop_at; the
+    world's run is the same trainer on the same config and matches serial over all ten steps.)"""
+    tmp, _ = pp2_world
     common = [*SMALL_PP, f"data.dir={data_dir}", f"train.max_steps={STEPS}"]
-    first = tmp_path / "pp2"
-    torchrun(2, [*common, f"run_dir={first}", "parallel.pp=2", "train.stop_at=5"])
-    assert_runs_match(read_metrics(first), serial[:5])
     for pp, run in ((1, tmp_path / "pp1"), (4, tmp_path / "pp4")):
-        shutil.copytree(first / "checkpoints", run / "checkpoints")
+        shutil.copytree(tmp / "1f1b" / "checkpoints" / "step_000005", run / "checkpoints" / "step_000005")
         args = [*common, f"run_dir={run}", "checkpoint.resume=auto"]
         if pp == 1:
             records = train_in_process(args)
