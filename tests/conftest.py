@@ -14,6 +14,13 @@ from tests.support.launch import train_in_process
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread in the pytest process, as every spawned rank (tests/support/distributed.py) and
+# torchrun worker (OMP_NUM_THREADS=1) already has. The test models are tiny: a second OpenMP thread
+# only spins. Measured (2-core CPU, torch 2.13, a 10-step serial run of SMALL_MODEL in process): 6 s of
+# CPU with one thread against 22-27 s with two, and 4x the wall time when other processes share the
+# cores. It also makes the serial references run like the launch workers they are compared with.
+torch.set_num_threads(1)
+
 TEST_VOCAB = 512
 
 

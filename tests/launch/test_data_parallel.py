@@ -34,13 +34,6 @@ def test_dp2_matches_serial(data_dir, tmp_path, serial, extra):
                        else {"rank_00000.safetensors"})
 
 
-def test_batch_not_divisible_by_micro_times_dp(data_dir, tmp_path):
-    proc = torchrun(2, [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", "train.global_batch_size=6",
-                        "parallel.micro_batch_size=2"], check=False)
-    assert proc.returncode != 0
-    assert "global_batch_size=6 is not divisible by parallel.micro_batch_size=2 × dp=2" in proc.stdout + proc.stderr
-
-
 def test_sigterm_on_one_rank_saves_and_exits_zero_then_resume_is_exact(data_dir, tmp_path):
     run = tmp_path / "run"
     base = [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=100000", "parallel.dp=2"]

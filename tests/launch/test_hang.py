@@ -5,6 +5,12 @@ import signal
 
 from tests.support.launch import SMALL_MODEL, start_torchrun
 
+# The waiting ranks' timeout. The test pays it about twice per launch: once until rank 0 reports, and
+# often again in the teardown (the frozen rank, continued, sits in its own collective until its timeout).
+# It also bounds every wait before the freeze (the process group's rendezvous, the first steps), so it
+# must outlast the skew between two ranks starting on a loaded 2-core machine: 5 s, not less.
+TIMEOUT_S = 5
+
 
 def _rank_of(pid: int) -> int:
     env = dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
@@ -30,7 +36,7 @@ def _launch_and_freeze_one_rank(run, overrides, nproc):
 def test_hung_rank_times_out_names_its_wait_and_exits_nonzero(data_dir, tmp_path):
     code, out = _launch_and_freeze_one_rank(
         tmp_path, [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=100000", "parallel.dp=2",
-                   "parallel.timeout_s=8"], nproc=2)
+                   f"parallel.timeout_s={TIMEOUT_S}"], nproc=2)
     assert code != 0, out[-3000:]
     line = next(l for l in out.splitlines() if "failed in step" in l)
     assert "rank 0 (pp 0, dp 0, tp 0)" in line and "while waiting on" in line and "Timed out" in line, line
@@ -45,7 +51,7 @@ def test_hung_pipeline_stage_names_the_schedule_action(data_dir, tmp_path):
         code, out = _launch_and_freeze_one_rank(
             tmp_path / str(attempt), [*SMALL_MODEL, f"data.dir={data_dir}", "train.max_steps=100000",
                                       "parallel.pp=2", "train.global_batch_size=16", "parallel.micro_batch_size=1",
-                                      "parallel.timeout_s=8"], nproc=2)
+                                      f"parallel.timeout_s={TIMEOUT_S}"], nproc=2)
         assert code != 0, out[-3000:]
         line = next(l for l in out.splitlines() if "failed in step" in l)
         assert "rank 0 (pp 0, dp 0, tp 0)" in line and "Timed out" in line, line

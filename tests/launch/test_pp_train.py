@@ -1,5 +1,6 @@
 """The training launch with pipeline parallelism: per-step losses equal the serial run's, a
-checkpoint written at pp=2 resumes at pp=1 and pp=4, and bad pipeline configs fail before work."""
+checkpoint written at pp=2 resumes at pp=1 and pp=4, and bad multi-rank configs (a pipeline
+schedule, a batch the data-parallel ranks cannot split) fail before work."""
 import json
 import shutil
 
@@ -7,6 +8,7 @@ import pytest
 
 from tests.support.distributed import run_distributed
 from tests.support.launch import SMALL_MODEL, assert_runs_match, read_metrics, torchrun, train_in_process
+from tests.support.trainer_world import refuse_then_train
 
 STEPS = 10
 # global batch 8 / micro-batch 2 = 4 micro-batches per step
@@ -21,47 +23,60 @@ def serial(serial_run):
 
 SCHEDULE_RUNS = {
     "gpipe": ["parallel.schedule=gpipe", "parallel.layers_per_stage=[3,1]"],
-    "1f1b": ["parallel.schedule=1f1b"],
+    "1f1b": ["parallel.schedule=1f1b", "checkpoint.interval=5"],   # step 5 is test_checkpoint_from_pp2...'s source
+    "1f1b+recompute": ["parallel.schedule=1f1b", "parallel.recompute=full"],
     "zb_h1": ["parallel.schedule=zb_h1"],
     "zb_h1+recompute": ["parallel.schedule=zb_h1", "parallel.recompute=full"],
     "interleaved_1f1b": ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
 }
 
 
-def _train_each(rank, world, runs):
-    """The real trainer (engine.trainer.main on a composed config) once per schedule, in one world."""
-    from engine.trainer import main
-    from tests.support.launch import compose
-
-    return {name: main(compose(overrides)) for name, overrides in runs.items()}
-
-
-def test_pp2_training_matches_serial_for_every_schedule(data_dir, tmp_path, serial):
-    runs = {name: [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp_path / name}", f"train.max_steps={STEPS}",
+@pytest.fixture(scope="module")
+def pp2_world(data_dir, tmp_path_factory):
+    """One gloo world of two ranks (the real trainer through the entry point's error path): the
+    configs refused before any work, then every schedule at pp=2. The refusals need a world of two
+    (the mesh sizes come from it); a torchrun launch of each would pay ~9 s of startup.
+    test_tp_train's ffn refusal keeps a real torchrun launch, so the CLI's report under torchrun is
+    still checked."""
+    tmp = tmp_path_factory.mktemp("pp2_world")
+    refused = {
+        "schedule": [*SMALL_PP, f"data.dir={tmp / 'never_prepared'}", f"run_dir={tmp / 'schedule'}",
+                     "parallel.pp=2", "parallel.schedule=pipedream"],
+        "batch": [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp / 'batch'}", "train.global_batch_size=6",
+                  "parallel.micro_batch_size=2"],   # dp=2: the world of two, pp=tp=1
+    }
+    runs = {name: [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp / name}", f"train.max_steps={STEPS}",
                    "parallel.pp=2", *extra] for name, extra in SCHEDULE_RUNS.items()}
-    results = run_distributed(_train_each, world_size=2, args=(runs,))
+    return tmp, run_distributed(refuse_then_train, world_size=2, args=(refused, runs))
+
+
+def test_pp2_training_matches_serial_for_every_schedule(pp2_world, serial):
+    tmp, results = pp2_world
     for name in SCHEDULE_RUNS:
-        for rank_records in results:   # every rank returns the global loss and norm; rank 0 logs them
-            assert_runs_match(rank_records[name], serial)
-        assert_runs_match(read_metrics(tmp_path / name), serial)
+        for rank_out in results:   # every rank returns the global loss and norm; rank 0 logs them
+            assert_runs_match(rank_out["runs"][name], serial)
+        assert_runs_match(read_metrics(tmp / name), serial)
 
 
 def test_pp2_dp2_zero_bubble_matches_serial(data_dir, tmp_path, serial):
-    """pp × dp: zb_h1's deferred weight gradients reach the data-parallel average (ZeRO-1 on)."""
+    """pp × dp: zb_h1's deferred weight gradients reach the data-parallel average (ZeRO-1 on), with
+    full recompute (the recomputed forward feeds both the input and the deferred weight gradients).
+    This launch also stands for test_3d's former pp2×dp2 zero=1 recompute=full layout."""
     torchrun(4, [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
-                 "parallel.pp=2", "parallel.dp=2", "parallel.schedule=zb_h1", "optim.zero=1"])
+                 "parallel.pp=2", "parallel.dp=2", "parallel.schedule=zb_h1", "optim.zero=1",
+                 "parallel.recompute=full"])
     assert_runs_match(read_metrics(tmp_path), serial)
 
 
-def test_checkpoint_from_pp2_resumes_at_pp1_and_pp4(data_dir, tmp_path, serial):
-    """Stop a pp=2 run at step 5 (it saves), then finish the remaining steps at pp=1 and at pp=4:
-    both continue the serial loss curve."""
+def test_checkpoint_from_pp2_resumes_at_pp1_and_pp4(pp2_world, data_dir, tmp_path, serial):
+    """The pp=2 1F1B run of the schedule world saves at step 5; from that checkpoint alone, finish the
+    remaining steps at pp=1 (in process) and at pp=4 (torchrun): both continue the serial loss curve.
+    (The pp=2 writer used to be a torchrun launch of its own stopped at step 5 by train.stop_at; the
+    world's run is the same trainer on the same config and matches serial over all ten steps.)"""
+    tmp, _ = pp2_world
     common = [*SMALL_PP, f"data.dir={data_dir}", f"train.max_steps={STEPS}"]
-    first = tmp_path / "pp2"
-    torchrun(2, [*common, f"run_dir={first}", "parallel.pp=2", "train.stop_at=5"])
-    assert_runs_match(read_metrics(first), serial[:5])
     for pp, run in ((1, tmp_path / "pp1"), (4, tmp_path / "pp4")):
-        shutil.copytree(first / "checkpoints", run / "checkpoints")
+        shutil.copytree(tmp / "1f1b" / "checkpoints" / "step_000005", run / "checkpoints" / "step_000005")
         args = [*common, f"run_dir={run}", "checkpoint.resume=auto"]
         if pp == 1:
             records = train_in_process(args)
@@ -71,13 +86,23 @@ def test_checkpoint_from_pp2_resumes_at_pp1_and_pp4(data_dir, tmp_path, serial):
         assert_runs_match(records, serial[5:])
 
 
-def test_bad_pipeline_config_fails_before_work(data_dir, tmp_path):
-    proc = torchrun(2, [*SMALL_PP, f"data.dir={tmp_path / 'never_prepared'}", f"run_dir={tmp_path}",
-                        "parallel.pp=2", "parallel.schedule=pipedream"], check=False)
-    assert proc.returncode != 0
-    assert "unknown pipeline schedule 'pipedream'; known schedules: gpipe, 1f1b" in proc.stdout + proc.stderr
-    assert not (tmp_path / "never_prepared").exists() and not (tmp_path / "metrics.jsonl").exists()
+def test_bad_pipeline_config_fails_before_work(pp2_world):
+    tmp, results = pp2_world
+    for rank_out in results:
+        res = rank_out["refused"]["schedule"]
+        assert res["code"] == 2, res
+        assert "unknown pipeline schedule 'pipedream'; known schedules: gpipe, 1f1b" in res["stderr"], res
+    assert not (tmp / "never_prepared").exists() and not (tmp / "schedule" / "metrics.jsonl").exists()
 
+
+def test_batch_not_divisible_by_micro_times_dp(pp2_world):
+    """(Moved from test_data_parallel, where it was a torchrun launch of its own.)"""
+    tmp, results = pp2_world
+    for rank_out in results:
+        res = rank_out["refused"]["batch"]
+        assert res["code"] == 2, res
+        assert "global_batch_size=6 is not divisible by parallel.micro_batch_size=2 × dp=2" in res["stderr"], res
+    assert not (tmp / "batch" / "metrics.jsonl").exists()
 
 
 # parallel.p2p_dtype=bf16 under precision=bf16. The residual stream a stage hands on is float32 under

@@ -45,8 +45,20 @@ def _layer_rules(rank, world):
     return len(works), float(buf[0]), refused
 
 
-def test_layer_coalesces_p2p_and_refuses_what_nccl_refuses():
-    for rank, (n_works, received, refused) in enumerate(run_distributed(_layer_rules, world_size=2)):
+def _layer_rules_then_pipeline_step(rank, world):
+    """The layer's rules, then the fixed runtime's pp=2 step, in one world: the refused calls never
+    reach gloo and the p2p batch completes, so the group is clean for the step (a world of its own
+    would cost another two processes' start)."""
+    return _layer_rules(rank, world), _pipeline_step(rank, world, False)
+
+
+@pytest.fixture(scope="module")
+def contract_world():
+    return run_distributed(_layer_rules_then_pipeline_step, world_size=2)
+
+
+def test_layer_coalesces_p2p_and_refuses_what_nccl_refuses(contract_world):
+    for rank, ((n_works, received, refused), _) in enumerate(contract_world):
         assert n_works == 1                       # gloo alone returns 2
         assert received == float(1 - rank)
         assert len(refused) == 2
@@ -78,10 +90,10 @@ def _pipeline_step(rank, world, pair_works_with_ops):
     return None if loss is None else float(loss)
 
 
-def test_runtime_before_the_fix_fails_under_the_contract_and_passes_after():
+def test_runtime_before_the_fix_fails_under_the_contract_and_passes_after(contract_world):
     broken = run_distributed(_pipeline_step, world_size=2, args=(True,))
     assert any(r is not None and re.match(r"KeyError: Action\('\d+R[FB]\d+'\)", r) for r in broken), broken
-    fixed = run_distributed(_pipeline_step, world_size=2, args=(False,))
+    fixed = [step for _, step in contract_world]
     assert fixed[0] is None and 3 < fixed[1] < 6, fixed
 
 
@@ -97,25 +109,33 @@ LAYOUTS = {
     "dp4_tied": ["parallel.dp=4", "model.tie_embeddings=true"],
     "pp2_dp2_zero2_tied": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true"],
 }
+# run after LAYOUTS, with the gradient norm summed on the host as before the fix
+HOST_NORM_LAYOUTS = {"dp4_host_norm": ["parallel.dp=4"]}
 
 
-def _meta_steps(rank, world, data_dir, run_root, layouts, old_grad_norm):
+def _meta_steps(rank, world, data_dir, run_root, layouts, host_norm_layouts=None):
+    """One step of each of ``layouts`` on the meta device; then, with the gradient norm as it was before
+    the fix (summed in a host tensor, then all-reduced), one step of each of ``host_norm_layouts``."""
     import engine.trainer as trainer_mod
     from tests.support.launch import compose
     from tests.support.nccl_contract import ContractViolation, install
 
     build = trainer_mod.build_mesh
     trainer_mod.build_mesh = lambda **kw: dataclasses.replace(build(**kw), device=torch.device("meta"))
-    if old_grad_norm:  # the gradient norm as it was: summed in a host tensor, then all-reduced
-        def clip_on_host(refs, max_norm, device):
-            import torch.distributed as dist
 
-            total = torch.zeros((), dtype=torch.float64)
-            dist.all_reduce(total)
-            return total
-        trainer_mod.clip_grad_norm = clip_on_host
+    def clip_on_host(refs, max_norm, device):
+        import torch.distributed as dist
+
+        total = torch.zeros((), dtype=torch.float64)
+        dist.all_reduce(total)
+        return total
+
     out = {}
-    for name, overrides in layouts.items():
+    runs = [(name, overrides, False) for name, overrides in layouts.items()]
+    runs += [(name, overrides, True) for name, overrides in (host_norm_layouts or {}).items()]
+    for name, overrides, old_grad_norm in runs:
+        if old_grad_norm:
+            trainer_mod.clip_grad_norm = clip_on_host
         trainer = trainer_mod.Trainer(compose([*SMALL_MODEL, *overrides, f"data.dir={data_dir}",
                                                f"run_dir={run_root}/{name}"]))
         contract = install("meta", dry=True)
@@ -134,8 +154,8 @@ def _meta_steps(rank, world, data_dir, run_root, layouts, old_grad_norm):
 @pytest.fixture(scope="module")
 def meta_world(data_dir, tmp_path_factory):
     run_root = tmp_path_factory.mktemp("meta")
-    return run_distributed(_meta_steps, world_size=4, args=(str(data_dir), str(run_root), LAYOUTS, False),
-                           nccl_contract=False)
+    return run_distributed(_meta_steps, world_size=4,
+                           args=(str(data_dir), str(run_root), LAYOUTS, HOST_NORM_LAYOUTS), nccl_contract=False)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -155,12 +175,11 @@ def test_every_communicated_tensor_is_on_the_mesh_device(meta_world, layout):
             assert calls.get("all_gather_single", 0) > 0 and calls.get("reduce_scatter_single", 0) > 0, calls
 
 
-def test_a_gradient_norm_summed_on_the_host_is_refused(data_dir, tmp_path):
-    """The check catches the bug it is for: the old clip_grad_norm's host tensor."""
-    layouts = {"dp2": ["parallel.dp=2"]}
-    for results in run_distributed(_meta_steps, world_size=2, args=(str(data_dir), str(tmp_path), layouts, True),
-                                   nccl_contract=False):
-        (violation,) = results["dp2"]["violations"]
+def test_a_gradient_norm_summed_on_the_host_is_refused(meta_world):
+    """The check catches the bug it is for: the old clip_grad_norm's host tensor. (It ran in a 2-rank
+    world of its own, at dp=2; it now runs last in the meta world, at dp=4.)"""
+    for results in meta_world:
+        (violation,) = results["dp4_host_norm"]["violations"]
         assert violation.startswith("all_reduce: tensor argument 0 is on cpu, not on the process's meta device")
 
 

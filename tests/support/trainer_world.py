@@ -68,3 +68,24 @@ def run_trainers_reporting_errors(rank, world, runs: dict[str, list[str]]) -> di
         except Exception as e:  # noqa: BLE001 - reported to the test
             out[name] = f"{type(e).__name__}: {e}"
     return out
+
+
+def refuse_then_train(rank, world, refused: dict[str, list[str]], runs: dict[str, list[str]]) -> dict:
+    """Each of ``refused`` through the entry point's error path (`engine.cli.run_cli` around the real
+    trainer on a composed config, as scripts/train.py runs it under torchrun): its exit code and what
+    it printed to stderr; then `run_trainers` on ``runs`` in the same world. A config refused before any
+    work leaves the process group usable, so one world serves both (each torchrun launch costs ~9 s)."""
+    import contextlib
+    import io
+
+    from engine.cli import run_cli
+    from engine.trainer import main
+    from tests.support.launch import compose
+
+    out = {}
+    for name, overrides in refused.items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = run_cli(lambda o=overrides: main(compose(o)))
+        out[name] = {"code": code, "stderr": err.getvalue()}
+    return {"refused": out, "runs": run_trainers(rank, world, runs)}
