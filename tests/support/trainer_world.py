@@ -52,3 +52,31 @@ def run_trainers_recording_p2p_dtypes(rank, world, runs: dict[str, list[str]]) -
     finally:
         runtime.post_p2p = real
     return out
+
+
+def run_compiled_trainers(rank, world, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """As `run_trainers` for ``train.compile=true`` runs, plus what Dynamo counted during each: graph
+    breaks (must be 0: blocks compile with fullgraph), graphs compiled, and whether each block of each
+    chunk really is compiled."""
+    import torch._dynamo
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from engine.trainer import Trainer
+    from tests.support.launch import compose
+
+    out = {}
+    for name, overrides in runs.items():
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = Trainer(compose(overrides))
+        try:
+            records = trainer.run()
+        finally:
+            trainer.close()
+        dist.barrier()
+        out[name] = {"records": records, "graph_breaks": sum(counters["graph_break"].values()),
+                     "graphs": counters["stats"]["unique_graphs"],
+                     "blocks_compiled": [b._compiled_call_impl is not None for c in trainer.chunks
+                                         for b in c.layers.values()]}
+    return out
