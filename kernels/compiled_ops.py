@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels import rms_norm as _rms
-from kernels import rotary as _rot
-from kernels import swiglu as _swi
+import kernels.rms_norm as _rms
+import kernels.rotary as _rot
+import kernels.swiglu as _swi
 from kernels._triton import as_rows
 
 # -- RMSNorm (optionally fused with the residual add) -------------------------------------------

@@ -5,10 +5,10 @@ it, so the two form no circle. Inside a compiled block (``train.compile``) the b
 through `kernels.compiled_ops`, the same launchers as custom ops the compiler does not trace into."""
 import torch
 
-from kernels import compiled_ops
-from kernels import rms_norm as _rms_norm
-from kernels import rotary as _rotary
-from kernels import swiglu as _swiglu
+import kernels.compiled_ops as compiled_ops
+import kernels.rms_norm as _rms_norm
+import kernels.rotary as _rotary
+import kernels.swiglu as _swiglu
 from kernels.cross_entropy import cross_entropy
 
 
