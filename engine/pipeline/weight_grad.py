@@ -63,7 +63,9 @@ class WeightGradStore:
 
     def register(self, weight: nn.Parameter) -> None:
         """Make ``weight`` findable by the compiled path's backward op (`deferred_linear_grad_input`)."""
-        _DEFERRED[weight.data_ptr()] = (weakref.ref(weight), self)
+        for key in [k for k, (w, st) in _DEFERRED.items() if w() is None or st() is None]:
+            del _DEFERRED[key]   # a finished run's weights and stores
+        _DEFERRED[weight.data_ptr()] = (weakref.ref(weight), weakref.ref(self))
 
     def settle(self, weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
         """A backward's (input, output-gradient) for ``weight``: stashed while an I runs, else summed now."""
@@ -113,7 +115,7 @@ class _DeferredWeightGrad(torch.autograd.Function):
 # during I, as above); the backward op finds the Parameter and its store by the weight's storage
 # (`WeightGradStore.register`): custom ops take tensors, not Python objects, and a per-layer
 # constant would make every block a separate compile.
-_DEFERRED: dict[int, tuple[weakref.ref, WeightGradStore]] = {}
+_DEFERRED: dict[int, tuple[weakref.ref, weakref.ref]] = {}   # weight storage -> (Parameter, its store)
 
 
 @torch.library.custom_op("tandem::deferred_linear", mutates_args=())
@@ -129,9 +131,13 @@ def _(x, weight):
 
 @torch.library.custom_op("tandem::deferred_linear_grad_input", mutates_args=())
 def deferred_linear_grad_input(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    ref, store = _DEFERRED[weight.data_ptr()]
+    param, store = (r() for r in _DEFERRED.get(weight.data_ptr(), (lambda: None, lambda: None)))
+    if param is None or store is None:
+        raise RuntimeError("a compiled block's deferred matmul has a weight that no live WeightGradStore registered "
+                           "(was its storage replaced after enable_weight_grad_deferral?); register it again with "
+                           "WeightGradStore.register, or run without train.compile")
     # copies: the compiler may reuse the buffers of tensors it considers dead after this op
-    store.settle(ref(), x.detach().clone(), grad.detach().clone())
+    store.settle(param, x.detach().clone(), grad.detach().clone())
     return grad.matmul(weight.to(grad.dtype))
 
 
