@@ -12,7 +12,7 @@ from tests.support.launch import SMALL_MODEL, assert_runs_match
 from tests.support.trainer_world import run_compiled_trainers
 
 STEPS = 10
-MODEL = [*SMALL_MODEL, "kernels=torch"]
+MODEL = SMALL_MODEL   # kernels=auto: torch on a CPU; the reference is shared with tests/launch/test_data_parallel.py
 COMPILE = ["train.compile=true", "train.compile_backend=aot_eager", f"train.max_steps={STEPS}"]
 LAYOUTS = {
     2: {"tp2-sp-full": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.recompute=full"],

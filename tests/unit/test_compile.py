@@ -23,7 +23,7 @@ def _run_in_process(runs):
 
 def test_serial_inductor_matches_eager_over_10_steps(data_dir, tmp_path, serial_run):
     """Inductor-compiled blocks against the eager serial run (the session's shared reference)."""
-    model = [*SMALL_MODEL, "kernels=torch"]
+    model = SMALL_MODEL   # the eager reference is shared with tests/launch/test_data_parallel.py
     eager = serial_run(model, STEPS)
     out = _run_in_process({"inductor": [*model, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
                                         "train.compile=true", "train.compile_backend=inductor"]})["inductor"]
