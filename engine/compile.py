@@ -16,7 +16,8 @@ loss stay eager. What a block contains is traced as one graph:
   (`kernels.compiled_ops`), so the compiler calls them instead of tracing into them.
 
 The rotary tables are built before the first compiled call (`warm_rope`): a table built inside a
-block would be a Python side effect in the graph. See docs/operations.md for the measured cost.
+block would be a Python side effect in the graph. docs/parallelism.md ("Compiled blocks") has the known
+limits, docs/benchmarks.md the measured speed.
 """
 from __future__ import annotations
 
