@@ -15,6 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from engine.compile import BACKENDS as COMPILE_BACKENDS
 from engine.pipeline.generators import SCHEDULES, check_schedule_name
 from models.config import ModelConfig
 from models.llama import RECOMPUTE_MODES
@@ -55,6 +56,8 @@ class TrainSchema:
     stop_at: Optional[int] = None  # stop (saving a checkpoint) at this step; the schedule still spans max_steps
     max_skipped_steps: int = 5  # consecutive non-finite steps (update skipped) before the run stops with an error
     check_targets: bool = False  # debug: check each step's targets on the device (one extra host read per step)
+    compile: bool = False  # torch.compile each transformer block (engine/compile.py)
+    compile_backend: str = "inductor"  # inductor | aot_eager (traced, no code generation: fast to compile)
 
 
 @dataclass
@@ -225,6 +228,8 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
                    ("parallel.virtual_stages", p.virtual_stages)):
         _need(v >= 1, f"{key}={v} must be at least 1")
     _need(isinstance(t.check_targets, bool), f"train.check_targets={t.check_targets!r} must be true or false")
+    _need(t.compile_backend in COMPILE_BACKENDS,
+          f"train.compile_backend={t.compile_backend!r} is not one of {', '.join(COMPILE_BACKENDS)}")
     _need(p.dp is None or p.dp >= 1, f"parallel.dp={p.dp} must be at least 1 (or unset: world / (tp × pp))")
     _need(t.global_batch_size % p.micro_batch_size == 0,
           f"train.global_batch_size={t.global_batch_size} is not divisible by parallel.micro_batch_size="

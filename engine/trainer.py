@@ -26,6 +26,7 @@ from tqdm import tqdm
 from engine import checkpoint as ckpt
 from engine import run_dir as rundir
 from engine.checkpoint_saver import Checkpointer
+from engine.compile import compile_blocks, compiler_problem
 from engine.config import Config, ConfigError, validate
 from engine.data import DataError, DataMix, open_sources
 from engine.data.device import local_batch
@@ -209,6 +210,8 @@ def build_chunks(cfg: Config, mcfg: ModelConfig, mesh: Mesh) -> list[nn.Module]:
     for c in chunks:
         init_weights(c, seed=cfg.train.seed, n_layers=mcfg.n_layers, device=mesh.device)
         apply_recompute(c, p.recompute)
+        if cfg.train.compile:   # lazily: the first call traces, after the pipeline has set up its state
+            compile_blocks(c, backend=cfg.train.compile_backend, seq_len=cfg.train.seq_len, device=mesh.device)
     return chunks
 
 
@@ -309,6 +312,8 @@ class Trainer:
         if cfg.train.seq_len > self.mcfg.max_seq_len:
             raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={self.mcfg.max_seq_len}")
         try:  # before any data or model work: a shape the mesh cannot split is a launch error
+            if cfg.train.compile and (problem := compiler_problem(cfg.train.compile_backend, mesh.device)):
+                raise ConfigError(problem)
             if mesh.tp > 1:
                 validate_tp(self.mcfg, mesh.tp, seq_len=cfg.train.seq_len, sequence_parallel=p.sequence_parallel)
             self.step_actions = None

@@ -1,14 +1,18 @@
-"""Tokens/s of Tandem's training step against a minimal plain-PyTorch loop, in one run.
+"""Tokens/s of Tandem's training step, eager and compiled, against a minimal plain-PyTorch loop, in one run.
 
     python scripts/bench_train.py [--model tiny] [--steps 30] [--batch 16] [--micro 8] [--seq 128]
+                                  [--compile-backend inductor] [--no-compile]
 
-Both loops train the same model (same init), on the same batches, with AdamW, warmup+cosine and
-gradient clipping; the plain loop is what one would write by hand for one device. Runs alternate
-(plain, Tandem, plain, Tandem ...) so drift in machine speed hits both; the median step time is used.
+The loops train the same model (same init), on the same batches, with AdamW, warmup+cosine and
+gradient clipping; the plain loop is what one would write by hand for one device; "compiled" is
+Tandem with ``train.compile=true`` (each transformer block one `torch.compile` graph). Runs alternate
+(plain, Tandem, compiled, plain ...) so drift in machine speed hits all; the median step time is used.
+The compile itself happens in the warm-up and is reported apart.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -72,6 +76,8 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--data-dir", default="data/stdlib")
+    ap.add_argument("--compile-backend", default="inductor", help="train.compile_backend of the compiled column")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled column")
     a = ap.parse_args()
     torch.manual_seed(0)
     cfg = Config()
@@ -83,21 +89,36 @@ def main() -> None:
     cfg.kernels = "torch" if not torch.cuda.is_available() else "auto"
     if not Path(a.data_dir, "meta.json").is_file():
         prepare_data("stdlib", a.data_dir, cfg.model.build().vocab_size)
-    tandem = Trainer(cfg)
-    plain = PlainLoop(cfg, tandem.data)
-    timed(plain, 3), timed(tandem, 3)  # warm-up
-    times = {"plain": [], "tandem": []}
+    loops = {"tandem": Trainer(cfg)}
+    data = loops["tandem"].data
+    loops = {"plain": PlainLoop(cfg, data), **loops}
+    compile_s = None
+    if not a.no_compile:
+        ccfg = copy.deepcopy(cfg)
+        ccfg.train.compile, ccfg.train.compile_backend = True, a.compile_backend
+        ccfg.run_dir = tempfile.mkdtemp(prefix="bench_train_compiled_")
+        loops["compiled"] = Trainer(ccfg)
+        t0 = time.perf_counter()
+        timed(loops["compiled"], 1)  # the first step compiles the blocks' forward and backward
+        compile_s = time.perf_counter() - t0
+    for loop in loops.values():
+        timed(loop, 3)  # warm-up
+    times = {k: [] for k in loops}
     for _ in range(a.rounds):
-        times["plain"] += timed(plain, a.steps)
-        times["tandem"] += timed(tandem, a.steps)
+        for k, loop in loops.items():
+            times[k] += timed(loop, a.steps)
     tokens = a.batch * a.seq
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"model {a.model}, batch {a.batch} x {a.seq} tokens, micro-batch {a.micro}, {a.rounds}x{a.steps} steps each, {dev}")
-    print(f"{'loop':<8} {'tokens/s':>10} {'median step ms':>15}")
-    for k in ("plain", "tandem"):
-        print(f"{k:<8} {tps[k]:>10.0f} {1000 * statistics.median(times[k]):>15.1f}")
+    print(f"{'loop':<20} {'tokens/s':>10} {'median step ms':>15}")
+    for k in loops:
+        label = f"compiled ({a.compile_backend})" if k == "compiled" else k
+        print(f"{label:<20} {tps[k]:>10.0f} {1000 * statistics.median(times[k]):>15.1f}")
     print(f"ratio tandem/plain: {tps['tandem'] / tps['plain']:.3f}  (goal >= 0.95)")
+    if compile_s is not None:
+        print(f"ratio compiled/tandem: {tps['compiled'] / tps['tandem']:.3f}; first compiled step (compile) "
+              f"{compile_s:.1f} s")
 
 
 if __name__ == "__main__":

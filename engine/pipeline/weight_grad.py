@@ -11,6 +11,7 @@ parameters (norms, embedding lookups, biases) get their (cheap) gradients during
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Sequence
 
 import torch
@@ -56,7 +57,22 @@ class WeightGradStore:
         """x · module.weightᵀ (no bias) with its weight gradient left to this store."""
         if not (torch.is_grad_enabled() and x.requires_grad):
             return F.linear(x, module.weight)                   # nothing to defer
+        if torch.compiler.is_compiling():                       # inside a compiled block (train.compile)
+            return deferred_linear(x, module.weight.detach())
         return _DeferredWeightGrad.apply(x, self, module)
+
+    def register(self, weight: nn.Parameter) -> None:
+        """Make ``weight`` findable by the compiled path's backward op (`deferred_linear_grad_input`)."""
+        for key in [k for k, (w, st) in _DEFERRED.items() if w() is None or st() is None]:
+            del _DEFERRED[key]   # a finished run's weights and stores
+        _DEFERRED[weight.data_ptr()] = (weakref.ref(weight), weakref.ref(self))
+
+    def settle(self, weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
+        """A backward's (input, output-gradient) for ``weight``: stashed while an I runs, else summed now."""
+        if self.capturing is None:
+            self.accumulate(weight, x, g)
+        else:
+            self.pending[self.capturing].append((weight, x, g))
 
 
 class _DeferredWeightGrad(torch.autograd.Function):
@@ -85,11 +101,64 @@ class _DeferredWeightGrad(torch.autograd.Function):
         x = unpack_matmul_input(ctx, saved)
         weight, store = ctx.weight, ctx.store
         grad_x = grad.matmul(weight.to(grad.dtype))
-        if store.capturing is None:      # a backward outside an I action: settle the weight gradient now
-            store.accumulate(weight, x, grad)
-        else:
-            store.pending[store.capturing].append((weight, x, grad))
+        store.settle(weight, x, grad)
         return grad_x, None, None
+
+
+# -- the compiled path ---------------------------------------------------------------------------
+# Inside a compiled block the autograd Function above cannot be traced: its backward appends to
+# Python state chosen at run time (the I being captured). There the matmul is the custom op
+# ``tandem::deferred_linear`` instead, opaque to the compiler, whose backward is the opaque op
+# ``tandem::deferred_linear_grad_input``: it returns the input gradient and, at run time, hands
+# (input, output-gradient) to the weight's store, exactly as `_DeferredWeightGrad.backward` does.
+# The weight enters detached, so the compiled block has no autograd edge to it (no AccumulateGrad
+# during I, as above); the backward op finds the Parameter and its store by the weight's storage
+# (`WeightGradStore.register`): custom ops take tensors, not Python objects, and a per-layer
+# constant would make every block a separate compile.
+_DEFERRED: dict[int, tuple[weakref.ref, weakref.ref]] = {}   # weight storage -> (Parameter, its store)
+
+
+@torch.library.custom_op("tandem::deferred_linear", mutates_args=())
+def deferred_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x · weightᵀ whose weight gradient goes to the weight's `WeightGradStore`."""
+    return F.linear(x, weight)
+
+
+@deferred_linear.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("tandem::deferred_linear_grad_input", mutates_args=())
+def deferred_linear_grad_input(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    param, store = (r() for r in _DEFERRED.get(weight.data_ptr(), (lambda: None, lambda: None)))
+    if param is None or store is None:
+        raise RuntimeError("a compiled block's deferred matmul has a weight that no live WeightGradStore registered "
+                           "(was its storage replaced after enable_weight_grad_deferral?); register it again with "
+                           "WeightGradStore.register, or run without train.compile")
+    # copies: the compiler may reuse the buffers of tensors it considers dead after this op
+    store.settle(param, x.detach().clone(), grad.detach().clone())
+    return grad.matmul(weight.to(grad.dtype))
+
+
+@deferred_linear_grad_input.register_fake
+def _(grad, x, weight):
+    return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
+
+
+def _deferred_setup(ctx, inputs, output):
+    x, weight = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _deferred_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    return deferred_linear_grad_input(grad, x, weight), None
+
+
+deferred_linear.register_autograd(_deferred_backward, setup_context=_deferred_setup)
+for _device in ("cpu", "cuda"):   # under autocast the matmul runs in bf16, as F.linear does in eager
+    torch.library.register_autocast("tandem::deferred_linear", _device, torch.bfloat16)
 
 
 def enable_weight_grad_deferral(chunks: Sequence[nn.Module], store: WeightGradStore) -> None:
@@ -111,6 +180,7 @@ def enable_weight_grad_deferral(chunks: Sequence[nn.Module], store: WeightGradSt
         for mod in chunk.modules():
             if isinstance(mod, (Linear, ColumnParallelLinear, RowParallelLinear)):
                 mod.weight_grad_store = store
+                store.register(mod.weight)
         cfg = getattr(chunk, "cfg", None)
         if cfg is not None and cfg.tie_embeddings and chunk.is_last and not chunk.is_first:
             chunk.weight_grad_store = store

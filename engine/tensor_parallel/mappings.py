@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from engine.tensor_parallel.seq_shard import all_gather_seq, mark_gathered, reduce_scatter_seq
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce a copy of ``x`` (for a tensor that may not be modified)."""
+    """All-reduce a copy of ``x`` (for a tensor that may not be modified); inside a compiled block
+    (``train.compile``) the traceable, out-of-place functional all-reduce."""
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(x, "sum", group)
     x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
@@ -43,7 +47,7 @@ class CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if not _owned_grad(g):
+        if torch.compiler.is_compiling() or not _owned_grad(g):   # compiled: buffers are the compiler's
             return _all_reduce(g, ctx.group), None
         dist.all_reduce(g, group=ctx.group)   # in place: no copy of the (B, T, dim) gradient
         return g, None
@@ -56,7 +60,7 @@ class ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        if not _owned(x):
+        if torch.compiler.is_compiling() or not _owned(x):
             return _all_reduce(x, group)
         dist.all_reduce(x, group=group)
         ctx.mark_dirty(x)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 SEQ_DIM = 1  # activations are (B, T, dim); sequence parallelism splits T
@@ -22,6 +23,8 @@ def all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     """(B, T/tp, ...) on each rank -> (B, T, ...), rank order along T."""
     tp = dist.get_world_size(group)
     xt = x.transpose(0, SEQ_DIM).contiguous()  # gather works on dim 0
+    if torch.compiler.is_compiling():   # a compiled block (train.compile): the traceable, out-of-place form
+        return funcol.all_gather_tensor(xt, 0, group).transpose(0, SEQ_DIM).contiguous()
     out = xt.new_empty((xt.shape[0] * tp, *xt.shape[1:]))
     dist.all_gather_single(out, xt, group=group)
     return out.transpose(0, SEQ_DIM).contiguous()
@@ -34,6 +37,8 @@ def reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     if xt.shape[0] % tp:
         raise ValueError(f"sequence length {xt.shape[0]} is not divisible by tp={tp}; with "
                          f"parallel.sequence_parallel=true choose train.seq_len divisible by parallel.tp")
+    if torch.compiler.is_compiling():
+        return funcol.reduce_scatter_tensor(xt, "sum", 0, group).transpose(0, SEQ_DIM).contiguous()
     out = xt.new_empty((xt.shape[0] // tp, *xt.shape[1:]))
     dist.reduce_scatter_single(out, xt, group=group)
     return out.transpose(0, SEQ_DIM).contiguous()
@@ -74,12 +79,22 @@ class SeqShard:
 
 
 def mark_gathered(full: torch.Tensor, shard: torch.Tensor, group) -> None:
-    """Record on the all-gathered ``full`` the ``shard`` it was gathered from, with a new `SeqShard`."""
+    """Record on the all-gathered ``full`` the ``shard`` it was gathered from, with a new `SeqShard`.
+
+    Not inside a compiled block (``train.compile``): the shared re-gather is Python state that
+    several autograd Functions' backwards read and update, which a traced graph cannot hold, so
+    there the column-parallel matmuls save the gathered input, as without sequence parallelism
+    (docs/parallelism.md, "Compiled blocks")."""
+    if torch.compiler.is_compiling():
+        return
     setattr(full, _TAG, (shard, SeqShard(group)))
 
 
 def gathered_from(x: torch.Tensor) -> tuple[torch.Tensor, SeqShard] | None:
-    """``(shard, SeqShard)`` when ``x`` was marked by `mark_gathered`, else None."""
+    """``(shard, SeqShard)`` when ``x`` was marked by `mark_gathered`, else None (always inside a
+    compiled block, where nothing is marked: see `mark_gathered`)."""
+    if torch.compiler.is_compiling():
+        return None
     return getattr(x, _TAG, None)
 
 

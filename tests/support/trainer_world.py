@@ -89,3 +89,31 @@ def refuse_then_train(rank, world, refused: dict[str, list[str]], runs: dict[str
             code = run_cli(lambda o=overrides: main(compose(o)))
         out[name] = {"code": code, "stderr": err.getvalue()}
     return {"refused": out, "runs": run_trainers(rank, world, runs)}
+
+
+def run_compiled_trainers(rank, world, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """As `run_trainers` for ``train.compile=true`` runs, plus what Dynamo counted during each: graph
+    breaks (must be 0: blocks compile with fullgraph), graphs compiled, and whether each block of each
+    chunk really is compiled."""
+    import torch._dynamo
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from engine.trainer import Trainer
+    from tests.support.launch import compose
+
+    out = {}
+    for name, overrides in runs.items():
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = Trainer(compose(overrides))
+        try:
+            records = trainer.run()
+        finally:
+            trainer.close()
+        dist.barrier()
+        out[name] = {"records": records, "graph_breaks": sum(counters["graph_break"].values()),
+                     "graphs": counters["stats"]["unique_graphs"],
+                     "blocks_compiled": [b._compiled_call_impl is not None for c in trainer.chunks
+                                         for b in c.layers.values()]}
+    return out

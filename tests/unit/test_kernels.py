@@ -485,8 +485,13 @@ def test_fused_norm_promotes_a_bf16_sublayer_output_to_the_fp32_residual_stream(
 
 
 def test_get_ops_selects_the_triton_path():
+    from kernels import triton_ops
+
     ops = get_ops("triton")
-    assert ops.rms_norm is rms_norm and ops.cross_entropy is cross_entropy
+    # the block's three are triton_ops' dispatchers (the launchers, or their custom ops inside a compiled block)
+    assert (ops.rms_norm, ops.swiglu, ops.apply_rotary) == (triton_ops.rms_norm, triton_ops.swiglu,
+                                                            triton_ops.apply_rotary)
+    assert ops.cross_entropy is cross_entropy
     assert get_ops("torch") is TORCH_OPS
     assert get_ops("auto") is (ops if torch.cuda.is_available() else TORCH_OPS)
 
