@@ -26,6 +26,8 @@ BUCKET_BYTES = 25 * 2**20
 
 
 class OverlappedGradReducer:
+    averages = False   # whether `_reduce` averages by itself (ReduceOp.AVG); else `_wait` divides the sum
+
     def __init__(self, params: list[torch.nn.Parameter], group, n_micro: int, bucket_bytes: int = BUCKET_BYTES):
         self.params = params
         self.group = group
@@ -125,5 +127,6 @@ class OverlappedGradReducer:
     def _wait(self) -> None:
         for b, work in self.inflight.items():
             work.wait()
-            self._averaged(b).div_(self.size)
+            if not self.averages:
+                self._averaged(b).div_(self.size)
         self._reset()

@@ -42,7 +42,7 @@ from engine.pipeline import (PipelineRunner, StepActions, build_stage_chunks, bu
                              sync_tied_grads)
 from engine.recompute import apply_recompute
 from engine.tensor_parallel import parallelize, sync_tp_grads, validate_tp
-from engine.zero import build_dp_optimizer, late_params
+from engine.zero import build_dp_optimizer, zero_bucket_key
 from kernels.cross_entropy import check_target_ids
 from models import Llama, ModelConfig, init_weights
 
@@ -339,6 +339,8 @@ class Trainer:
         # precision=bf16 with ZeRO-2: bf16 parameters (and pipeline messages); the fp32 master weights
         # live only in the optimizer's dp slices (engine/zero.py)
         bf16_params = cfg.precision == "bf16" and cfg.optim.zero == 2 and mesh.dp > 1
+        # the fp32 initialization, kept until the optimizer has taken its master slices from it
+        master_init = {id(p): p.detach() for c in self.chunks for p in c.parameters()} if bf16_params else None
         for chunk in self.chunks if bf16_params else ():
             chunk.to(torch.bfloat16)
         self.executor = build_executor(cfg, self.mcfg, mesh, self.chunks, self.n_micro, self.step_actions,
@@ -347,9 +349,10 @@ class Trainer:
         self.refs = param_refs(self.chunks)
         self.dp_reducer, self.optimizer = build_dp_optimizer(self.refs, self.chunks, mesh, self.n_micro, zero=o.zero,
                                                              lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                                             weight_decay=o.weight_decay)
+                                                             weight_decay=o.weight_decay, master_init=master_init)
+        del master_init
         self.memory, report = launch_report(self.refs, self.chunks, mesh, zero=o.zero,
-                                            late=late_params(self.chunks, mesh) if o.zero == 2 else ())
+                                            bucket_key=zero_bucket_key(self.chunks, mesh) if o.zero == 2 else None)
         if report is not None:
             print(report, flush=True)
         self.phase = "setup"
@@ -452,8 +455,9 @@ class Trainer:
     def _model_entries(self, *, saving: bool = False):
         """The weights' entries; ZeRO-2 with bf16 parameters saves its fp32 master pieces instead of the
         bf16 parameters, and loads both."""
-        master = self.optimizer.master_entries(saving=saving) if hasattr(self.optimizer, "master_entries") else []
-        params = [] if saving and master else [ckpt.Entry(ckpt.model_key(r.name), r.param, r.meta) for r in self.refs]
+        separate = getattr(self.optimizer, "separate_master", False)   # not the master list: a rank may own none
+        master = self.optimizer.master_entries(saving=saving) if separate else []
+        params = [] if saving and separate else [ckpt.Entry(ckpt.model_key(r.name), r.param, r.meta) for r in self.refs]
         return params + master
 
     def save(self) -> Path:

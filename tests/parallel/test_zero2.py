@@ -2,7 +2,10 @@
 tp2×dp2 (sequence parallel) over 10 steps, with the loss and gradient norm of every step and every
 weight and AdamW moment of the final checkpoint within fp32 tolerance; checkpoints moved between
 zero=0/1/2 and dp=2/1 continue the serial run; rank 0's launch memory report equals the bytes of
-the tensors every rank really holds. The model is small and odd (3 layers over 2 stages, GQA)."""
+the tensors every rank really holds; with bf16 parameters the fp32 master starts from the fp32
+initialization. The bucket layout of pp2 × tp2 with tied embeddings and sequence parallelism is
+checked without a process group: both copies of the embedding cut alike. The model is small and odd
+(3 layers over 2 stages, GQA)."""
 import re
 
 import pytest
@@ -108,8 +111,9 @@ def test_four_rank_layouts_match_serial(four, serial, name, model):
 
 def test_bf16_parameters_keep_their_fp32_master_in_the_optimizer_slices(four, serial):
     """precision=bf16 under zero=2: bf16 parameters and gradients in the model, fp32 master weights
-    only in each rank's slice (the report's master_weights, real tensors), saved as the fp32 weights;
-    the loss stays within bf16's 1e-3 of the fp32 serial run."""
+    and fp32 gradients only in each rank's slice (the report's numbers, real tensors), the master
+    taken from the fp32 initialization (not from its bf16 cast), saved as the fp32 weights; the loss
+    stays within bf16's 1e-3 of the fp32 serial run."""
     root, result = four
     losses = [r["loss"] for r in result[0]["tp2_dp2_bf16"]["records"] if "loss" in r]
     reference = [r["loss"] for r in serial["untied"][0][:3]]
@@ -120,10 +124,12 @@ def test_bf16_parameters_keep_their_fp32_master_in_the_optimizer_slices(four, se
     for by_run in result:
         run = by_run["tp2_dp2_bf16"]
         assert run["param_dtypes"] == ["torch.bfloat16"]
+        assert run["master_init_diff"] == 0.0
         held = run["held"]
-        # the fp32 master slice: 4 bytes for 1/dp of the 2-byte parameters, so at dp=2 as many bytes
+        # the fp32 master slice: 4 bytes for 1/dp of the 2-byte parameters, so at dp=2 as many bytes;
+        # the gradients: the bf16 buckets and the persistent fp32 copy of the slice, twice that
         assert held["master_weights"] == held["parameters"]
-        assert held["gradients"] == held["parameters"]
+        assert held["gradients"] == 2 * held["parameters"]
     assert_report_is_real(result, "tp2_dp2_bf16")
 
 
@@ -196,3 +202,46 @@ def test_a_flat_range_is_a_few_boxes_in_order(shape):
                 assert block.tolist() == list(range(f, f + block.numel()))
                 got += block.tolist()
             assert got == list(range(lo, hi)), (shape, lo, hi, boxes)
+
+
+def test_tied_embedding_copies_are_cut_alike_on_both_stages():
+    """pp2 × tp2 with sequence parallelism and tied embeddings, dp 2 and 3: the late buckets hold
+    different norms on the two stages, so each copy of the embedding must get a bucket of its own,
+    where every dp rank owns the same flat range of both copies (else parts of it are counted twice
+    in the gradient norm and saved twice). At pp=1 the one copy is not late (nothing sums it after
+    backward). Bucket layouts only, built on the meta device without a process group."""
+    from engine.mesh import Mesh
+    from engine.pipeline.stages import build_stage_chunks
+    from engine.tensor_parallel.layers import parallelize
+    from engine.zero import slice_pieces, zero_bucket_key, zero_buckets
+    from models.config import ModelConfig
+    from models.llama import Llama
+
+    mcfg = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=72, vocab_size=512, tie_embeddings=True)
+
+    def mesh(pp, pp_rank, dp):
+        return Mesh(pp=pp, dp=dp, tp=2, pp_rank=pp_rank, dp_rank=0, tp_rank=0, rank=0, world_size=2 * pp * dp,
+                    device=torch.device("cpu"), pp_group=None, dp_group=None, tp_group=None, device_mesh=None)
+
+    for dp in (2, 3):
+        cuts = []
+        for pp_rank in (0, 1):
+            m = mesh(2, pp_rank, dp)
+            chunks = build_stage_chunks(mcfg, m)
+            for c in chunks:
+                parallelize(c, m, sequence_parallel=True)
+            key, emb = zero_bucket_key(chunks, m), chunks[0].tok_embeddings.weight
+            assert key(emb)[2] and sum(key(p)[2] for c in chunks for p in c.parameters()) > 1   # other late params
+            (ps, padded), = [(ps, n) for ps, n in zero_buckets([p for c in chunks for p in c.parameters()], key, dp)
+                             if any(p is emb for p in ps)]
+            assert len(ps) == 1 and ps[0] is emb, f"the tied embedding shares its bucket with {len(ps) - 1} more"
+            cuts.append([[(start, stop) for _, start, stop, _ in slice_pieces([emb.numel()], padded, dp, r)]
+                         for r in range(dp)])
+        assert cuts[0] == cuts[1], cuts
+        assert [c for r in cuts[0] for c in r] == [(i * -(-emb.numel() // dp), min((i + 1) * -(-emb.numel() // dp),
+                                                    emb.numel())) for i in range(dp)]
+    m = mesh(1, 0, 2)
+    with torch.device("meta"):
+        model = Llama(mcfg)
+    parallelize(model, m, sequence_parallel=True)
+    assert zero_bucket_key([model], m)(model.tok_embeddings.weight)[2:] == (False, None)

@@ -4,9 +4,10 @@ records, rank 0's printed launch memory report, and the bytes of the tensors eac
 
 
 def held_bytes(trainer) -> dict[str, int]:
-    """Bytes of the distinct storages behind this rank's parameters, gradients, optimizer master
-    tensors (the ones AdamW steps that are not the parameters' own storage), optimizer state and
-    module buffers: walked from the live objects, not from the layout rules."""
+    """Bytes of the distinct storages behind this rank's parameters, gradients (the parameters' and
+    those of the tensors AdamW steps), optimizer master tensors (the ones AdamW steps that are not
+    the parameters' own storage), optimizer state and module buffers: walked from the live objects,
+    not from the layout rules."""
     import torch
 
     def storages(tensors) -> dict[int, int]:
@@ -16,7 +17,8 @@ def held_bytes(trainer) -> dict[str, int]:
     params = storages(r.param for r in refs)
     stepped = storages(p for g in opt.param_groups for p in g["params"])
     held = {"parameters": params,
-            "gradients": storages(r.param.grad for r in refs if r.param.grad is not None),
+            "gradients": storages([*(r.param.grad for r in refs if r.param.grad is not None),
+                                   *(p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None)]),
             "master_weights": {k: v for k, v in stepped.items() if k not in params},
             "moments": storages(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),
             "buffers": storages(b for c in trainer.chunks for b in c.buffers())}
@@ -28,7 +30,9 @@ def held_bytes(trainer) -> dict[str, int]:
 def run_measured(rank, world, runs: dict[str, list[str]]) -> dict[str, dict]:
     """For each composed override list, in order: train, then return the records, the launch report
     rank 0 printed (None elsewhere), `held_bytes` after the last step, the parameter dtypes, and how
-    many gradient buckets were sent while backward was still running."""
+    many gradient buckets were sent while backward was still running. With ZeRO-2's separate fp32
+    master (bf16 parameters), also ``master_init_diff``: the largest difference at launch between the
+    master pieces and the fp32 initialization, rebuilt here from the same seed."""
     import contextlib
     import io
 
@@ -43,11 +47,23 @@ def run_measured(rank, world, runs: dict[str, list[str]]) -> dict[str, dict]:
         with contextlib.redirect_stdout(printed):
             trainer = Trainer(compose(overrides))
         try:
+            init_diff = _master_init_diff(trainer) if getattr(trainer.optimizer, "separate_master", False) else None
             records = trainer.run()
             out[name] = {"records": records, "printed": printed.getvalue() if rank == 0 else None,
                          "held": held_bytes(trainer), "param_dtypes": sorted({str(r.param.dtype) for r in trainer.refs}),
-                         "overlapped": trainer.dp_reducer.launched_during_backward}
+                         "overlapped": trainer.dp_reducer.launched_during_backward, "master_init_diff": init_diff}
             dist.barrier()
         finally:
             trainer.close()
     return out
+
+
+def _master_init_diff(trainer) -> float:
+    from engine.trainer import build_chunks
+
+    fresh = [p for c in build_chunks(trainer.cfg, trainer.mcfg, trainer.mesh) for p in c.parameters()]
+    assert len(fresh) == len(trainer.refs)
+    by_param = {id(r.param): f for r, f in zip(trainer.refs, fresh)}
+    opt = trainer.optimizer
+    return max(((m - by_param[id(pc.ref.param)].detach().reshape(-1)[pc.start:pc.stop]).abs().max().item()
+                for pc, m in zip(opt.pieces, opt.master_pieces)), default=0.0)
