@@ -231,6 +231,10 @@ def enable_weight_grad_deferral(chunks: Sequence[nn.Module], store: WeightGradSt
             if isinstance(mod, (Linear, ColumnParallelLinear, RowParallelLinear)):
                 mod.weight_grad_store = store
                 store.register(mod.weight)
+                # for the data-parallel reducer: a compiled block's backward fires this weight's
+                # post-accumulate-grad hook with no gradient (it is an input of the compiled graph,
+                # detached inside it); the reducer must not count that as the weight's gradient
+                mod.weight.weight_grad_deferred = True
         cfg = getattr(chunk, "cfg", None)
         if cfg is not None and cfg.tie_embeddings and chunk.is_last and not chunk.is_first:
             chunk.weight_grad_store = store
