@@ -180,7 +180,8 @@ def deferred_linear_grad_input(grad: torch.Tensor, x: torch.Tensor, weight: torc
     param, store = _owner(weight)
     if param is None:
         raise RuntimeError("a compiled block's deferred matmul has a weight that is not the storage of any Parameter "
-                           "a live WeightGradStore registered (enable_weight_grad_deferral / WeightGradStore.register); "
+                           "a live WeightGradStore registered (enable_weight_grad_deferral / "
+                           "WeightGradStore.register); "
                            "register it, or run without train.compile")
     if store.capturing is None:   # summed now: nothing outlives this op
         store.settle(param, x.detach(), grad.detach())

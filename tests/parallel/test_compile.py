@@ -18,7 +18,8 @@ COMPILE = ["train.compile=true", "train.compile_backend=aot_eager", f"train.max_
 BF16 = ["precision=bf16"]   # held against the eager serial bf16 run
 LAYOUTS = {
     2: {"tp2-sp-full": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.recompute=full"],
-        "pp2-zb_h1-selective-bf16": ["parallel.pp=2", "parallel.schedule=zb_h1", "parallel.recompute=selective", *BF16]},
+        "pp2-zb_h1-selective-bf16": ["parallel.pp=2", "parallel.schedule=zb_h1", "parallel.recompute=selective",
+                                     *BF16]},
     4: {"tp2xpp2-sp-zb_h1": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
                              "parallel.schedule=zb_h1"],
         # ZeRO moves every parameter's storage after the zero-bubble store registered the weights, and
@@ -41,6 +42,7 @@ def test_compiled_layouts_match_eager_serial(world, data_dir, tmp_path, serial_r
             assert out["graphs"] == 1, (name, rank, out["graphs"])   # a rank's blocks share one graph: no recompiles
             if "precision=bf16" in LAYOUTS[world][name]:
                 eager = serial_run([*MODEL, *BF16], STEPS)
-                assert_runs_match(out["records"], eager, rel=BF16_REL, grad_norm_rel=BF16_REL, first_grad_norm_rel=BF16_REL)
+                assert_runs_match(out["records"], eager, rel=BF16_REL, grad_norm_rel=BF16_REL,
+                                  first_grad_norm_rel=BF16_REL)
             else:
                 assert_runs_match(out["records"], serial_run(MODEL, STEPS))
