@@ -30,7 +30,6 @@ class WeightGradStore:
         self.capturing: tuple[int, int] | None = None
         self.pending: dict[tuple[int, int], list] = {}
         self.weights: list[nn.Parameter] = []   # registered for the compiled path (`register`)
-        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # this I's stashed inputs (`stash_copy`)
         _STORES.add(self)
 
     @contextlib.contextmanager
@@ -41,7 +40,6 @@ class WeightGradStore:
             yield
         finally:
             self.capturing = None
-            self._copies.clear()
 
     @torch.no_grad()
     def flush(self, key) -> None:
@@ -76,17 +74,13 @@ class WeightGradStore:
             self.weights.append(weight)
         _reindex()
 
-    def stash_copy(self, x: torch.Tensor) -> torch.Tensor:
-        """A private copy of ``x`` for the stash, shared by the matmuls of one I that read the same input
-        (wq/wk/wv, w1/w3): one copy each, as eager's stash holds one tensor. A hit needs the same tensor
-        object (held here, so its id is not recycled during the I) with unchanged values: a compiler may
-        reuse a dead buffer, object included, for a later tensor of the same shape."""
-        hit = self._copies.get(id(x))
-        if hit is not None and hit[0] is x and torch.equal(hit[1], x):
-            return hit[1]
-        copy = x.detach().clone()
-        self._copies[id(x)] = (x, copy)
-        return copy
+    @staticmethod
+    def stash_copy(x: torch.Tensor) -> torch.Tensor:
+        """A private copy of ``x`` for the stash: a compiler may reuse the buffer (tensor object
+        included) of a dead graph value for a later one, so the stash cannot hold the graph's own.
+        One copy per deferred matmul: sharing one between wq/wk/wv (or w1/w3) would need a value
+        check to rule out such a reuse, a host sync per matmul on CUDA, which the step forbids."""
+        return x.detach().clone()
 
     def settle(self, weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
         """A backward's (input, output-gradient) for ``weight``: stashed while an I runs, else summed now."""
