@@ -79,6 +79,11 @@ class OverlappedGradReducer:
         self.inflight: dict[int, dist.Work] = {}
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if getattr(p, "weight_grad_deferred", False):
+            # a zero-bubble deferred weight (engine/pipeline/weight_grad.py): its gradient is added by
+            # W after every backward, so it is never final here and its bucket goes in finish().
+            # (Eager, no hook fires for it; a compiled block fires one with no gradient.)
+            return
         k = id(p)
         self.counts[k] = self.counts.get(k, 0) + 1
         if self.counts[k] == self.n_micro:

@@ -36,19 +36,20 @@ def _rms_norm_fwd(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: fl
 @_rms_norm_fwd.register_fake
 def _(x, weight, residual, eps):
     rows = x.numel() // x.shape[-1]
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, x.new_empty(rows, dtype=torch.float32)
+    # new_empty, not empty_like: the launchers return contiguous rows whatever the input's strides
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), s, x.new_empty(rows, dtype=torch.float32)
 
 
 @torch.library.custom_op("tandem::rms_norm_backward", mutates_args=())
 def _rms_norm_bwd(dy: Tensor, s: Tensor, weight: Tensor, rstd: Tensor, ds: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    dx, dw = _rms.rms_norm_backward(dy, s.reshape(-1, s.shape[-1]), weight, rstd, ds)
+    dx, dw = _rms.rms_norm_backward(dy, as_rows(s), weight, rstd, ds)   # as the eager backward
     return dx.view(s.shape), dw
 
 
 @_rms_norm_bwd.register_fake
 def _(dy, s, weight, rstd, ds):
-    return torch.empty_like(s), torch.empty_like(weight)
+    return s.new_empty(s.shape), weight.new_empty(weight.shape)
 
 
 def _rms_setup(ctx, inputs, output):
@@ -84,7 +85,7 @@ def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
 
 @_swiglu_fwd.register_fake
 def _(gate, up):
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)
 
 
 @torch.library.custom_op("tandem::swiglu_backward", mutates_args=())
@@ -95,7 +96,7 @@ def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 
 @_swiglu_bwd.register_fake
 def _(dy, gate, up):
-    return torch.empty_like(gate), torch.empty_like(up)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 def _swiglu_setup(ctx, inputs, output):

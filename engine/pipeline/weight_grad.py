@@ -29,6 +29,8 @@ class WeightGradStore:
     def __init__(self):
         self.capturing: tuple[int, int] | None = None
         self.pending: dict[tuple[int, int], list] = {}
+        self.weights: list[nn.Parameter] = []   # registered for the compiled path (`register`)
+        _STORES.add(self)
 
     @contextlib.contextmanager
     def capture(self, key):
@@ -58,14 +60,27 @@ class WeightGradStore:
         if not (torch.is_grad_enabled() and x.requires_grad):
             return F.linear(x, module.weight)                   # nothing to defer
         if torch.compiler.is_compiling():                       # inside a compiled block (train.compile)
+            # autocast: only x is cast (as F.linear's autocast would); the weight stays the Parameter's
+            # own storage, which is how the backward op finds it (a cast weight is a new tensor)
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                x = x.to(torch.get_autocast_dtype(device))
             return deferred_linear(x, module.weight.detach())
         return _DeferredWeightGrad.apply(x, self, module)
 
     def register(self, weight: nn.Parameter) -> None:
         """Make ``weight`` findable by the compiled path's backward op (`deferred_linear_grad_input`)."""
-        for key in [k for k, (w, st) in _DEFERRED.items() if w() is None or st() is None]:
-            del _DEFERRED[key]   # a finished run's weights and stores
-        _DEFERRED[weight.data_ptr()] = (weakref.ref(weight), weakref.ref(self))
+        if not any(w is weight for w in self.weights):
+            self.weights.append(weight)
+        _reindex()
+
+    @staticmethod
+    def stash_copy(x: torch.Tensor) -> torch.Tensor:
+        """A private copy of ``x`` for the stash: a compiler may reuse the buffer (tensor object
+        included) of a dead graph value for a later one, so the stash cannot hold the graph's own.
+        One copy per deferred matmul: sharing one between wq/wk/wv (or w1/w3) would need a value
+        check to rule out such a reuse, a host sync per matmul on CUDA, which the step forbids."""
+        return x.detach().clone()
 
     def settle(self, weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
         """A backward's (input, output-gradient) for ``weight``: stashed while an I runs, else summed now."""
@@ -113,15 +128,39 @@ class _DeferredWeightGrad(torch.autograd.Function):
 # (input, output-gradient) to the weight's store, exactly as `_DeferredWeightGrad.backward` does.
 # The weight enters detached, so the compiled block has no autograd edge to it (no AccumulateGrad
 # during I, as above); the backward op finds the Parameter and its store by the weight's storage
-# (`WeightGradStore.register`): custom ops take tensors, not Python objects, and a per-layer
-# constant would make every block a separate compile.
-_DEFERRED: dict[int, tuple[weakref.ref, weakref.ref]] = {}   # weight storage -> (Parameter, its store)
+# address (`WeightGradStore.register`): custom ops take tensors, not Python objects, and a per-layer
+# constant (an int id) would make every block a separate compile. An address is not an identity:
+# storage moves after registration (ZeRO moves every parameter into its flat buffer) and a freed
+# address is reused, so every hit is checked against the Parameter's current storage and shape, and
+# a miss rebuilds the index from the live stores' registered Parameters.
+_DEFERRED: dict[int, tuple[weakref.ref, weakref.ref]] = {}   # storage address -> (Parameter, its store)
+_STORES: weakref.WeakSet = weakref.WeakSet()                 # every live WeightGradStore
+
+
+def _reindex() -> None:
+    _DEFERRED.clear()
+    for store in list(_STORES):
+        for w in store.weights:
+            _DEFERRED[w.data_ptr()] = (weakref.ref(w), weakref.ref(store))
+
+
+def _owner(weight: torch.Tensor):
+    """The registered Parameter whose storage ``weight`` is, and its store (None, None if none is)."""
+    for attempt in range(2):
+        param, store = (r() for r in _DEFERRED.get(weight.data_ptr(), (lambda: None, lambda: None)))
+        if (param is not None and store is not None and param.data_ptr() == weight.data_ptr()
+                and param.shape == weight.shape):
+            return param, store
+        if attempt == 0:
+            _reindex()   # storage moved (or a stale address was reused) since the index was built
+    return None, None
 
 
 @torch.library.custom_op("tandem::deferred_linear", mutates_args=())
 def deferred_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x · weightᵀ whose weight gradient goes to the weight's `WeightGradStore`."""
-    return F.linear(x, weight)
+    """x · weightᵀ whose weight gradient goes to the weight's `WeightGradStore` (in x's dtype: under
+    autocast x arrives cast and the weight not)."""
+    return F.linear(x, weight.to(x.dtype))
 
 
 @deferred_linear.register_fake
@@ -129,15 +168,19 @@ def _(x, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("tandem::deferred_linear_grad_input", mutates_args=())
+@torch.library.custom_op("tandem::deferred_linear_grad_input", mutates_args=(),
+                         tags=(torch._C.Tag.cudagraph_unsafe,) if hasattr(torch._C.Tag, "cudagraph_unsafe") else ())
 def deferred_linear_grad_input(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    param, store = (r() for r in _DEFERRED.get(weight.data_ptr(), (lambda: None, lambda: None)))
-    if param is None or store is None:
-        raise RuntimeError("a compiled block's deferred matmul has a weight that no live WeightGradStore registered "
-                           "(was its storage replaced after enable_weight_grad_deferral?); register it again with "
-                           "WeightGradStore.register, or run without train.compile")
-    # copies: the compiler may reuse the buffers of tensors it considers dead after this op
-    store.settle(param, x.detach().clone(), grad.detach().clone())
+    param, store = _owner(weight)
+    if param is None:
+        raise RuntimeError("a compiled block's deferred matmul has a weight that is not the storage of any Parameter "
+                           "a live WeightGradStore registered (enable_weight_grad_deferral / "
+                           "WeightGradStore.register); "
+                           "register it, or run without train.compile")
+    if store.capturing is None:   # summed now: nothing outlives this op
+        store.settle(param, x.detach(), grad.detach())
+    else:   # copies: the compiler may reuse the buffers of tensors it considers dead after this op
+        store.settle(param, store.stash_copy(x), grad.detach().clone())
     return grad.matmul(weight.to(grad.dtype))
 
 
@@ -157,8 +200,10 @@ def _deferred_backward(ctx, grad):
 
 
 deferred_linear.register_autograd(_deferred_backward, setup_context=_deferred_setup)
-for _device in ("cpu", "cuda"):   # under autocast the matmul runs in bf16, as F.linear does in eager
-    torch.library.register_autocast("tandem::deferred_linear", _device, torch.bfloat16)
+# The grad-input op's effect (the stash) is not in its output: it must run once per call, exactly where
+# the graph has it. So no dead-code elimination or common-subexpression merging of it, and no CUDA-graph
+# capture of a graph containing it (a replay would run the kernels without the Python stash: the tag).
+torch.fx.node.has_side_effect(torch.ops.tandem.deferred_linear_grad_input.default)
 
 
 def enable_weight_grad_deferral(chunks: Sequence[nn.Module], store: WeightGradStore) -> None:
@@ -181,6 +226,10 @@ def enable_weight_grad_deferral(chunks: Sequence[nn.Module], store: WeightGradSt
             if isinstance(mod, (Linear, ColumnParallelLinear, RowParallelLinear)):
                 mod.weight_grad_store = store
                 store.register(mod.weight)
+                # for the data-parallel reducer: a compiled block's backward fires this weight's
+                # post-accumulate-grad hook with no gradient (it is an input of the compiled graph,
+                # detached inside it); the reducer must not count that as the weight's gradient
+                mod.weight.weight_grad_deferred = True
         cfg = getattr(chunk, "cfg", None)
         if cfg is not None and cfg.tie_embeddings and chunk.is_last and not chunk.is_first:
             chunk.weight_grad_store = store

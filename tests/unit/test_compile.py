@@ -66,39 +66,75 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("recompute", ["full", "selective"])
-def test_compiled_block_defers_weight_grads_to_the_store(recompute):
+def _swap_storages(model):
+    """Swap the storage of same-shaped weights (wq↔wo, wk↔wv of each block) as ZeRO's move into flat
+    buffers does to every parameter (`p.data = ...`): each address the store indexed now holds another
+    Parameter, the case where a stale index would hand one weight's gradient to another."""
+    with torch.no_grad():
+        for block in model.layers.values():
+            att = block.attention
+            for a, b in ((att.wq, att.wo), (att.wk, att.wv)):
+                a.weight.data, b.weight.data = b.weight.data, a.weight.data
+
+
+@pytest.mark.parametrize("recompute,precision", [("full", "fp32"), ("selective", "bf16")])
+def test_compiled_block_defers_weight_grads_to_the_store(recompute, precision):
     """Zero-bubble inside a compiled block: the I-style backward leaves every block weight's gradient
-    unset and stashed; the W flush then gives the eager gradients (recompute modes included)."""
+    unset and stashed (one private input copy per deferred matmul); the W
+    flush then gives the eager gradients (recompute modes and bf16 autocast included), on the right
+    Parameters after their storage moved since registration. Outside an I the gradients land at once."""
+    import contextlib
+
     from torch._dynamo.utils import counters
 
     from engine.compile import compile_blocks
     from engine.pipeline.weight_grad import WeightGradStore, enable_weight_grad_deferral
     from engine.recompute import apply_recompute
 
+    def autocast():
+        return torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
     x = torch.randint(0, 64, (2, 8))
     eager = _tiny()
     apply_recompute(eager, recompute)
-    eager(x, x).backward()
+    _swap_storages(eager)
+    with autocast():
+        loss = eager(x, x)
+    loss.backward()
     model = _tiny()
     apply_recompute(model, recompute)
     store = WeightGradStore()
     enable_weight_grad_deferral([model], store)
+    _swap_storages(model)   # after registration
     torch._dynamo.reset()
     counters.clear()
     compile_blocks(model, backend="aot_eager", seq_len=8, device=x.device)
     with store.capture((0, 0)):
-        model(x, x).backward()
+        with autocast():
+            loss = model(x, x)
+        loss.backward()
     assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
     block_weights = [n for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2]
     assert len(block_weights) == 2 * 7
     assert all(dict(model.named_parameters())[n].grad is None for n in block_weights)
-    assert len(store.pending[(0, 0)]) == len(block_weights) + 1   # + the untied output head (eager)
+    stash = store.pending[(0, 0)]
+    assert len(stash) == len(block_weights) + 1   # + the untied output head (eager)
+    # a private input copy per deferred matmul (no graph buffer is held by the stash)
+    assert len({x_.data_ptr() for _, x_, _ in stash[1:]}) == len(block_weights)
     store.flush((0, 0))
+    tol = dict(rtol=1e-6, atol=1e-7) if precision == "fp32" else dict(rtol=1e-2, atol=1e-4)
     got, want = _grads(model), _grads(eager)
     assert got.keys() == want.keys()
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7, msg=n)
+        torch.testing.assert_close(got[n], want[n], **tol, msg=n)
+    model.zero_grad(set_to_none=True)
+    with autocast():   # no I being captured: each weight gradient is summed inside the backward op
+        loss = model(x, x)
+    loss.backward()
+    assert not store.pending and counters["stats"]["unique_graphs"] == 1
+    got = _grads(model)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], **tol, msg=n)
 
 
 def test_compiled_block_with_triton_kernels_matches_eager():
