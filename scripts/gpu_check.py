@@ -1,16 +1,20 @@
 """One command for the GPU: everything a CPU cannot prove, run in one go, written to one Markdown report.
 
-    python scripts/gpu_check.py [--out gpu_check_report.md] [--only kernels,bench,train,equivalence]
+    python scripts/gpu_check.py [--out gpu_check_report.md] [--only kernels,bench,train,compiled,equivalence]
     python scripts/gpu_check.py --dry-run        # this script's orchestration on a CPU, tiny settings
 
-Parts, each with a time budget (8 minutes in all; ``--budget-scale`` stretches them; one GPU skips part 4):
+Parts, each with a time budget (about 10 minutes in all; ``--budget-scale`` stretches them; one GPU skips
+part 5, leaving 7.5):
 
 1. ``kernels``      tests/unit/test_kernels.py with the Triton kernels compiled (TRITON_INTERPRET unset).
 2. ``bench``        scripts/bench_kernels.py: each kernel against torch eager and torch.compile.
 3. ``train``        a bf16 llama3_1b (1.2 B parameters) trained for 30 steps with ``kernels=triton`` and
                     with ``kernels=torch``: tokens/s, MFU, and the two loss curves' agreement.
-4. ``equivalence``  with two or more GPUs: tp2, pp2 (gpipe, 1f1b, interleaved_1f1b, zb_h1) and dp2 launched
-                    on NCCL by torchrun, each against a serial run's per-step loss and gradient norm.
+4. ``compiled``     the same bf16 llama3_1b run with ``train.compile=true`` (inductor, Triton kernels as custom
+                    ops): tokens/s and MFU against the eager Triton run of part 3, and the loss curves' agreement.
+5. ``equivalence``  with two or more GPUs: tp2, pp2 (gpipe, 1f1b, interleaved_1f1b, zb_h1), dp2, dp2 ZeRO-1/2
+                    and compiled tp2 / pp2 zb_h1 launched on NCCL by torchrun, each against a serial run's
+                    per-step loss and gradient norm.
 
 A part that fails records the tail of its output and the next part runs; the exit status is 1 if any
 part failed. Without a CUDA device (and without ``--dry-run``) it says so, writes nothing and exits 0.
@@ -76,6 +80,10 @@ LAYOUTS = {
     "pp2 interleaved_1f1b": ["parallel.pp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
     "pp2 zb_h1": ["parallel.pp=2", "parallel.schedule=zb_h1"],
     "dp2": ["parallel.dp=2"],
+    "dp2 zero1": ["parallel.dp=2", "optim.zero=1"],
+    "dp2 zero2": ["parallel.dp=2", "optim.zero=2"],
+    "tp2 compiled": ["parallel.tp=2", "parallel.sequence_parallel=true", "train.compile=true"],
+    "pp2 zb_h1 compiled": ["parallel.pp=2", "parallel.schedule=zb_h1", "train.compile=true"],
 }
 
 
@@ -92,11 +100,12 @@ class Settings:
     train_steps: int
     steady_from: int              # first step counted in tokens/s and MFU (earlier ones compile kernels)
     equiv_steps: int
+    compile_backend: str          # train.compile_backend of the compiled part
 
 
 REAL = Settings(
     dry_run=False,
-    budgets_s={"kernels": 75, "bench": 75, "train": 180, "equivalence": 150},
+    budgets_s={"kernels": 75, "bench": 75, "train": 180, "compiled": 120, "equivalence": 150},
     kernel_test_args=[],
     bench_args=[],
     # llama3_1b keeps its 128256-token vocabulary (the synthetic data matches it), so the cross-entropy kernel
@@ -108,10 +117,11 @@ REAL = Settings(
     train_steps=30,
     steady_from=5,
     equiv_steps=10,
+    compile_backend="inductor",
 )
 DRY = Settings(
     dry_run=True,
-    budgets_s={"kernels": 300, "bench": 120, "train": 300, "equivalence": 600},
+    budgets_s={"kernels": 300, "bench": 120, "train": 300, "compiled": 300, "equivalence": 600},
     kernel_test_args=["-k", "rms_norm_matches_reference or swiglu_matches_reference"],
     bench_args=["--dry-run", "--no-compile"],
     # one micro-batch of 2 x 16 tokens per step: the interpreter is slow
@@ -121,6 +131,7 @@ DRY = Settings(
     train_steps=2,
     steady_from=1,
     equiv_steps=3,
+    compile_backend="aot_eager",   # the dry run checks the script; inductor's C++ compile is slow on a CPU
 )
 
 
@@ -250,6 +261,7 @@ class Check:
         self.budget_scale = budget_scale
         self.env = base_env(settings.dry_run)
         self.deadline = float("inf")
+        self.eager_runs: dict[str, list[dict]] = {}   # part `train`'s records, which part `compiled` compares with
 
     def run(self, cmd: Command, res: PartResult | None = None, *, check: bool = True) -> Completed:
         """Run within the current part's budget; a failure raises `PartFailed` unless ``check`` is off."""
@@ -403,7 +415,7 @@ def part_train(ck: Check, res: PartResult) -> None:
     runs, failures = {}, []
     for kernels in ("triton", "torch"):  # the torch run goes ahead even if the Triton one failed
         try:
-            runs[kernels] = _train_once(ck, res, kernels, data)
+            runs[kernels] = ck.eager_runs[kernels] = _train_once(ck, res, kernels, data)
         except PartFailed as e:
             failures.append(f"--- kernels={kernels}: {e}\n{e.tail}")
     if len(runs) == 2:
@@ -414,11 +426,35 @@ def part_train(ck: Check, res: PartResult) -> None:
         raise PartFailed("; ".join(f.splitlines()[0].lstrip("- ") for f in failures), "\n\n".join(failures))
 
 
-def _train_once(ck: Check, res: PartResult, kernels: str, data: Path) -> list[dict]:
+def part_compiled(ck: Check, res: PartResult) -> None:
+    """Part 3's bf16 run with compiled blocks (kernels=triton): speed against eager, and loss agreement."""
     s = ck.s
-    run_dir = ck.fresh_dir(f"train_{kernels}")
-    cmd = train_command(f"train_{kernels}", [*s.train_overrides, f"kernels={kernels}", f"data.dir={data}",
-                                             f"run_dir={run_dir}", f"train.max_steps={s.train_steps}"],
+    data = write_synthetic_data(ck.work / f"data_v{s.train_vocab}", vocab_size=s.train_vocab,
+                                n_tokens=4_000_000 if not s.dry_run else 20_000)
+    recs = _train_once(ck, res, "triton", data, extra=["train.compile=true",
+                                                       f"train.compile_backend={s.compile_backend}"], tag="compiled")
+    tok_s, mfu = _steady(recs, "tokens_per_s", s.steady_from), _steady(recs, "mfu", s.steady_from)
+    res.headline = f"compiled {tok_s:,.0f} tok/s" + ("" if mfu is None else f" (MFU {100 * mfu:.1f} %)")
+    eager = ck.eager_runs.get("triton")
+    if eager is None:
+        res.headline += "; no eager run to compare (part `train` did not run or failed)"
+        return
+    worst, at = max_rel_diff([r["loss"] for r in recs], [r["loss"] for r in eager])
+    speed = tok_s / _steady(eager, "tokens_per_s", s.steady_from)
+    res.numbers["compiled / eager"] = f"{speed:.2f}x the tokens/s of the eager Triton run (part train)"
+    res.numbers["loss agreement"] = f"max relative difference {worst:.2e} (step {at}); tolerance {BF16_LOSS_RTOL:.0e}"
+    res.headline += f", {speed:.2f}x eager; losses within {worst:.1e}"
+    if not worst <= BF16_LOSS_RTOL:
+        raise PartFailed(f"compiled and eager loss curves differ by {worst:.2e} at step {at}")
+
+
+def _train_once(ck: Check, res: PartResult, kernels: str, data: Path, *, extra: list[str] = (),
+                tag: str = "") -> list[dict]:
+    s = ck.s
+    name = f"train_{kernels}" + (f"_{tag}" if tag else "")
+    run_dir = ck.fresh_dir(name)
+    cmd = train_command(name, [*s.train_overrides, f"kernels={kernels}", f"data.dir={data}",
+                               f"run_dir={run_dir}", f"train.max_steps={s.train_steps}", *extra],
                         interpret=s.dry_run and kernels == "triton")
     done = ck.run(cmd, res)
     recs = read_metrics(run_dir)
@@ -428,7 +464,7 @@ def _train_once(ck: Check, res: PartResult, kernels: str, data: Path) -> list[di
                            else f"{millions:.2f} M parameters")
     res.numbers.setdefault("run", f"{len(recs)} steps, precision=bf16, synthetic tokens of vocab {s.train_vocab}")
     tok_s, mfu = _steady(recs, "tokens_per_s", s.steady_from), _steady(recs, "mfu", s.steady_from)
-    res.numbers[f"kernels={kernels}"] = (
+    res.numbers[f"kernels={kernels}" + (f", {tag}" if tag else "")] = (
         f"{tok_s:,.0f} tokens/s, MFU {'n/a (no known peak)' if mfu is None else f'{100 * mfu:.1f} %'} (medians "
         f"from step {s.steady_from}); loss {recs[0]['loss']:.4f} at step 1, {recs[-1]['loss']:.4f} at step {len(recs)}")
     return recs
@@ -528,7 +564,9 @@ PARTS: dict[str, tuple[str, Callable[[Check, PartResult], None]]] = {
     "kernels": ("Kernel tests (tests/unit/test_kernels.py)", part_kernels),
     "bench": ("Kernel benchmarks (scripts/bench_kernels.py)", part_bench),
     "train": ("bf16 training, Triton vs torch kernels", part_train),
-    "equivalence": ("Equivalence launches: tp2, pp2 x 4 schedules, dp2", part_equivalence),
+    "compiled": ("bf16 training with compiled blocks vs eager", part_compiled),
+    "equivalence": ("Equivalence launches: tp2, pp2 x 4 schedules, dp2 (ZeRO 0/1/2), compiled tp2 and pp2",
+                    part_equivalence),
 }
 
 
