@@ -1,12 +1,14 @@
 """Print a pipeline schedule's action lists and its simulated timeline.
 
     python scripts/show_schedule.py --schedule 1f1b --pp 4 --micro 8 [--virtual 1] [--f 1 --b 2 --w 1] [--width 100]
+                                    [--trace timeline.json]   # Chrome/Perfetto trace of the simulated timeline
 
 Costs are per chunk of 1/v of a stage's layers, so schedules with different v compare fairly.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,12 +30,18 @@ def main() -> None:
     ap.add_argument("--w", type=float, default=1.0, help="weight-gradient part of the backward (zb_h1)")
     ap.add_argument("--width", type=int, default=100)
     ap.add_argument("--actions", action="store_true", help="also print every rank's action list")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="write the simulated timeline as a Chrome/Perfetto trace (JSON) to this file")
     a = ap.parse_args()
     actions = build_schedule(a.schedule, a.pp, a.micro, a.virtual)
     if a.actions:
         print(format_actions(actions))
     v = a.virtual
-    print(simulate(actions, uniform_cost(a.f / v, a.b / v, a.w / v)).chart(a.width))
+    result = simulate(actions, uniform_cost(a.f / v, a.b / v, a.w / v))
+    print(result.chart(a.width))
+    if a.trace is not None:
+        a.trace.write_text(json.dumps(result.chrome_trace()))
+        print(f"trace written to {a.trace} (open it in https://ui.perfetto.dev or chrome://tracing)")
 
 
 if __name__ == "__main__":

@@ -201,3 +201,31 @@ def test_bad_arguments_are_named(args, match):
 
 def test_schedules_registry_lists_the_four():
     assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1"}
+
+
+@pytest.mark.parametrize("name,v", [("zb_h1", 1), ("interleaved_1f1b", 2)])
+def test_show_schedule_trace_has_one_slice_per_action_per_rank(name, v, tmp_path):
+    """`scripts/show_schedule.py --trace FILE`: a Chrome trace whose rank tracks hold exactly that
+    rank's compute actions, in order, at their simulated times, and whose p2p tracks hold its p2p
+    actions (the wait from posting to completion)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pp, m = 3, 6
+    out = tmp_path / "timeline.json"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "scripts/show_schedule.py", "--schedule", name, "--pp", str(pp), "--micro",
+                    str(m), "--virtual", str(v), "--trace", str(out)], cwd=root, check=True, capture_output=True)
+    trace = json.loads(out.read_text())
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    assert names == {t: f"rank {t // 2}" + (" p2p" if t % 2 else "") for t in range(2 * pp)}
+    sim = simulate(build_schedule(name, pp, m, v), uniform_cost(1.0 / v, 2.0 / v, 1.0 / v))
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for r in range(pp):
+        for tid, compute in ((2 * r, True), (2 * r + 1, False)):
+            got = [(e["name"], e["ts"], e["dur"]) for e in slices if e["tid"] == tid]
+            want = [(str(a), s * 1000.0, (e - s) * 1000.0) for s, e, a in sim.timeline[r] if a.is_compute == compute]
+            assert got == want and got, (r, compute)
+    assert trace["otherData"]["makespan"] == sim.makespan
