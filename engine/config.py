@@ -73,6 +73,7 @@ class ParallelSchema:
     recompute: str = "none"
     timeout_s: float = 1800.0
     p2p_dtype: str = "fp32"  # pipeline activations/gradients on the wire: fp32, or bf16 (needs precision=bf16)
+    trace_steps: Optional[list[int]] = None  # [a, b]: the measured pipeline action timeline of steps a..b (pp > 1)
 
 
 ZERO_MODES = (0, 1, 2)  # optim.zero; docs/parallelism.md
@@ -274,6 +275,13 @@ def validate(cfg: Config, *, purpose: str = "train") -> None:
 
 
 def validate_observability(cfg: Config) -> None:
+    trace = cfg.parallel.trace_steps
+    _need(trace is None or (len(trace) == 2 and 1 <= trace[0] <= trace[1] <= cfg.train.max_steps),
+          f"parallel.trace_steps={None if trace is None else list(trace)} must be [first, last] with 1 <= first <= "
+          f"last <= train.max_steps={cfg.train.max_steps} (1-based step numbers, as in metrics.jsonl)")
+    _need(trace is None or cfg.parallel.pp > 1,
+          f"parallel.trace_steps needs parallel.pp > 1 (it records the pipeline's actions); at pp=1 use "
+          f"profile.steps={list(trace) if trace else None} for a profiler trace")
     steps = cfg.profile.steps
     _need(steps is None or (len(steps) == 2 and 1 <= steps[0] <= steps[1] <= cfg.train.max_steps),
           f"profile.steps={None if steps is None else list(steps)} must be [first, last] with 1 <= first <= last <= "

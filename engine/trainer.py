@@ -37,6 +37,7 @@ from engine.mesh import Mesh, build_mesh, init_distributed
 from engine.memory import launch_report
 from engine.metrics import MetricsLog, PeakMemory, device_peak_flops
 from engine.optim import clip_grad_norm, lr_at, param_refs
+from engine.pipeline.trace import StepTracer
 from engine.profiling import StepProfiler
 from engine.pipeline import (PipelineRunner, StepActions, build_stage_chunks, build_step_actions, stage_layer_ranges,
                              sync_tied_grads)
@@ -363,6 +364,7 @@ class Trainer:
                               else None)   # eval_only truncates no history: nothing to purge
         self.peak_mem = PeakMemory(mesh.device)
         self.profiler = StepProfiler(cfg.profile.steps, run_dir=self.run_dir, rank=mesh.rank, device=mesh.device)
+        self.tracer = StepTracer(cfg.parallel.trace_steps, run_dir=self.run_dir, mesh=mesh)
         self.peak_flops, self.peak_label = device_peak_flops(mesh.device)
         # bf16 compute under autocast (CUDA, or the CPU's own autocast, so CPU runs exercise the same
         # path); parameters, gradients, optimizer state and the loss stay float32
@@ -614,9 +616,17 @@ class Trainer:
         bar = _progress(self.step, cfg.train.max_steps, enabled=mesh.rank == 0)
         consecutive_skips = 0
         while self.step < cfg.train.max_steps:
+            tracing = self.executor.tracing = self.tracer.active(self.step + 1)
             with self.profiler.step(self.step + 1):
                 rec = self.train_step(lambda: stop.requested)
             stopping = rec.pop("_stop") or self.step == cfg.train.stop_at
+            if tracing:
+                self.executor.tracing = False
+                self.tracer.record(self.step, self.executor.trace_rows, self.executor.step_wall_start)
+                if self.step == self.tracer.window[1] or stopping or self.step == cfg.train.max_steps:
+                    path = self.tracer.finish()
+                    if path is not None:
+                        bar.write(f"pipeline trace of steps {self.tracer.window[0]}..{self.step} written to {path}")
             records.append(rec)
             consecutive_skips = consecutive_skips + 1 if rec["skipped"] else 0
             if rec["skipped"] and mesh.rank == 0:

@@ -91,6 +91,10 @@ class PipelineRunner:
         # name the action the GPU is stuck on while the host has already run ahead (engine/hang.py)
         self._events: list[tuple[str, object]] = []
         self._track_gpu = mesh.device.type == "cuda"
+        # parallel.trace_steps: set by the trainer for the traced steps; `trace_rows` then holds the
+        # step's slices (engine/pipeline/trace.py)
+        self.tracing = False
+        self.trace_rows: list[tuple[str, str, float, float]] = []
 
     # ------------------------------------------------------------------------------------- helpers
     def _chunk(self, stage: int) -> nn.Module:
@@ -123,7 +127,12 @@ class PipelineRunner:
         self._loss = torch.zeros((), device=mesh.device)
         self.timings = []
         self._events = []
-        t0 = time.perf_counter()
+        self.trace_rows = []
+        t0 = self._t0 = time.perf_counter()
+        self.step_wall_start = time.time()   # where a traced step sits on the trace's (wall-clock) axis
+        if self.tracing and self._track_gpu:
+            self._step_start = torch.cuda.Event(enable_timing=True)
+            self._step_start.record()
         actions = self.actions if backward else self.forward_actions
         with contextlib.nullcontext() if backward else torch.no_grad():
             for item in p2p_batches(actions):
@@ -139,17 +148,35 @@ class PipelineRunner:
                 else:
                     self._communicate(item)
                     label = " ".join(str(a) for a in item)
-                self.timings.append((label, start - t0, time.perf_counter() - t0))
+                end = time.perf_counter()
+                self.timings.append((label, start - t0, end - t0))
+                if self.tracing:
+                    self.trace_rows.append((label, "compute" if isinstance(item, Action) else "p2p",
+                                            start - t0, end - t0))
                 if self._track_gpu:
-                    event = torch.cuda.Event()
+                    event = torch.cuda.Event(enable_timing=self.tracing)
                     event.record()
                     self._events.append((label, event))
         self._wait_sends()
+        if self.tracing and self._track_gpu:
+            self._gpu_trace_rows()
         leftovers = [k for k in self._acts] + list(self.store.pending)
         self._acts = {}
         if backward and leftovers:
             raise RuntimeError(f"pipeline step ended with activations still held for {leftovers}")
         return self._loss / self.n_micro if mesh.is_last_stage else None
+
+    def _gpu_trace_rows(self) -> None:
+        """On CUDA the host runs ahead of the GPU, so a traced step's slices are read from the
+        completion events instead: each action spans from the previous action's completion to its
+        own (one stream runs them in order), waits included. One synchronize, on traced steps only."""
+        self._events[-1][1].synchronize()
+        rows, prev = [], 0.0
+        for (label, event), (_, cat, _, _) in zip(self._events, self.trace_rows):
+            end = self._step_start.elapsed_time(event) / 1e3
+            rows.append((label, cat, prev, end))
+            prev = end
+        self.trace_rows = rows
 
     def stuck_action(self) -> str | None:
         """On CUDA, the first action of the running step the GPU has not finished (None when all
@@ -194,7 +221,10 @@ class PipelineRunner:
         consumer, self.current_action = self.current_action, f"{recv} (for {self.current_action})"
         work.wait()
         self.current_action = consumer
-        self._waited += time.perf_counter() - t
+        done = time.perf_counter()
+        self._waited += done - t
+        if self.tracing and not self._track_gpu:
+            self.trace_rows.append((f"wait {recv}", "wait", t - self._t0, done - self._t0))
         return buf
 
     def _wait_sends(self) -> None:

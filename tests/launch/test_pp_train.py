@@ -25,7 +25,7 @@ SCHEDULE_RUNS = {
     "gpipe": ["parallel.schedule=gpipe", "parallel.layers_per_stage=[3,1]"],
     "1f1b": ["parallel.schedule=1f1b", "checkpoint.interval=5"],   # step 5 is test_checkpoint_from_pp2...'s source
     "1f1b+recompute": ["parallel.schedule=1f1b", "parallel.recompute=full"],
-    "zb_h1": ["parallel.schedule=zb_h1"],
+    "zb_h1": ["parallel.schedule=zb_h1", "parallel.trace_steps=[2,3]"],   # traced: test_measured_trace_...
     "zb_h1+recompute": ["parallel.schedule=zb_h1", "parallel.recompute=full"],
     "interleaved_1f1b": ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
 }
@@ -84,6 +84,46 @@ def test_checkpoint_from_pp2_resumes_at_pp1_and_pp4(pp2_world, data_dir, tmp_pat
             torchrun(pp, [*args, f"parallel.pp={pp}", "parallel.schedule=1f1b"])
             records = read_metrics(run)
         assert_runs_match(records, serial[5:])
+
+
+def test_measured_trace_has_one_slice_per_action_per_rank(pp2_world):
+    """parallel.trace_steps=[2,3] on the zb_h1 run (whose losses test_pp2_training_matches_serial_...
+    holds to serial: tracing changes nothing): rank 0 writes one Chrome trace with a process per
+    rank, whose compute track holds exactly that rank's compute actions of each traced step, in
+    list order and time order, its p2p track every p2p batch, and the waits for received tensors."""
+    from engine.pipeline.generators import build_schedule
+    from engine.pipeline.lowering import p2p_batches
+
+    tmp, _ = pp2_world
+    trace = json.loads((tmp / "zb_h1" / "trace" / "steps_2-3.json").read_text())
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    assert names == {0: "rank 0 (pp 0, tp 0, dp 0)", 1: "rank 1 (pp 1, tp 0, dp 0)"}
+    lists = build_schedule("zb_h1", 2, 4, 1)
+    for rank in range(2):
+        batches = p2p_batches(lists[rank])
+        for step in (2, 3):
+            mine = [e for e in slices if e["pid"] == rank and e["args"]["step"] == step]
+            compute = [e for e in mine if e["tid"] == 0]
+            assert [e["name"] for e in compute] == [str(a) for a in lists[rank] if a.is_compute], (rank, step)
+            assert all(a["ts"] + a["dur"] <= b["ts"] + 1 for a, b in zip(compute, compute[1:]))   # in time order
+            p2p = [e for e in mine if e["cat"] == "p2p"]
+            assert len(p2p) == sum(not isinstance(b, type(lists[rank][0])) for b in batches), (rank, step)
+            waits = [e for e in mine if e["cat"] == "wait"]
+            assert waits and all(e["name"].startswith("wait ") and e["tid"] == 1 for e in waits)
+    assert {e["args"]["step"] for e in slices} == {2, 3}
+
+
+def test_bad_trace_steps_are_clear_errors(tmp_path):
+    from engine.config import ConfigError, validate
+    from tests.support.launch import compose
+
+    base = [f"data.dir={tmp_path}", f"run_dir={tmp_path / 'run'}", "train.max_steps=5"]
+    with pytest.raises(ConfigError, match=r"parallel.trace_steps needs parallel.pp > 1 .*profile.steps"):
+        validate(compose([*base, "parallel.trace_steps=[1,2]"]))
+    for bad in ("[3,2]", "[1,6]", "[2]"):
+        with pytest.raises(ConfigError, match=r"parallel.trace_steps=.* must be \[first, last\] with 1 <= first"):
+            validate(compose([*base, "parallel.pp=2", f"parallel.trace_steps={bad}"]))
 
 
 def test_bad_pipeline_config_fails_before_work(pp2_world):
