@@ -147,7 +147,11 @@ def held_lowest(items: list, group=None) -> list[bool]:
     lowest holding it (`engine.layout.lowest_holders`)."""
     first = lowest_holders(_all_gather(items, group))
     rank = _group_rank(group)
-    return [first[item] == rank for item in items]
+    out, seen = [], set()
+    for item in items:   # an item this rank holds twice (rank 0's two tied-embedding copies in a V) counts once
+        out.append(first[item] == rank and item not in seen)
+        seen.add(item)
+    return out
 
 
 def owned_indices(entries: list[Entry], group=None) -> list[int]:

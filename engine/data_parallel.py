@@ -81,9 +81,18 @@ class OverlappedGradReducer:
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         if getattr(p, "weight_grad_deferred", False):
             # a zero-bubble deferred weight (engine/pipeline/weight_grad.py): its gradient is added by
-            # W after every backward, so it is never final here and its bucket goes in finish().
-            # (Eager, no hook fires for it; a compiled block fires one with no gradient.)
+            # a W (or a B) outside autograd, which reports it through `on_deferred_grad`. (Eager, no
+            # hook fires for it; a compiled block fires one with no gradient.)
             return
+        self._count(p)
+
+    def on_deferred_grad(self, p: torch.nn.Parameter) -> None:
+        """A deferred weight gradient was added (`WeightGradStore.on_grad`): counted like a hook's, so
+        a bucket whose last W has run is sent while the schedule goes on."""
+        if self.size > 1 and id(p) in self.bucket_of:
+            self._count(p)
+
+    def _count(self, p: torch.nn.Parameter) -> None:
         k = id(p)
         self.counts[k] = self.counts.get(k, 0) + 1
         if self.counts[k] == self.n_micro:

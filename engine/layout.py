@@ -34,3 +34,28 @@ def lowest_holders(held: Sequence[Sequence[Hashable]]) -> dict[Hashable, int]:
         for item in items:
             first.setdefault(item, rank)
     return first
+
+
+PLACEMENTS = ("loop", "v")
+
+
+def stage_rank(stage: int, pp: int, placement: str = "loop") -> int:
+    """The pp rank that holds global stage ``stage``.
+
+    ``loop`` (round robin, Megatron's interleaving): stage s on rank s % pp, so every micro-batch
+    visits the ranks in order, v times. ``v`` (ZB-V, DualPipeV): two chunks per rank in a V, rank r
+    holds stages r and 2p - 1 - r, so the turn at the last rank and the loss at rank 0 hand over in
+    memory instead of over the wire."""
+    if placement == "v":
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
+def rank_stages(rank: int, pp: int, chunks: int, placement: str = "loop") -> list[int]:
+    """The global stages ``rank`` holds, in local chunk order (chunk c is stage ``rank_stages(...)[c]``;
+    in both placements a stage's chunk index is stage // pp)."""
+    if placement == "v":
+        if chunks != 2:
+            raise ValueError(f"the V placement holds exactly two chunks per rank, not {chunks}")
+        return [rank, 2 * pp - 1 - rank]
+    return [c * pp + rank for c in range(chunks)]

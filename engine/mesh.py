@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from engine.layout import PLACEMENTS, stage_rank
+
 
 @dataclass(frozen=True)
 class Mesh:
@@ -29,14 +31,21 @@ class Mesh:
     dp_group: dist.ProcessGroup
     tp_group: dist.ProcessGroup
     device_mesh: DeviceMesh
+    # which pp rank holds which pipeline stage (engine.layout.stage_rank): "loop", or "v" for the
+    # schedules that place two chunks per rank in a V (zbv, dualpipev), where rank 0 holds the loss
+    pp_placement: str = "loop"
 
     @property
     def is_first_stage(self) -> bool:
+        """Whether this rank holds the first pipeline stage (the embedding; it reads the inputs)."""
         return self.pp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+        """Whether this rank holds the last pipeline stage (the head and the loss; it reads the
+        targets): pp rank pp-1, or pp rank 0 under the V placement."""
+        return self.pp_rank == stage_rank(2 * self.pp - 1 if self.pp_placement == "v" else self.pp - 1,
+                                          self.pp, self.pp_placement)
 
     def pp_global_rank(self, pp_rank: int) -> int:
         """Global rank of the process at pipeline position ``pp_rank`` with this rank's dp and tp."""
@@ -100,8 +109,12 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def build_mesh(*, tp: int = 1, pp: int = 1, dp: int | None = None, device: torch.device | None = None) -> Mesh:
-    """The mesh over the current process group. The group must already be initialized."""
+def build_mesh(*, tp: int = 1, pp: int = 1, dp: int | None = None, device: torch.device | None = None,
+               placement: str = "loop") -> Mesh:
+    """The mesh over the current process group. The group must already be initialized. ``placement``:
+    how pipeline stages sit on the pp ranks (`engine.pipeline.generators.schedule_placement`)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown stage placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
     if not dist.is_initialized():
         raise RuntimeError("build_mesh needs an initialized process group; call engine.mesh.init_distributed() first")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -113,4 +126,4 @@ def build_mesh(*, tp: int = 1, pp: int = 1, dp: int | None = None, device: torch
                 pp_rank=rank // (dp * tp), dp_rank=(rank // tp) % dp, tp_rank=rank % tp,
                 rank=rank, world_size=world, device=device,
                 pp_group=dm.get_group("pp"), dp_group=dm.get_group("dp"), tp_group=dm.get_group("tp"),
-                device_mesh=dm)
+                device_mesh=dm, pp_placement=placement)

@@ -34,6 +34,7 @@ from engine.data.prepare import prepare_once
 from engine.data_parallel import OverlappedGradReducer
 from engine.hang import HangReporter
 from engine.mesh import Mesh, build_mesh, init_distributed
+from engine.pipeline.generators import schedule_placement
 from engine.memory import launch_report
 from engine.metrics import MetricsLog, PeakMemory, device_peak_flops
 from engine.optim import clip_grad_norm, lr_at, param_refs
@@ -263,7 +264,7 @@ class Trainer:
         self.cfg = cfg
         p = cfg.parallel
         init_distributed(timeout_s=p.timeout_s)
-        self.mesh = mesh = build_mesh(tp=p.tp, pp=p.pp, dp=p.dp)
+        self.mesh = mesh = build_mesh(tp=p.tp, pp=p.pp, dp=p.dp, placement=schedule_placement(p.schedule))
         g, mb = cfg.train.global_batch_size, p.micro_batch_size
         if g % (mb * mesh.dp):
             raise ConfigError(
@@ -352,6 +353,8 @@ class Trainer:
                                                              lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                                              weight_decay=o.weight_decay, master_init=master_init)
         del master_init
+        if isinstance(self.executor, PipelineRunner):   # deferred (zero-bubble) W's reach the dp reducer as they run
+            self.executor.store.on_grad.append(self.dp_reducer.on_deferred_grad)
         self.memory, report = launch_report(self.refs, self.chunks, mesh, zero=o.zero,
                                             bucket_key=zero_bucket_key(self.chunks, mesh) if o.zero == 2 else None)
         if report is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Sequence
+from typing import Container, Sequence
 
 
 class Kind(StrEnum):
@@ -105,15 +105,26 @@ def format_actions(actions: Sequence[Sequence[Action]], *, compute_only: bool = 
     return "\n".join(lines)
 
 
-def deps(a: Action, n_stages: int, split: bool) -> list[Action]:
+def split_backwards(actions) -> frozenset[tuple[int, int]]:
+    """The (stage, micro-batch) pairs whose backward is split into I + W (every other backward is
+    one B). Most schedules use one form throughout; DualPipeV mixes them."""
+    return frozenset((a.stage, a.mb) for acts in actions for a in acts if a.kind in (Kind.I, Kind.W))
+
+
+def backward_kind(split: bool | Container[tuple[int, int]], stage: int, mb: int) -> Kind:
+    """I when that backward is split (``split`` True for all, or the set of split pairs), else B."""
+    return Kind.I if (split is True or (not isinstance(split, bool) and (stage, mb) in split)) else Kind.B
+
+
+def deps(a: Action, n_stages: int, split: bool | Container[tuple[int, int]]) -> list[Action]:
     """Compute actions that must finish before compute action `a` (possibly on other ranks);
-    `split`: backwards are I + W (zero-bubble) rather than B."""
-    bwd = Kind.I if split else Kind.B
+    `split`: which backwards are I + W (zero-bubble) rather than B — True for all, False for none,
+    or the set of (stage, micro-batch) pairs (`split_backwards`)."""
     if a.kind == Kind.F:
         return [Action(a.stage - 1, Kind.F, a.mb)] if a.stage > 0 else []
     if a.kind in (Kind.B, Kind.I):
         out = [Action(a.stage, Kind.F, a.mb)]
         if a.stage < n_stages - 1:
-            out.append(Action(a.stage + 1, bwd, a.mb))
+            out.append(Action(a.stage + 1, backward_kind(split, a.stage + 1, a.mb), a.mb))
         return out
     return [Action(a.stage, Kind.I, a.mb)]    # W

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.pipeline.actions import Action, Kind
+from engine.layout import rank_stages
+from engine.pipeline.actions import FORWARD_ONLY, Action, Kind
 from engine.pipeline.lowering import place_p2p
 
 
-def _gpipe(pp: int, n_micro: int, v: int) -> list[list[Action]]:
-    """All forwards (chunk by chunk), then all backwards in reverse chunk order. Holds n_micro micro-batches."""
+def _gpipe(pp: int, n_micro: int, v: int, placement: str = "loop") -> list[list[Action]]:
+    """All forwards (chunk by chunk), then all backwards in reverse chunk order. Holds n_micro
+    micro-batches. Under either placement a rank's chunks run in stage order, so the forwards flow
+    (evaluation runs this schedule's forward half)."""
     out = []
     for r in range(pp):
-        stages = [c * pp + r for c in range(v)]
+        stages = rank_stages(r, pp, v, placement)
         acts = [Action(s, Kind.F, mb) for s in stages for mb in range(n_micro)]
         acts += [Action(s, Kind.B, mb) for s in reversed(stages) for mb in range(n_micro)]
         out.append(acts)
@@ -81,12 +84,156 @@ def _zb_h1(pp: int, n_micro: int, v: int) -> list[list[Action]]:
     return out
 
 
+class _VOrder:
+    """One rank's compute order under the V placement (chunk 0 = stage r, chunk 1 = stage 2p-1-r),
+    built by appending actions with per-chunk counters; `w_fifo` keeps the W's an I left behind."""
+
+    def __init__(self, pp: int, r: int, n_micro: int):
+        self.stage = (r, 2 * pp - 1 - r)
+        self.n_micro = n_micro
+        self.count = {(k, c): 0 for k in (Kind.F, Kind.I, Kind.W) for c in (0, 1)}   # B counts as I
+        self.w_fifo: list[Action] = []
+        self.acts: list[Action] = []
+
+    def _add(self, kind: Kind, c: int, key: Kind | None = None) -> None:
+        key = key or kind
+        self.acts.append(Action(self.stage[c], kind, self.count[key, c]))
+        self.count[key, c] += 1
+
+    def f(self, c: int) -> bool:
+        """Forward the next micro-batch on chunk c, if there is one (chunk 1 only behind chunk 0)."""
+        if self.count[Kind.F, c] < self.n_micro and (c == 0 or self.count[Kind.F, 1] < self.count[Kind.F, 0]):
+            self._add(Kind.F, c)
+            return True
+        return False
+
+    def i(self, c: int, *, split: bool = True, w: bool = False) -> bool:
+        """Backward the next micro-batch on chunk c (chunk 0 only behind chunk 1): I (its W queued, or
+        run right after with ``w``) or, with ``split=False``, one B."""
+        n = self.count[Kind.I, c]
+        if n < self.count[Kind.F, c] and (c == 1 or n < self.count[Kind.I, 1]):
+            if split:
+                self._add(Kind.I, c)
+                self.w_fifo.append(Action(self.stage[c], Kind.W, n))
+                if w:
+                    self.w(c)
+            else:
+                self._add(Kind.B, c, key=Kind.I)
+            return True
+        return False
+
+    def w(self, c: int | None = None) -> bool:
+        """Run the oldest W an I left behind (on chunk c, or on either), if any."""
+        for k, a in enumerate(self.w_fifo):
+            if c is None or a.stage == self.stage[c]:
+                self.acts.append(self.w_fifo.pop(k))
+                return True
+        return False
+
+
+def _zbv(pp: int, n_micro: int, v: int) -> list[list[Action]]:
+    """ZB-V (Qi et al. 2023, §6, https://arxiv.org/abs/2401.10241): two chunks per rank in a V, so
+    the last rank turns a micro-batch around in memory and rank 0 holds both the embedding and the
+    loss. Rank r warms up with 2(p-r)-1 chunk-0 forwards, then r chunk-1/chunk-0 forward pairs,
+    then p-r chunk-1 F-I-W triples; the steady state alternates F-I-W on chunk 0 and chunk 1; the
+    drain runs the I's first and fills the gaps with the W's. With F = I = W every rank is busy from
+    its first action to its last once n_micro >= 2p-1 (zero bubble inside each rank's span: the
+    makespan is 6m + p - 1 chunk-units, the p-1 being the staircase of the ranks' start times), and
+    a rank holds at most 2p chunk activations: p stages' worth, 1F1B's peak on its first stage. Any
+    n_micro >= 1 is valid; below 2p-1 there are bubbles."""
+    out = []
+    for r in range(pp):
+        o = _VOrder(pp, r, n_micro)
+        for _ in range(2 * (pp - r) - 1):
+            o.f(0)
+        for _ in range(r):
+            o.f(1)
+            o.f(0)
+        for _ in range(pp - r):
+            o.f(1)
+            o.i(1, w=True)
+        while o.count[Kind.F, 1] < o.count[Kind.F, 0] or o.count[Kind.F, 0] < n_micro:
+            o.f(0)
+            o.i(0, w=True)
+            o.f(1)
+            o.i(1, w=True)
+        for _ in range(r):
+            o.i(0)
+            o.i(1)
+        for _ in range(pp - r):
+            o.i(0)
+            o.w(0)
+        while o.i(1) or o.i(0):
+            pass
+        while o.w(1) or o.w(0):
+            pass
+        out.append(o.acts)
+    return out
+
+
+def _dualpipev(pp: int, n_micro: int, v: int) -> list[list[Action]]:
+    """DualPipeV (DeepSeek's DualPipe cut in half, https://github.com/deepseek-ai/DualPipe): the V
+    placement fed from one end, whose steady state pairs the forward of one micro-batch with the
+    full backward (B) of another on the other chunk — an "F&B" pair, adjacent in the list, whose
+    receives the lowering posts before the pair and whose F's send goes out before its B runs, so
+    the pair's communication overlaps its compute. Warm-up and drain split backwards into I + W
+    (zero-bubble) to fill the ramps: rank r runs 2(p-r-1) chunk-0 forwards, r+1 chunk-0/chunk-1
+    forward pairs, p-r-1 I-W-F's on chunk 1, then m-2p+r+1 F&B double-pairs (F0&B1, F1&B0), p-r-1
+    B1-F1&B0's, r+1 backward pairs (the second half split), p-r-1 W-I's on chunk 0 and the last W's.
+    Peak 2p+1 chunk activations per rank (PP+1 in the DualPipe README); needs n_micro >= 2p."""
+    out = []
+    for r in range(pp):
+        o = _VOrder(pp, r, n_micro)
+        for _ in range(2 * (pp - r - 1)):
+            o.f(0)
+        for _ in range(r + 1):
+            o.f(0)
+            o.f(1)
+        for _ in range(pp - r - 1):
+            o.i(1)
+            o.w()
+            o.f(1)
+        for _ in range(n_micro - 2 * pp + r + 1):      # F&B pairs
+            o.f(0)
+            o.i(1, split=False)
+            o.f(1)
+            o.i(0, split=False)
+        for _ in range(pp - r - 1):
+            o.i(1, split=False)
+            o.f(1)
+            o.i(0, split=False)
+        split = False
+        for k in range(r + 1):   # the second half of these backwards split, to fill the drain with W's
+            if k == (r + 1) // 2 and r % 2 == 1:
+                split = True
+            o.i(1, split=split)
+            if k == (r + 1) // 2 and r % 2 == 0:
+                split = True
+            o.i(0, split=split)
+        for _ in range(pp - r - 1):
+            o.w()
+            o.i(0, split=split)
+        while o.w():
+            pass
+        out.append(o.acts)
+    return out
+
+
 SCHEDULES: dict[str, Callable[[int, int, int], list[list[Action]]]] = {
     "gpipe": _gpipe,
     "1f1b": _one_f_one_b,
     "interleaved_1f1b": _interleaved,
     "zb_h1": _zb_h1,
+    "zbv": _zbv,
+    "dualpipev": _dualpipev,
 }
+# where a schedule puts its stages (engine.layout.stage_rank); every other schedule loops
+PLACEMENT = {"zbv": "v", "dualpipev": "v"}
+
+
+def schedule_placement(name: str) -> str:
+    """The stage placement schedule ``name`` runs on: "v" for zbv and dualpipev, else "loop"."""
+    return PLACEMENT.get(name, "loop")
 
 
 def check_schedule_name(name: str) -> None:
@@ -109,6 +256,14 @@ def check_schedule_args(name: str, pp: int, n_micro: int, virtual_stages: int = 
         if n_micro % pp:
             raise ValueError(f"schedule interleaved_1f1b needs the number of micro-batches ({n_micro}) to be a "
                              f"multiple of pp={pp}; change train.global_batch_size or parallel.micro_batch_size")
+    elif name in PLACEMENT:
+        if virtual_stages != 2:
+            raise ValueError(f"schedule {name} runs two chunks per rank in a V (rank r holds stages r and "
+                             f"2·pp-1-r) but parallel.virtual_stages={virtual_stages}; set parallel.virtual_stages=2")
+        if name == "dualpipev" and n_micro < 2 * pp:
+            raise ValueError(f"schedule dualpipev needs at least 2·pp = {2 * pp} micro-batches, got {n_micro}; "
+                             f"raise train.global_batch_size or lower parallel.micro_batch_size "
+                             f"(or use zbv, which runs any count)")
     elif name in ("1f1b", "zb_h1") and virtual_stages != 1:
         raise ValueError(f"schedule {name} runs one chunk per rank but parallel.virtual_stages={virtual_stages}; "
                          f"use interleaved_1f1b (or gpipe) for virtual stages")
@@ -118,3 +273,11 @@ def build_schedule(name: str, pp: int, n_micro: int, virtual_stages: int = 1) ->
     """Every rank's ordered action list (compute and p2p) for one training step."""
     check_schedule_args(name, pp, n_micro, virtual_stages)
     return place_p2p(SCHEDULES[name](pp, n_micro, virtual_stages), pp * virtual_stages)
+
+
+def build_forward_only(name: str, pp: int, n_micro: int, virtual_stages: int = 1) -> list[list[Action]]:
+    """Evaluation's lists for a launch running schedule ``name``: gpipe's forward half on that
+    schedule's placement (forwards and their messages only)."""
+    check_schedule_args(name, pp, n_micro, virtual_stages)
+    order = _gpipe(pp, n_micro, virtual_stages, schedule_placement(name))
+    return [[a for a in acts if a.kind in FORWARD_ONLY] for acts in place_p2p(order, pp * virtual_stages)]

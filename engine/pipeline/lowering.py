@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from engine.pipeline.actions import Action, Kind, deps
+from engine.pipeline.actions import Action, Kind, backward_kind, deps, split_backwards
 
 _UNIT_COST = {Kind.F: 1.0, Kind.B: 2.0, Kind.I: 1.0, Kind.W: 1.0}
 
@@ -19,7 +19,7 @@ _UNIT_COST = {Kind.F: 1.0, Kind.B: 2.0, Kind.I: 1.0, Kind.W: 1.0}
 def _unit_timeline(order: list[list[Action]], n_stages: int) -> dict[Action, tuple[float, float]]:
     """(start, end) of every compute action, unit costs F=I=W=1, B=2, no communication cost: the
     placement's model of when a send is posted (the simulator runs the lowered lists instead)."""
-    split = any(a.kind == Kind.I for acts in order for a in acts)
+    split = split_backwards(order)
     times: dict[Action, tuple[float, float]] = {}
     pos, clock = [0] * len(order), [0.0] * len(order)
     progressed = True
@@ -45,8 +45,7 @@ def _unit_timeline(order: list[list[Action]], n_stages: int) -> dict[Action, tup
 def place_p2p(order: list[list[Action]], n_stages: int) -> list[list[Action]]:
     """Insert SF/RF/SB/RB between each rank's compute actions (see the module docstring)."""
     times = _unit_timeline(order, n_stages)
-    split = any(a.kind == Kind.I for acts in order for a in acts)
-    bwd = Kind.I if split else Kind.B
+    split = split_backwards(order)
     # sends_after[r][i]: sends right after compute i; recvs_before[r][j]: receives before compute j
     sends_after = [[[] for _ in acts] for acts in order]
     recvs_before = [[[] for _ in range(len(acts) + 1)] for acts in order]
@@ -56,8 +55,9 @@ def place_p2p(order: list[list[Action]], n_stages: int) -> list[list[Action]]:
     for a, (r, i) in index.items():
         if a.kind == Kind.F and a.stage < n_stages - 1:
             msg, consumer = Action(a.stage, Kind.SF, a.mb), Action(a.stage + 1, Kind.F, a.mb)
-        elif a.kind == bwd and a.stage > 0:
-            msg, consumer = Action(a.stage, Kind.SB, a.mb), Action(a.stage - 1, bwd, a.mb)
+        elif a.kind in (Kind.B, Kind.I) and a.stage > 0:
+            msg = Action(a.stage, Kind.SB, a.mb)
+            consumer = Action(a.stage - 1, backward_kind(split, a.stage - 1, a.mb), a.mb)
         else:
             continue
         rc, ic = index[consumer]
@@ -107,11 +107,19 @@ def p2p_batches(actions: Sequence[Action]) -> list[list[Action] | Action]:
 def p2p_streams(actions: Sequence[Sequence[Action]], pp: int) -> dict[tuple[int, int], tuple[list[Action], list[Action]]]:
     """For every ordered rank pair (src, dst) that exchanges messages: the sends src posts to dst
     and the receives dst posts from src, each in posting (list) order."""
+    owner = stage_owners(actions)
     streams: dict[tuple[int, int], tuple[list[Action], list[Action]]] = {}
     for r, acts in enumerate(actions):
         for a in acts:
             if a.kind.is_send:
-                streams.setdefault((r, a.peer_stage % pp), ([], []))[0].append(a)
+                streams.setdefault((r, owner.get(a.peer_stage, -1)), ([], []))[0].append(a)
             elif a.kind.is_recv:
-                streams.setdefault((a.peer_stage % pp, r), ([], []))[1].append(a)
+                streams.setdefault((owner.get(a.peer_stage, -1), r), ([], []))[1].append(a)
     return streams
+
+
+def stage_owners(actions: Sequence[Sequence[Action]]) -> dict[int, int]:
+    """stage -> the rank whose list computes it: read from the lists, so the same code serves every
+    placement (round robin or V); a stage no list computes has no owner (-1 in `p2p_streams`, which
+    the validator reports as an unmatched message)."""
+    return {a.stage: r for r, acts in enumerate(actions) for a in acts if a.is_compute}

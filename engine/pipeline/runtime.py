@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.layout import stage_rank
 from engine.mesh import Mesh
 from engine.pipeline.actions import Action, Kind
 from engine.pipeline.lowering import p2p_batches
@@ -77,6 +78,9 @@ class PipelineRunner:
         self.act_dtype = next((p.dtype for c in self.chunks for p in c.parameters() if p.is_floating_point()),
                               torch.float32)
         self.schedule = actions.schedule
+        self.placement = actions.placement
+        self.my_stages = actions.stages(mesh.pp_rank)
+        self.holds_first, self.holds_last = 0 in self.my_stages, self.n_stages - 1 in self.my_stages
         self.actions = actions.train[mesh.pp_rank]
         self.forward_actions = actions.forward[mesh.pp_rank]
         self.store = WeightGradStore()
@@ -98,10 +102,14 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------------------------- helpers
     def _chunk(self, stage: int) -> nn.Module:
-        return self.chunks[stage // self.pp]
+        return self.chunks[self.my_stages.index(stage)]
 
     def _peer(self, a: Action) -> int:
-        return self.mesh.pp_global_rank(a.peer_stage % self.pp)
+        return self.mesh.pp_global_rank(stage_rank(a.peer_stage, self.pp, self.placement))
+
+    def _here(self, stage: int) -> bool:
+        """Whether ``stage`` lives on this rank (then its tensors hand over in memory)."""
+        return stage in self.my_stages
 
     def _count_live(self) -> None:
         """Activations really alive: a stage output some reference still holds, or inputs and
@@ -115,9 +123,9 @@ class PipelineRunner:
         """One step. ``inputs`` (n_micro·mb, T) tokens on the first stage, ``targets`` on the last, None
         elsewhere. Returns the mean loss over the micro-batches on the last stage, else None."""
         mesh, mb = self.mesh, self.hidden_shape[0]
-        if mesh.is_first_stage:
+        if self.holds_first:
             self._x = self._split(inputs, "inputs")
-        if mesh.is_last_stage:
+        if self.holds_last:
             self._y = self._split(targets, "targets")
         self._acts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (mb, stage) -> (in, out)
         self._recv: dict[Action, tuple] = {}   # receive -> (work, buffer)
@@ -164,7 +172,7 @@ class PipelineRunner:
         self._acts = {}
         if backward and leftovers:
             raise RuntimeError(f"pipeline step ended with activations still held for {leftovers}")
-        return self._loss / self.n_micro if mesh.is_last_stage else None
+        return self._loss / self.n_micro if self.holds_last else None
 
     def _gpu_trace_rows(self) -> None:
         """On CUDA the host runs ahead of the GPU, so a traced step's slices are read from the
@@ -237,7 +245,7 @@ class PipelineRunner:
     def _stage_input(self, a: Action) -> torch.Tensor:
         if a.stage == 0:
             return self._x[a.mb]
-        if (a.stage - 1) % self.pp == a.stage % self.pp:        # previous stage on this rank (pp == 1)
+        if self._here(a.stage - 1):        # previous stage on this rank (the turn of a V)
             key = (a.mb, a.stage - 1)
             h = (self._acts[key] if torch.is_grad_enabled() else self._acts.pop(key))[1].detach()
         else:
@@ -264,7 +272,7 @@ class PipelineRunner:
         if a.stage == self.n_stages - 1:
             torch.autograd.backward(out)
         else:
-            if (a.stage + 1) % self.pp == a.stage % self.pp:     # next stage on this rank
+            if self._here(a.stage + 1):     # next stage on this rank (the turn of a V)
                 grad = self._grads.pop((a.mb, a.stage + 1))
             else:
                 grad = self._take(Action(a.stage, Kind.RB, a.mb)).to(out.dtype)

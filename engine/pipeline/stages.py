@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.layout import even_split, stage_bounds
+from engine.layout import even_split, rank_stages, stage_bounds, stage_rank
 from engine.mesh import Mesh
 from models import Llama, ModelConfig
 
@@ -45,11 +45,17 @@ def stage_layer_ranges(n_layers: int, pp: int, virtual_stages: int = 1,
 
 def build_stage_chunks(mcfg: ModelConfig, mesh: Mesh, *, layers_per_stage: Sequence[int] | None = None,
                        virtual_stages: int = 1, kernels: str = "torch") -> list[Llama]:
-    """This pp rank's model chunks on the meta device, in local order (chunk c = stage c*pp + pp_rank)."""
+    """This pp rank's model chunks on the meta device, in local chunk order (`engine.layout.rank_stages`
+    under the mesh's placement: stage c*pp + pp_rank for the loop, stages r and 2pp-1-r for the V)."""
     ranges = stage_layer_ranges(mcfg.n_layers, mesh.pp, virtual_stages, layers_per_stage)
     with torch.device("meta"):
-        return [Llama(mcfg, layers=ranges[c * mesh.pp + mesh.pp_rank], kernels=kernels)
-                for c in range(virtual_stages)]
+        return [Llama(mcfg, layers=ranges[s], kernels=kernels)
+                for s in rank_stages(mesh.pp_rank, mesh.pp, virtual_stages, mesh.pp_placement)]
+
+
+def last_stage_rank(mesh: Mesh) -> int:
+    """The pp rank holding the last stage (the head): pp-1, or 0 under the V placement."""
+    return stage_rank(2 * mesh.pp - 1, mesh.pp, "v") if mesh.pp_placement == "v" else mesh.pp - 1
 
 
 def tied_copies(chunks: Sequence[nn.Module]) -> list[nn.Parameter]:
@@ -69,14 +75,15 @@ def sync_tied_grads(chunks: Sequence[nn.Module], mesh: Mesh) -> None:
     for p in copies:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if mesh.pp == 1 or not (mesh.is_first_stage or mesh.is_last_stage):
-        if len(copies) == 2:           # first and last stage on one rank
-            total = copies[0].grad + copies[1].grad
-            for p in copies:
-                p.grad.copy_(total)
+    if len(copies) == 2:           # first and last stage on one rank (pp == 1, or rank 0 of a V)
+        total = copies[0].grad + copies[1].grad
+        for p in copies:
+            p.grad.copy_(total)
+        return
+    if mesh.pp == 1 or not copies:
         return
     (mine,) = copies
-    peer = mesh.pp_global_rank(mesh.pp - 1 if mesh.is_first_stage else 0)
+    peer = mesh.pp_global_rank(last_stage_rank(mesh) if mesh.is_first_stage else 0)
     theirs = torch.empty_like(mine.grad)
     ops = [dist.P2POp(dist.isend, mine.grad, peer), dist.P2POp(dist.irecv, theirs, peer)]
     for w in dist.batch_isend_irecv(ops):

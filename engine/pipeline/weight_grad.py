@@ -30,6 +30,10 @@ class WeightGradStore:
         self.capturing: tuple[int, int] | None = None
         self.pending: dict[tuple[int, int], list] = {}
         self.weights: list[nn.Parameter] = []   # registered for the compiled path (`register`)
+        # called with each weight right after a gradient is added to it (a W, or a B outside an I):
+        # the data-parallel reducer counts these as it counts autograd's accumulations, so a bucket of
+        # deferred weights is sent as soon as its last W has run, not at the end of the step
+        self.on_grad: list = []
         _STORES.add(self)
 
     @contextlib.contextmanager
@@ -46,14 +50,15 @@ class WeightGradStore:
         for weight, x, g in self.pending.pop(key, []):
             self.accumulate(weight, x, g)
 
-    @staticmethod
     @torch.no_grad()
-    def accumulate(weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
+    def accumulate(self, weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> None:
         dw = linear_weight_grad(g, x, weight.dtype)
         if weight.grad is None:
             weight.grad = dw
         else:
             weight.grad.add_(dw)
+        for callback in self.on_grad:
+            callback(weight)
 
     def matmul(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x · module.weightᵀ (no bias) with its weight gradient left to this store."""

@@ -28,6 +28,14 @@ SCHEDULE_RUNS = {
     "zb_h1": ["parallel.schedule=zb_h1", "parallel.trace_steps=[2,3]"],   # traced: test_measured_trace_...
     "zb_h1+recompute": ["parallel.schedule=zb_h1", "parallel.recompute=full"],
     "interleaved_1f1b": ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
+    # the V placement: 4 one-layer chunks, rank 0 holding the embedding, the loss and both tied copies
+    "zbv": ["parallel.schedule=zbv", "parallel.virtual_stages=2", "checkpoint.interval=5"],
+    "dualpipev": ["parallel.schedule=dualpipev", "parallel.virtual_stages=2"],
+}
+# after the runs above, in the same world: each schedule family resumes the other's step-5 checkpoint
+RESUME_RUNS = {
+    "1f1b_from_zbv": ("zbv", ["parallel.schedule=1f1b"]),
+    "zbv_from_1f1b": ("1f1b", ["parallel.schedule=zbv", "parallel.virtual_stages=2"]),
 }
 
 
@@ -47,6 +55,9 @@ def pp2_world(data_dir, tmp_path_factory):
     }
     runs = {name: [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp / name}", f"train.max_steps={STEPS}",
                    "parallel.pp=2", *extra] for name, extra in SCHEDULE_RUNS.items()}
+    for name, (source, extra) in RESUME_RUNS.items():
+        runs[name] = [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp / name}", f"train.max_steps={STEPS}",
+                      "parallel.pp=2", f"checkpoint.resume={tmp / source / 'checkpoints' / 'step_000005'}", *extra]
     return tmp, run_distributed(refuse_then_train, world_size=2, args=(refused, runs))
 
 
@@ -56,6 +67,15 @@ def test_pp2_training_matches_serial_for_every_schedule(pp2_world, serial):
         for rank_out in results:   # every rank returns the global loss and norm; rank 0 logs them
             assert_runs_match(rank_out["runs"][name], serial)
         assert_runs_match(read_metrics(tmp / name), serial)
+
+
+def test_zbv_and_1f1b_resume_each_others_checkpoints(pp2_world, serial):
+    """A checkpoint from the V placement (rank 0 wrote the head and both tied copies once) resumes
+    under 1F1B's loop placement, and 1F1B's under ZB-V: both continue the serial loss curve."""
+    tmp, results = pp2_world
+    for name in RESUME_RUNS:
+        assert_runs_match(results[0]["runs"][name], serial[5:])
+        assert_runs_match(read_metrics(tmp / name), serial[5:])
 
 
 def test_pp2_dp2_zero_bubble_matches_serial(data_dir, tmp_path, serial):

@@ -27,11 +27,16 @@ def _run_cases(rank, world, cases):
     from engine.pipeline import build_stage_chunks, sync_tied_grads
     from models import ModelConfig, init_weights
 
-    mesh = build_mesh(pp=world)
+    import dataclasses
+
+    from engine.pipeline.generators import schedule_placement
+
+    loop_mesh = build_mesh(pp=world)
     posted = _record_p2p_tags()
     out = []
     for case in cases:
         posted.clear()
+        mesh = dataclasses.replace(loop_mesh, pp_placement=schedule_placement(case["schedule"]))
         cfg = ModelConfig(**BASE, n_layers=case["n_layers"], tie_embeddings=case.get("tied", False))
         m, v = case["m"], case.get("v", 1)
         tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
@@ -55,7 +60,8 @@ def _run_cases(rank, world, cases):
                 torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6, msg=lambda s: f"{case} {name}: {s}")
                 worst = max(worst, float((p.grad - ref).abs().max()))
                 names.append(name)
-        out.append({"loss": None if loss is None else float(loss), "eval_loss": None if eval_loss is None else float(eval_loss),
+        boundaries = sum(a.kind == "SF" for a in runner.actions) // m
+        out.append({"boundaries": boundaries, "loss": None if loss is None else float(loss), "eval_loss": None if eval_loss is None else float(eval_loss),
                     "ref_loss": float(ref_loss), "worst": worst, "names": names, "live_peak": runner.live_peak,
                     "n_serial_params": len(list(serial.named_parameters())),
                     "serial_names": [n for n, _ in serial.named_parameters()], "tags": tags})
@@ -114,10 +120,12 @@ def _memory_and_errors(rank, world, cases):
 def _check(results, cases):
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
-        last = per_rank[-1]
+        # the loss lives on the rank holding the last stage: pp-1, or rank 0 under a V (zbv, dualpipev)
+        v_placed = case["schedule"] in ("zbv", "dualpipev")
+        last = per_rank[0 if v_placed else -1]
         assert last["loss"] == pytest.approx(last["ref_loss"], rel=1e-5), case
         assert last["eval_loss"] == pytest.approx(last["ref_loss"], rel=1e-5), case
-        assert all(r["loss"] is None for r in per_rank[:-1])
+        assert all(r["loss"] is None for r in per_rank if r is not last)
         # every serial parameter is held (and was compared) somewhere, and by one chunk only except
         # the tied embedding, whose copy the last stage holds too
         held = [n for r in per_rank for n in r["names"]]
@@ -127,10 +135,16 @@ def _check(results, cases):
         assert {n: held.count(n) for n in serial} == {n: 2 if n in twice else 1 for n in serial}, case
         if case.get("tied"):
             assert held.count("tok_embeddings.weight") == 2
+            if v_placed:   # both copies on rank 0, the holder of stage 0 and of the last stage
+                assert per_rank[0]["names"].count("tok_embeddings.weight") == 2
         assert max(r["worst"] for r in per_rank) < 1e-5
         # tag 0 only (what NCCL effectively sees): a send and a receive per message, each message
-        # once in the training step and activations once more in the forward-only step
-        n_msgs = case["m"] * (len(per_rank) * case.get("v", 1) - 1)
+        # once in the training step and activations once more in the forward-only step. Every stage
+        # boundary crosses ranks except, in a V, the turn at the last rank (handed over in memory).
+        n_stages = len(per_rank) * case.get("v", 1)
+        crossings = n_stages - 1 - (1 if v_placed else 0)
+        assert sum(r["boundaries"] for r in per_rank) == crossings, case
+        n_msgs = case["m"] * crossings
         tags = [t for r in per_rank for t in r["tags"]]
         assert len(tags) == 2 * (2 * n_msgs + n_msgs) and set(tags) == {0}, case
 
@@ -142,6 +156,10 @@ PP2_CASES = [
     {"schedule": "zb_h1", "n_layers": 3, "m": 4, "tied": True},
     {"schedule": "interleaved_1f1b", "n_layers": 5, "m": 4, "v": 2, "layers": [2, 1, 1, 1], "tied": True},
     {"schedule": "gpipe", "n_layers": 4, "m": 2, "v": 2},
+    # the V placement: rank 0 holds stages 0 and 3 (embedding and loss, both tied copies), rank 1
+    # stages 1 and 2 (the turn, in memory)
+    {"schedule": "zbv", "n_layers": 5, "m": 3, "v": 2, "layers": [2, 1, 1, 1], "tied": True},
+    {"schedule": "dualpipev", "n_layers": 4, "m": 5, "v": 2},
 ]
 
 
@@ -234,6 +252,10 @@ PP4_CASES = [
     # must come in rank 1's send order now that messages carry no tags
     {"schedule": "interleaved_1f1b", "n_layers": 8, "m": 8, "v": 2},
     {"schedule": "zb_h1", "n_layers": 5, "m": 5, "tied": True},
+    # V placement at pp4: 8 stages, odd layer count and a micro-batch count below 2p-1 (ZB-V's ramp
+    # does not fill), and DualPipeV at its minimum of 2p micro-batches
+    {"schedule": "zbv", "n_layers": 9, "m": 5, "v": 2, "layers": [1, 1, 1, 2, 1, 1, 1, 1], "tied": True},
+    {"schedule": "dualpipev", "n_layers": 8, "m": 8, "v": 2},
 ]
 # tp=2 × pp=2 zb_h1 over 3 layers (stages of 2 and 1): GQA with split KV heads and the
 # column-parallel output head; then sequence parallelism with the tied vocab-parallel head, one KV
