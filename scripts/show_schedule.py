@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.pipeline.actions import format_actions  # noqa: E402
-from engine.pipeline.generators import SCHEDULES, build_schedule  # noqa: E402
+from engine.pipeline.generators import SCHEDULES, build_schedule, schedule_placement  # noqa: E402
 from engine.pipeline.simulate import simulate, uniform_cost  # noqa: E402
 
 
@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
     ap.add_argument("--pp", type=int, default=4)
     ap.add_argument("--micro", type=int, default=8)
-    ap.add_argument("--virtual", type=int, default=1)
+    ap.add_argument("--virtual", type=int, default=None,
+                    help="chunks per rank (default 2 for the V schedules zbv and dualpipev, else 1)")
     ap.add_argument("--f", type=float, default=1.0, help="forward cost of a whole stage")
     ap.add_argument("--b", type=float, default=2.0, help="backward cost of a whole stage (I + W)")
     ap.add_argument("--w", type=float, default=1.0, help="weight-gradient part of the backward (zb_h1)")
@@ -33,12 +34,16 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=None,
                     help="write the simulated timeline as a Chrome/Perfetto trace (JSON) to this file")
     a = ap.parse_args()
+    if a.virtual is None:
+        a.virtual = 2 if schedule_placement(a.schedule) == "v" else 1
     actions = build_schedule(a.schedule, a.pp, a.micro, a.virtual)
     if a.actions:
         print(format_actions(actions))
     v = a.virtual
     result = simulate(actions, uniform_cost(a.f / v, a.b / v, a.w / v))
     print(result.chart(a.width))
+    idle = result.idle_in_span
+    print(f"idle inside each rank's span {[round(x, 3) for x in idle]} (the zero-bubble papers' bubble)")
     if a.trace is not None:
         a.trace.write_text(json.dumps(result.chrome_trace()))
         print(f"trace written to {a.trace} (open it in https://ui.perfetto.dev or chrome://tracing)")

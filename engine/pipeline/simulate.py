@@ -77,6 +77,18 @@ class SimResult:
     def pp(self) -> int:
         return len(self.timeline)
 
+    @property
+    def idle_in_span(self) -> list[float]:
+        """Per rank: idle time between its first compute action's start and its last one's end. The
+        zero-bubble papers' "bubble": their ranks start one forward apart (a staircase) and, with the
+        optimizer step not synchronized across ranks (Qi et al. §4), only idle inside a rank's own
+        span is lost. `bubble` is the stricter whole-makespan figure."""
+        out = []
+        for row, busy in zip(self.timeline, self.busy):
+            spans = [(s, e) for s, e, a in row if a.is_compute]
+            out.append(spans[-1][1] - spans[0][0] - busy if spans else 0.0)
+        return out
+
     def chart(self, width: int = 100) -> str:
         """ASCII timeline: one row per rank, each compute action drawn as its label ("F3" or, with
         several chunks per rank, the full "1F3") stretched to its duration; '.' is idle or waiting."""

@@ -199,8 +199,8 @@ def test_bad_arguments_are_named(args, match):
         build_schedule(*args)
 
 
-def test_schedules_registry_lists_the_four():
-    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1"}
+def test_schedules_registry_lists_the_six():
+    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv", "dualpipev"}
 
 
 @pytest.mark.parametrize("name,v", [("zb_h1", 1), ("interleaved_1f1b", 2)])
