@@ -242,8 +242,52 @@ def _tp_zero_bubble_cases(rank, world, cases):
     return out
 
 
-def _world4(rank, world, pp4_cases, tp_cases):
-    return _run_cases(rank, world, pp4_cases), _tp_zero_bubble_cases(rank, world, tp_cases)
+def _tp_v_cases(rank, world, cases):
+    """tp=2 × pp=2 under the V schedules: two chunks per rank (rank 0: embedding and head, both tied
+    copies vocab-sharded), loss and every gradient gathered to global shape against serial."""
+    import dataclasses
+
+    from engine.mesh import build_mesh
+    from engine.pipeline import build_stage_chunks, sync_tied_grads
+    from engine.recompute import apply_recompute
+    from engine.tensor_parallel import parallelize, sync_tp_grads
+    from models import ModelConfig, init_weights
+    from models.shard import iter_params
+    from tests.parallel.test_tensor_parallel import _gather_global
+
+    base = build_mesh(tp=2, pp=world // 2)
+    out = []
+    for case in cases:
+        mesh = dataclasses.replace(base, pp_placement="v")
+        cfg = ModelConfig(**{**BASE, **case.get("model", {})}, n_layers=case["n_layers"],
+                          tie_embeddings=case.get("tied", False))
+        m, sp = case["m"], case.get("sp", False)
+        tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        serial, ref_loss = serial_step(cfg, x, y)
+        chunks = build_stage_chunks(cfg, mesh, layers_per_stage=case.get("layers"), virtual_stages=2)
+        for c in chunks:
+            parallelize(c, mesh, sequence_parallel=sp)
+            init_weights(c, seed=0, n_layers=cfg.n_layers, device="cpu")
+            apply_recompute(c, case.get("recompute", "none"))
+        runner = _runner(chunks, mesh, case["schedule"], m, 2, hidden_shape=(MB, T // mesh.tp if sp else T, cfg.dim))
+        loss = runner.forward_backward(x if mesh.is_first_stage else None, y if mesh.is_last_stage else None)
+        sync_tp_grads(chunks, mesh)
+        sync_tied_grads(chunks, mesh)
+        grads = _gather_global({n: (p.grad, meta) for c in chunks for n, p, meta in iter_params(c)}, mesh.tp_group)
+        worst = 0.0
+        for name, g in grads.items():
+            ref = serial.get_parameter(name).grad
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=lambda s: f"{case} {name}: {s}")
+            worst = max(worst, float((g - ref).abs().max()))
+        out.append({"loss": None if loss is None else float(loss), "ref_loss": float(ref_loss), "worst": worst,
+                    "names": sorted(grads), "serial_names": sorted(n for n, _ in serial.named_parameters())})
+    return out
+
+
+def _world4(rank, world, pp4_cases, tp_cases, tp_v_cases):
+    return (_run_cases(rank, world, pp4_cases), _tp_zero_bubble_cases(rank, world, tp_cases),
+            _tp_v_cases(rank, world, tp_v_cases))
 
 
 PP4_CASES = [
@@ -269,21 +313,43 @@ TP_ZB_CASES = [
 ]
 
 
+# tp=2 × pp=2 on the V: ZB-V with sequence parallelism, the tied vocab-parallel head (both copies on
+# rank 0), one KV head replicated on both tp ranks and full recompute; DualPipeV untied, GQA split
+TP_V_CASES = [
+    {"schedule": "zbv", "n_layers": 5, "layers": [2, 1, 1, 1], "m": 3, "sp": True, "tied": True,
+     "model": {"n_kv_heads": 1}, "recompute": "full"},
+    {"schedule": "dualpipev", "n_layers": 4, "m": 4},
+]
+
+
 @pytest.fixture(scope="module")
 def world4():
-    """One 4-process world: pp=4 schedules, then tp=2 × pp=2 zero-bubble."""
-    return run_distributed(_world4, world_size=4, args=(PP4_CASES, TP_ZB_CASES))
+    """One 4-process world: pp=4 schedules, then tp=2 × pp=2 zero-bubble and the V schedules."""
+    return run_distributed(_world4, world_size=4, args=(PP4_CASES, TP_ZB_CASES, TP_V_CASES))
 
 
 def test_interleaved_and_zero_bubble_match_serial_at_pp4(world4):
-    _check([pp4 for pp4, _ in world4], PP4_CASES)
+    _check([pp4 for pp4, _, _ in world4], PP4_CASES)
+
+
+def test_tp2_pp2_v_schedules_match_serial(world4):
+    for i, case in enumerate(TP_V_CASES):
+        per_rank = [tpv[i] for _, _, tpv in world4]
+        for r in per_rank[:2]:   # pp rank 0 holds the last stage under the V
+            assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5), case
+        assert all(r["loss"] is None for r in per_rank[2:])
+        assert per_rank[0]["names"] == per_rank[1]["names"] and per_rank[2]["names"] == per_rank[3]["names"], case
+        outer, inner = set(per_rank[0]["names"]), set(per_rank[2]["names"])
+        assert outer | inner == set(per_rank[0]["serial_names"]) and not outer & inner, case
+        assert {"tok_embeddings.weight", "norm.weight"} <= outer
+        assert max(r["worst"] for r in per_rank) < 1e-5
 
 
 def test_tp2_pp2_zero_bubble_defers_tensor_parallel_weight_grads(world4):
     """Each I stashes one entry per column/row-parallel weight (and the tied head's copy) and leaves
     their .grad as it was, while norms and embedding lookups get theirs; the W writes exactly the
     deferred ones and empties the stash."""
-    for rank, (_, results) in enumerate(world4):
+    for rank, (_, results, _) in enumerate(world4):
         for case, res in zip(TP_ZB_CASES, results):
             deferred, events = res["deferred"], res["events"]
             assert any(n.endswith("wq.weight") for n in deferred) and any(n.endswith("w2.weight") for n in deferred)
@@ -301,7 +367,7 @@ def test_tp2_pp2_zero_bubble_defers_tensor_parallel_weight_grads(world4):
 
 def test_tp2_pp2_zero_bubble_matches_serial(world4):
     for i, case in enumerate(TP_ZB_CASES):
-        per_rank = [tp[i] for _, tp in world4]
+        per_rank = [tp[i] for _, tp, _ in world4]
         for r in per_rank[2:]:
             assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5), case
         assert all(r["loss"] is None for r in per_rank[:2])
