@@ -108,6 +108,9 @@ LAYOUTS = {
     "tp2_dp2_zero1_recompute": ["parallel.tp=2", "parallel.dp=2", "optim.zero=1", "parallel.recompute=selective"],
     "dp4_tied": ["parallel.dp=4", "model.tie_embeddings=true"],
     "pp2_dp2_zero2_tied": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true"],
+    # the V: rank 0 sends to and receives from rank 1 in one batch; deferred W's start reduce-scatters
+    "pp2_dp2_zero2_zbv_tied": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true",
+                               "parallel.schedule=zbv", "parallel.virtual_stages=2", "model.n_layers=4"],
 }
 # run after LAYOUTS, with the gradient norm summed on the host as before the fix
 HOST_NORM_LAYOUTS = {"dp4_host_norm": ["parallel.dp=4"]}
