@@ -280,7 +280,7 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                     continue
                 try:
                     actions = build_schedule(sched, p, n_micro, virtual_stages=v)
-                except ValueError as e:  # e.g. interleaving needs a multiple of pp micro-batches
+                except ValueError as e:  # a schedule refusing these arguments
                     considered.append((sched, v, mb, str(e)))
                     continue
                 cand = Candidate(sched, v, mb, n_micro, actions, in_flight_counts(actions))

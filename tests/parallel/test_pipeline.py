@@ -88,7 +88,7 @@ def _runtime_errors(rank, world):
     cfg = ModelConfig(**BASE, n_layers=4)
     chunks = [init_weights(c, seed=0, n_layers=4, device="cpu") for c in build_stage_chunks(cfg, mesh)]
     messages = []
-    for args in (("1f1b", 2, 2), ("interleaved_1f1b", 3, 2), ("looped", 2)):
+    for args in (("1f1b", 2, 2), ("interleaved_1f1b", 3, 1), ("looped", 2)):
         try:
             _runner(chunks, mesh, *args, hidden_shape=(MB, T, cfg.dim))
         except ValueError as e:
@@ -311,7 +311,7 @@ def test_activations_are_released_within_the_schedule_bound_and_bad_input_is_ref
     for _, messages in both:
         assert len(messages) == 6
         assert "1f1b runs one chunk per rank but parallel.virtual_stages=2" in messages[0]
-        assert "micro-batches (3) to be a multiple of pp=2" in messages[1]
+        assert "interleaved_1f1b needs parallel.virtual_stages >= 2 (got 1)" in messages[1]
         assert "unknown pipeline schedule 'looped'; known schedules: gpipe, 1f1b, interleaved_1f1b, zb_h1" in messages[2]
         assert "action lists built for pp=4 given to a mesh with pp=2" in messages[3]
         assert "got 1 model chunks for virtual_stages=2" in messages[4]
