@@ -142,6 +142,13 @@ PP2_CASES = [
     {"schedule": "zb_h1", "n_layers": 3, "m": 4, "tied": True},
     {"schedule": "interleaved_1f1b", "n_layers": 5, "m": 4, "v": 2, "layers": [2, 1, 1, 1], "tied": True},
     {"schedule": "gpipe", "n_layers": 4, "m": 2, "v": 2},
+    # flexible layouts (issue 15): an embedding-only first stage, a head-and-loss-only last stage
+    # (zero-bubble: the tied head's deferred W on a stage without layers), interleaved with a
+    # micro-batch count that is not a multiple of pp, and both at once
+    {"schedule": "1f1b", "n_layers": 3, "m": 3, "layers": [0, 3]},
+    {"schedule": "zb_h1", "n_layers": 3, "m": 3, "layers": [3, 0], "tied": True},
+    {"schedule": "interleaved_1f1b", "n_layers": 4, "m": 3, "v": 2},
+    {"schedule": "interleaved_1f1b", "n_layers": 3, "m": 5, "v": 2, "layers": [0, 2, 1, 0], "tied": True},
 ]
 
 
@@ -234,6 +241,10 @@ PP4_CASES = [
     # must come in rank 1's send order now that messages carry no tags
     {"schedule": "interleaved_1f1b", "n_layers": 8, "m": 8, "v": 2},
     {"schedule": "zb_h1", "n_layers": 5, "m": 5, "tied": True},
+    # flexible layouts: both ends empty (Llama 3's lighter end stages, taken to zero), and
+    # interleaved with 6 micro-batches over 4 ranks (one round of 6) and empty end chunks
+    {"schedule": "1f1b", "n_layers": 3, "m": 4, "layers": [0, 2, 1, 0], "tied": True},
+    {"schedule": "interleaved_1f1b", "n_layers": 6, "m": 6, "v": 2, "layers": [0, 1, 1, 1, 1, 1, 1, 0]},
 ]
 # tp=2 × pp=2 zb_h1 over 3 layers (stages of 2 and 1): GQA with split KV heads and the
 # column-parallel output head; then sequence parallelism with the tied vocab-parallel head, one KV
@@ -322,7 +333,9 @@ def test_activations_are_released_within_the_schedule_bound_and_bad_input_is_ref
     ((3, 4, 1, None), "4 stages but the model has only 3 layers"),
     ((5, 2, 1, [2, 2]), r"layers_per_stage=\[2, 2\] sums to 4, not the model's n_layers=5"),
     ((5, 2, 1, [5]), "has 1 entries but the pipeline has pp=2"),
-    ((4, 2, 1, [4, 0]), "gives a stage no layers"),
+    ((4, 3, 1, [2, 0, 2]), r"gives stage 1 no layers; only the first stage \(embedding only\) and the last"),
+    ((5, 2, 2, [0, 3, 0, 2]), "gives stage 2 no layers"),
+    ((4, 2, 1, [5, -1]), "has a negative count"),
     ((6, 2, 2, None), "n_layers=6 does not divide into pp=2 × virtual_stages=2"),
 ])
 def test_bad_layouts_are_clear_errors(args, match):
@@ -334,3 +347,6 @@ def test_default_split_is_even_with_earlier_stages_taking_the_rest():
     assert stage_layer_ranges(3, 2) == [(0, 2), (2, 3)]
     assert stage_layer_ranges(8, 4, 2) == [(i, i + 1) for i in range(8)]
     assert stage_layer_ranges(5, 2, 2, [2, 1, 1, 1]) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    # empty end stages: the embedding alone first, the head and loss alone last
+    assert stage_layer_ranges(3, 2, 1, [0, 3]) == [(0, 0), (0, 3)]
+    assert stage_layer_ranges(4, 3, 1, [0, 4, 0]) == [(0, 0), (0, 4), (4, 4)]
