@@ -295,8 +295,9 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
         bpp = cm.state_bytes_per_param()
         for sched in schedules:
             for v in (virtual_stages if sched.startswith("interleaved") else (1,)):
-                if p * v > L:
-                    considered.append((sched, v, mb, f"pp×virtual_stages={p * v} exceeds {L} layers"))
+                if sum(_fewest_layers(p * v)) > L:   # every middle stage needs a layer
+                    considered.append((sched, v, mb, f"pp×virtual_stages={p * v} stages need at least "
+                                                     f"{sum(_fewest_layers(p * v))} layers; the model has {L}"))
                     continue
                 try:
                     actions = build_schedule(sched, p, n_micro, virtual_stages=v)
@@ -315,7 +316,9 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                     need = v * min_memory(items, S, in_flight=inflight, bytes_per_param=bpp, tied=tied)
                     if need + device.reserve_gb * GB < min_needed:
                         min_needed, min_at = need + device.reserve_gb * GB, (sched, v, mb)
-                even = even_split(L, S)
+                # the even split, where it gives every stage a layer (with S = L + 1 or L + 2 only
+                # layouts with empty end stages exist)
+                even = even_split(L, S) if S <= L else None
                 options = [c for c in (cuts, even) if c is not None]
                 results = []
                 for c in options:

@@ -87,6 +87,13 @@ def test_a_heavy_head_gets_a_stage_of_its_own():
     assert P.best_partition(items, 3, in_flight=[1, 1, 1], bytes_per_param=1.0, mem_limit=1e9, tied=True) == [3, 3, 0]
     assert P.best_partition(items[:3] + items[-1:], 4, in_flight=[1] * 4, bytes_per_param=1.0, mem_limit=1e9) \
         == [0, 1, 1, 0]   # 2 layers over 4 stages: only with both ends empty
+    # plan() too: 2 layers in pp=2 × v=2 chunks is feasible now, with no even split to compare against
+    m = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=512, vocab_size=64, max_seq_len=128)
+    setup = P.Setup(m, pp=2, seq_len=128, global_batch=8)
+    pl = P.plan(setup, H100, schedules=("interleaved_1f1b",), micro_batch_sizes=[1])
+    assert pl.virtual_stages == 2 and pl.layers_per_stage == [0, 1, 1, 0] and pl.even_step_time_s is None
+    table = P.format_plan(pl, setup)
+    assert "none,1-1 (1)" in table and "0-0,none (1)" in table, table
 
 
 @pytest.mark.parametrize("pp,n_layers,vocab", [(2, 3, 32000), (3, 10, 128256), (4, 13, 4096)])
