@@ -16,6 +16,21 @@ def even_split(n_layers: int, n_stages: int) -> list[int]:
     return [base + (s < extra) for s in range(n_stages)]
 
 
+def check_end_only_empty(counts: Sequence[int], what: str) -> None:
+    """Raise ValueError unless every stage's layer count is ≥ 1, except the first stage's (which
+    then holds only the token embedding) and the last's (only the final norm, head and loss), which
+    may be 0: Megatron's --pipeline-model-parallel-layout, Llama 3's lighter end stages. ``what``
+    names the setting in the message (parallel.layers_per_stage, --layers-per-stage)."""
+    counts = list(counts)
+    if any(c < 0 for c in counts):
+        raise ValueError(f"{what}={counts} has a negative count; give every stage 0 or more layers")
+    empty = [s for s, c in enumerate(counts[1:-1], start=1) if c == 0]
+    if empty:
+        raise ValueError(f"{what}={counts} gives stage{'s' if len(empty) > 1 else ''} "
+                         f"{', '.join(map(str, empty))} no layers; only the first stage (embedding only) and the "
+                         f"last (head and loss only) may hold none, so move a layer into every middle stage")
+
+
 def stage_bounds(counts: Sequence[int]) -> list[tuple[int, int]]:
     """(start, stop) of every stage's contiguous layers, from its layer count."""
     bounds, start = [], 0

@@ -5,7 +5,8 @@ pipeline stage holds, the schedule and the micro-batch size, so that the simulat
 smallest and every stage's peak memory (parameters, gradients and optimizer state, plus the
 activations the schedule keeps in flight on that stage) fits the device.
 
-* `best_partition` — exact dynamic programming over contiguous partitions: first the smallest
+* `best_partition` — exact dynamic programming over contiguous partitions (the first and last
+  stage may hold no layers: embedding only, head only): first the smallest
   bottleneck stage time under the memory limit, then, among partitions with that bottleneck, the
   smallest peak memory fraction, then the most even stage times.
 * `plan` — for every schedule, virtual-stage count and micro-batch size: schedule → in-flight
@@ -24,7 +25,7 @@ import yaml
 
 from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setup,  # noqa: F401 (re-exported)
                                get_device, profile_items)
-from engine.layout import even_split
+from engine.layout import check_end_only_empty, even_split
 from engine.pipeline.actions import Kind
 from engine.pipeline.generators import build_schedule
 from engine.pipeline.simulate import simulate
@@ -55,6 +56,19 @@ def stage_memory(held: list[Item], in_flight: float, bytes_per_param: float) -> 
     return sum(i.params for i in held) * bytes_per_param + in_flight * sum(i.act_bytes for i in held)
 
 
+def _fewest_layers(n_stages: int) -> list[int]:
+    """The fewest layers each stage may hold: one, except the first and last of several stages,
+    which may hold none (embedding only, head and loss only; `engine.layout.check_end_only_empty`)."""
+    return [0 if n_stages > 1 and s in (0, n_stages - 1) else 1 for s in range(n_stages)]
+
+
+def _stop_range(n_stages: int, L: int, s: int) -> range:
+    """The layers stage s may stop at: after the fewest the stages up to it need, leaving the
+    fewest the stages after it need."""
+    fewest = _fewest_layers(n_stages)
+    return range(sum(fewest[:s + 1]), L - sum(fewest[s + 1:]) + 1)
+
+
 def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):
     """(time, memory bytes) of every (stage, first layer, stop layer) a partition may use, from
     prefix sums over the layers plus each stage's extras (embedding, head): O(stages × layers²)."""
@@ -64,26 +78,29 @@ def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):
         t.append(t[-1] + it.fwd_s + it.bwd_s)
         p.append(p[-1] + it.params)
         a.append(a[-1] + it.act_bytes)
+    fewest = _fewest_layers(n_stages)
     out = {}
     for s in range(n_stages):
         extra = stage_items(items, (0, 0), n_stages, s, tied)  # what stage s holds besides layers
         et, ep, ea = stage_time(extra), sum(i.params for i in extra), sum(i.act_bytes for i in extra)
-        for i in range(s, L - (n_stages - 1 - s)):
-            for j in range(i + 1, L - (n_stages - 1 - s) + 1):
+        for j in _stop_range(n_stages, L, s):
+            for i in range(sum(fewest[:s]), j - fewest[s] + 1):
                 out[(s, i, j)] = (t[j] - t[i] + et,
                                   (p[j] - p[i] + ep) * bytes_per_param + in_flight[s] * (a[j] - a[i] + ea))
     return out
 
 
 def _dp(costs, n_stages: int, L: int, score, combine, admissible):
-    """Exact DP over contiguous partitions of L layers into n_stages stages of ≥ 1 layer.
+    """Exact DP over contiguous partitions of L layers into n_stages stages of ≥ 1 layer, except
+    the first and last, which may hold none (`_fewest_layers`).
     best[s][j] is the best combined score of stages 0..s covering layers [0, j)."""
     INF = math.inf
+    fewest = _fewest_layers(n_stages)
     best = [[INF] * (L + 1) for _ in range(n_stages)]
     arg = [[None] * (L + 1) for _ in range(n_stages)]
     for s in range(n_stages):
-        for j in range(s + 1, L - (n_stages - 1 - s) + 1):
-            for i in ([0] if s == 0 else range(s, j)):
+        for j in _stop_range(n_stages, L, s):
+            for i in ([0] if s == 0 else range(sum(fewest[:s]), j - fewest[s] + 1)):
                 c = costs[(s, i, j)]
                 if not admissible(c):
                     continue
@@ -106,11 +123,13 @@ def _dp(costs, n_stages: int, L: int, score, combine, admissible):
 def best_partition(items: list[Item], n_stages: int, *, in_flight: list[float], bytes_per_param: float,
                    mem_limit: float, tied: bool = False) -> list[int] | None:
     """Layers per stage minimizing, exactly and in this order: the bottleneck stage time, then the
-    largest memory fraction, then the sum of squared stage times; each stage ≥ 1 layer and within
-    ``mem_limit`` bytes. ``in_flight[s]``: micro-batches of activations stage s holds at its peak.
-    Returns None when no partition fits. Dynamic programming, O(stages × layers²)."""
+    largest memory fraction, then the sum of squared stage times; each stage within ``mem_limit``
+    bytes and ≥ 1 layer, except the first and last, which may hold none (the embedding alone, the
+    head and loss alone: with a large vocabulary that can be the fastest). ``in_flight[s]``:
+    micro-batches of activations stage s holds at its peak. Returns None when no partition fits.
+    Dynamic programming, O(stages × layers²)."""
     L = len(items) - 2
-    if n_stages > L:
+    if sum(_fewest_layers(n_stages)) > L:
         return None
     costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied)
     fits = lambda c: c[1] <= mem_limit  # noqa: E731
@@ -235,9 +254,10 @@ def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: li
     """(predicted step seconds, bubble, per-rank `StageReport`s) of one given partition: what the
     planner predicts for a layout chosen by hand (the even split, say)."""
     S = setup.pp * virtual_stages
-    if len(layers_per_stage) != S or sum(layers_per_stage) != setup.mcfg.n_layers or min(layers_per_stage) < 1:
-        raise ValueError(f"layers_per_stage={list(layers_per_stage)} must give each of the {S} stages at least one "
-                         f"layer and sum to n_layers={setup.mcfg.n_layers}")
+    if len(layers_per_stage) != S or sum(layers_per_stage) != setup.mcfg.n_layers:
+        raise ValueError(f"layers_per_stage={list(layers_per_stage)} must give each of the {S} stages a layer "
+                         f"count (0 only on the first and last) and sum to n_layers={setup.mcfg.n_layers}")
+    check_end_only_empty(layers_per_stage, "layers_per_stage")
     n_micro = setup.global_batch // (setup.dp * micro_batch)
     cm = CostModel(setup, device, micro_batch)
     actions = build_schedule(schedule, setup.pp, n_micro, virtual_stages=virtual_stages)
@@ -275,12 +295,13 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
         bpp = cm.state_bytes_per_param()
         for sched in schedules:
             for v in (virtual_stages if sched.startswith("interleaved") else (1,)):
-                if p * v > L:
-                    considered.append((sched, v, mb, f"pp×virtual_stages={p * v} exceeds {L} layers"))
+                if sum(_fewest_layers(p * v)) > L:   # every middle stage needs a layer
+                    considered.append((sched, v, mb, f"pp×virtual_stages={p * v} stages need at least "
+                                                     f"{sum(_fewest_layers(p * v))} layers; the model has {L}"))
                     continue
                 try:
                     actions = build_schedule(sched, p, n_micro, virtual_stages=v)
-                except ValueError as e:  # e.g. interleaving needs a multiple of pp micro-batches
+                except ValueError as e:  # a schedule refusing these arguments
                     considered.append((sched, v, mb, str(e)))
                     continue
                 cand = Candidate(sched, v, mb, n_micro, actions, in_flight_counts(actions))
@@ -295,7 +316,9 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                     need = v * min_memory(items, S, in_flight=inflight, bytes_per_param=bpp, tied=tied)
                     if need + device.reserve_gb * GB < min_needed:
                         min_needed, min_at = need + device.reserve_gb * GB, (sched, v, mb)
-                even = even_split(L, S)
+                # the even split, where it gives every stage a layer (with S = L + 1 or L + 2 only
+                # layouts with empty end stages exist)
+                even = even_split(L, S) if S <= L else None
                 options = [c for c in (cuts, even) if c is not None]
                 results = []
                 for c in options:
@@ -334,7 +357,7 @@ def format_plan(pl: Plan, setup: Setup) -> str:
     fmt_ms = lambda s: f"{1e3 * s:.2f}"  # noqa: E731
     rows = [("rank", "layers", "params", "peak mem GB", "fwd ms/mb", "bwd ms/mb")]
     for r in pl.stages:
-        layers = ",".join(f"{a}-{b - 1}" for a, b in r.layer_ranges)
+        layers = ",".join(f"{a}-{b - 1}" if b > a else "none" for a, b in r.layer_ranges)
         rows.append((str(r.rank), f"{layers} ({sum(n for _, n in r.chunks)})", f"{r.params / 1e6:.1f}M",
                      f"{r.peak_mem / GB:.2f}", fmt_ms(r.fwd_s), fmt_ms(r.bwd_s)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -1,8 +1,10 @@
 """A Llama-3-style decoder for one device: RMSNorm, rotary embeddings, GQA, SwiGLU.
 
 The model can be built for a contiguous range of layers (a pipeline stage): the token embedding
-lives on the stage holding layer 0, the final norm and output head on the stage holding the last
-layer. Layers sit in a ModuleDict keyed by their global index, so parameter names are the same in
+lives on the first stage, the final norm and output head on the last (by default the stages
+holding layer 0 and the last layer; ``first=`` / ``last=`` say so explicitly, which an empty end
+stage needs: ``layers=(0, 0), first=True`` holds only the embedding, ``layers=(L, L), last=True``
+only the head and the loss). Layers sit in a ModuleDict keyed by their global index, so parameter names are the same in
 every layout (``layers.7.attention.wq.weight`` is that weight on any stage, in any checkpoint).
 
 With tied embeddings the output head reuses ``tok_embeddings.weight``. A last stage that does not
@@ -192,15 +194,24 @@ class Llama(nn.Module):
     else the logits; other stages return the hidden state.
     """
 
-    def __init__(self, cfg: ModelConfig, *, layers: tuple[int, int] | None = None, kernels: str = "torch"):
+    def __init__(self, cfg: ModelConfig, *, layers: tuple[int, int] | None = None, kernels: str = "torch",
+                 first: bool | None = None, last: bool | None = None):
         super().__init__()
         start, stop = layers if layers is not None else (0, cfg.n_layers)
         if not 0 <= start <= stop <= cfg.n_layers:
             raise ValueError(f"layer range {(start, stop)} is outside 0..{cfg.n_layers}")
+        # the ends of the pipeline: by default the stage holding layer 0 / the last layer; a layout
+        # with an empty end stage ((0, 0) embedding only, (L, L) head only) must say which stage is
+        # which, since the stage next to it starts at 0 / stops at L too
+        first = start == 0 if first is None else first
+        last = stop == cfg.n_layers if last is None else last
+        if (first and start != 0) or (last and stop != cfg.n_layers):
+            raise ValueError(f"layer range {(start, stop)} cannot be the {'first' if first and start else 'last'} "
+                             f"stage: the first stage starts at layer 0, the last stops at {cfg.n_layers}")
         self.cfg = cfg
         self.layer_range = (start, stop)
-        self.is_first = start == 0
-        self.is_last = stop == cfg.n_layers
+        self.is_first = first
+        self.is_last = last
         ops = get_ops(kernels)
         self.ops = ops
         if self.is_first or (self.is_last and cfg.tie_embeddings):

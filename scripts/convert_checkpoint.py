@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import convert  # noqa: E402
 from engine.checkpoint import CheckpointError  # noqa: E402
 from engine.config import ConfigError, writable_destination  # noqa: E402
+from engine.layout import check_end_only_empty  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,8 +68,11 @@ def check_args(a) -> None:
         v = getattr(a, flag, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {v} must be at least 1")
-    if getattr(a, "layers_per_stage", None) is not None and min(a.layers_per_stage) < 1:
-        raise ConfigError(f"--layers-per-stage {a.layers_per_stage} must be positive counts")
+    if getattr(a, "layers_per_stage", None) is not None:
+        try:  # 0 only on the first (embedding only) and last (head only) chunk, as for the trainer
+            check_end_only_empty(a.layers_per_stage, "--layers-per-stage")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if getattr(a, "dst", None) is not None:
         writable_destination(a.dst, "dst")
 

@@ -18,7 +18,7 @@ from engine.convert.hf import TOKENIZER_EXTRAS, inspect_hf
 from engine.convert.sources import TandemSource, slice_problems
 from engine.convert.stream import nbytes, read_header
 from engine.convert.writer import Region, pack, staged_output, write_tandem
-from engine.layout import even_split, stage_bounds
+from engine.layout import check_end_only_empty, even_split, stage_bounds
 from engine.tensor_parallel import param_shard, validate_tp
 from models.config import ModelConfig
 
@@ -57,15 +57,20 @@ def consolidate(src: str | Path, dst: str | Path, *, max_file_bytes: int | None 
 
 def stage_layers(n_layers: int, pp: int, layers_per_stage: list[int] | None = None) -> list[range]:
     """The layers of each of ``pp`` chunks (pp × virtual stages): the trainer's split
-    (`engine.layout`), with errors that name the converter's flags."""
+    (`engine.layout`), with errors that name the converter's flags. The first and last chunk may
+    be empty (embedding only, head only); their tensors go by pp rank, not by layer, anyway."""
     if layers_per_stage is None:
         if n_layers < pp:
             raise CheckpointError(f"the model's {n_layers} layers cannot fill {pp} pipeline chunks (pp × virtual "
                                   f"stages); lower --pp or --virtual-stages")
         layers_per_stage = even_split(n_layers, pp)
-    if len(layers_per_stage) != pp or sum(layers_per_stage) != n_layers or min(layers_per_stage) < 1:
-        raise CheckpointError(f"layers per stage {layers_per_stage} must be {pp} positive counts (pp × virtual "
-                              f"stages) summing to the model's {n_layers} layers; fix --layers-per-stage or --pp")
+    if len(layers_per_stage) != pp or sum(layers_per_stage) != n_layers:
+        raise CheckpointError(f"layers per stage {layers_per_stage} must be {pp} counts (pp × virtual stages) "
+                              f"summing to the model's {n_layers} layers; fix --layers-per-stage or --pp")
+    try:  # the first chunk may hold only the embedding, the last only the head: as the trainer allows
+        check_end_only_empty(layers_per_stage, "--layers-per-stage")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return [range(start, stop) for start, stop in stage_bounds(layers_per_stage)]
 
 

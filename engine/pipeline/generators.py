@@ -40,19 +40,39 @@ def _one_f_one_b(pp: int, n_micro: int, v: int) -> list[list[Action]]:
     return out
 
 
+def interleaved_rounds(pp: int, n_micro: int) -> list[int]:
+    """Micro-batches per round of the interleaved schedule: a round runs its micro-batches through
+    every local chunk before the next round starts. max(1, m // pp) rounds as even as possible
+    (earlier rounds take the remainder), so every round has at least pp micro-batches when m ≥ pp
+    (the last stage's chunk-c output is back on rank 0 before rank 0 needs it for chunk c + 1) and
+    m = k·pp gives Megatron's k rounds of pp. torch (since PR #137783) also rounds m // pp times but
+    refuses m that those rounds do not divide evenly; uneven rounds lift that."""
+    n_rounds = max(1, n_micro // pp)
+    base, extra = divmod(n_micro, n_rounds)
+    return [base + (i < extra) for i in range(n_rounds)]
+
+
 def _interleaved(pp: int, n_micro: int, v: int) -> list[list[Action]]:
-    """Megatron's interleaved 1F1B: micro-batches advance in groups of pp through the v local chunks."""
-    out = []
+    """Megatron's interleaved 1F1B: micro-batches advance in rounds (`interleaved_rounds`, pp each
+    when pp divides m) through the v local chunks; warm-up is the first round through v - 1
+    chunks plus 2 per rank still downstream, then one forward and one backward alternate."""
+    units = []          # (chunk, micro-batch) in the order every rank runs its forwards
+    start = 0
+    for size in interleaved_rounds(pp, n_micro):
+        units += [(c, start + i) for c in range(v) for i in range(size)]
+        start += size
+    first_round = interleaved_rounds(pp, n_micro)[0]
     total = n_micro * v
 
     def unit(k: int, kind: Kind, r: int) -> Action:
-        chunk = (k % (pp * v)) // pp
-        if kind == Kind.B:
+        chunk, mb = units[k]
+        if kind == Kind.B:     # backwards visit a round's chunks in reverse
             chunk = v - 1 - chunk
-        return Action(chunk * pp + r, kind, (k // (pp * v)) * pp + k % pp)
+        return Action(chunk * pp + r, kind, mb)
 
+    out = []
     for r in range(pp):
-        warmup = min((pp - r - 1) * 2 + (v - 1) * pp, total)
+        warmup = min((pp - r - 1) * 2 + (v - 1) * first_round, total)
         acts = [unit(k, Kind.F, r) for k in range(warmup)]
         for i in range(total - warmup):
             acts += [unit(warmup + i, Kind.F, r), unit(i, Kind.B, r)]
@@ -253,9 +273,6 @@ def check_schedule_args(name: str, pp: int, n_micro: int, virtual_stages: int = 
         if virtual_stages < 2:
             raise ValueError(f"schedule interleaved_1f1b needs parallel.virtual_stages >= 2 (got {virtual_stages}); "
                              f"use schedule 1f1b for one chunk per rank")
-        if n_micro % pp:
-            raise ValueError(f"schedule interleaved_1f1b needs the number of micro-batches ({n_micro}) to be a "
-                             f"multiple of pp={pp}; change train.global_batch_size or parallel.micro_batch_size")
     elif name in PLACEMENT:
         if virtual_stages != 2:
             raise ValueError(f"schedule {name} runs two chunks per rank in a V (rank r holds stages r and "

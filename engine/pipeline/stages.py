@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.layout import even_split, rank_stages, stage_bounds, stage_rank
+from engine.layout import check_end_only_empty, even_split, rank_stages, stage_bounds, stage_rank
 from engine.mesh import Mesh
 from models import Llama, ModelConfig
 
@@ -20,7 +20,8 @@ from models import Llama, ModelConfig
 def stage_layer_ranges(n_layers: int, pp: int, virtual_stages: int = 1,
                        layers_per_stage: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """(start, stop) of every stage's layers. Default: an even split, earlier stages taking the
-    remainder (the last stage also carries the output head and the loss)."""
+    remainder (the last stage also carries the output head and the loss). Given counts may leave
+    the first stage (embedding only) and the last (norm, head and loss only) without layers."""
     n_stages = pp * virtual_stages
     if layers_per_stage is not None:
         counts = [int(c) for c in layers_per_stage]
@@ -30,8 +31,7 @@ def stage_layer_ranges(n_layers: int, pp: int, virtual_stages: int = 1,
         if sum(counts) != n_layers:
             raise ValueError(f"parallel.layers_per_stage={counts} sums to {sum(counts)}, not the model's "
                              f"n_layers={n_layers}; make the counts add up to {n_layers}")
-        if min(counts) < 1:
-            raise ValueError(f"parallel.layers_per_stage={counts} gives a stage no layers; every stage needs at least one")
+        check_end_only_empty(counts, "parallel.layers_per_stage")
     else:
         if n_stages > n_layers:
             raise ValueError(f"the pipeline has pp={pp} × virtual_stages={virtual_stages} = {n_stages} stages but the "
@@ -49,13 +49,21 @@ def build_stage_chunks(mcfg: ModelConfig, mesh: Mesh, *, layers_per_stage: Seque
     under the mesh's placement: stage c*pp + pp_rank for the loop, stages r and 2pp-1-r for the V)."""
     ranges = stage_layer_ranges(mcfg.n_layers, mesh.pp, virtual_stages, layers_per_stage)
     with torch.device("meta"):
-        return [Llama(mcfg, layers=ranges[s], kernels=kernels)
+        return [stage_model(mcfg, ranges, s, kernels)
                 for s in rank_stages(mesh.pp_rank, mesh.pp, virtual_stages, mesh.pp_placement)]
 
 
 def last_stage_rank(mesh: Mesh) -> int:
     """The pp rank holding the last stage (the head): pp-1, or 0 under the V placement."""
     return stage_rank(2 * mesh.pp - 1, mesh.pp, "v") if mesh.pp_placement == "v" else mesh.pp - 1
+
+
+def stage_model(mcfg: ModelConfig, ranges: Sequence[tuple[int, int]], stage: int, kernels: str = "torch") -> Llama:
+    """Global stage ``stage``'s piece of the model: its layers, the embedding if it is stage 0 and
+    the norm, head and loss if it is the last. The ends go by the stage index, not the layer range:
+    next to an empty first stage (0, 0) the second stage starts at layer 0 too (and next to an
+    empty last stage the one before stops at the last layer) and must not take the embedding (head)."""
+    return Llama(mcfg, layers=ranges[stage], kernels=kernels, first=stage == 0, last=stage == len(ranges) - 1)
 
 
 def tied_copies(chunks: Sequence[nn.Module]) -> list[nn.Parameter]:

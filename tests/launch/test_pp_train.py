@@ -24,10 +24,13 @@ def serial(serial_run):
 SCHEDULE_RUNS = {
     "gpipe": ["parallel.schedule=gpipe", "parallel.layers_per_stage=[3,1]"],
     "1f1b": ["parallel.schedule=1f1b", "checkpoint.interval=5"],   # step 5 is test_checkpoint_from_pp2...'s source
-    "1f1b+recompute": ["parallel.schedule=1f1b", "parallel.recompute=full"],
+    # flexible layouts (issue 15) through the whole trainer: an embedding-only first stage, a
+    # head-only last stage, and both ends empty under interleaving
+    "1f1b+recompute": ["parallel.schedule=1f1b", "parallel.recompute=full", "parallel.layers_per_stage=[0,4]"],
     "zb_h1": ["parallel.schedule=zb_h1", "parallel.trace_steps=[2,3]"],   # traced: test_measured_trace_...
-    "zb_h1+recompute": ["parallel.schedule=zb_h1", "parallel.recompute=full"],
-    "interleaved_1f1b": ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
+    "zb_h1+recompute": ["parallel.schedule=zb_h1", "parallel.recompute=full", "parallel.layers_per_stage=[4,0]"],
+    "interleaved_1f1b": ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2",
+                         "parallel.layers_per_stage=[0,2,2,0]"],
     # the V placement: 4 one-layer chunks, rank 0 holding the embedding, the loss and both tied copies
     "zbv": ["parallel.schedule=zbv", "parallel.virtual_stages=2", "checkpoint.interval=5"],
     "dualpipev": ["parallel.schedule=dualpipev", "parallel.virtual_stages=2"],

@@ -102,12 +102,14 @@ def test_runtime_before_the_fix_fails_under_the_contract_and_passes_after(contra
 LAYOUTS = {
     "tp2_pp2_sp_zb_h1_tied": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
                               "parallel.schedule=zb_h1", "model.tie_embeddings=true"],
+    # flexible layouts (issue 15): empty end chunks, and 3 micro-batches (12 / (2 × dp 2)) over pp 2
     "pp2_dp2_zero1_interleaved": ["parallel.pp=2", "parallel.dp=2", "optim.zero=1", "model.n_layers=4",
                                   "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2",
-                                  "train.global_batch_size=16"],
+                                  "train.global_batch_size=12", "parallel.layers_per_stage=[0,2,2,0]"],
     "tp2_dp2_zero1_recompute": ["parallel.tp=2", "parallel.dp=2", "optim.zero=1", "parallel.recompute=selective"],
     "dp4_tied": ["parallel.dp=4", "model.tie_embeddings=true"],
-    "pp2_dp2_zero2_tied": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true"],
+    "pp2_dp2_zero2_tied": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true",
+                           "parallel.layers_per_stage=[3,0]"],   # a head-only last stage
     # the V: rank 0 sends to and receives from rank 1 in one batch; deferred W's start reduce-scatters
     "pp2_dp2_zero2_zbv_tied": ["parallel.pp=2", "parallel.dp=2", "optim.zero=2", "model.tie_embeddings=true",
                                "parallel.schedule=zbv", "parallel.virtual_stages=2", "model.n_layers=4"],

@@ -94,7 +94,7 @@ def _runtime_errors(rank, world):
     cfg = ModelConfig(**BASE, n_layers=4)
     chunks = [init_weights(c, seed=0, n_layers=4, device="cpu") for c in build_stage_chunks(cfg, mesh)]
     messages = []
-    for args in (("1f1b", 2, 2), ("interleaved_1f1b", 3, 2), ("looped", 2)):
+    for args in (("1f1b", 2, 2), ("interleaved_1f1b", 3, 1), ("looped", 2)):
         try:
             _runner(chunks, mesh, *args, hidden_shape=(MB, T, cfg.dim))
         except ValueError as e:
@@ -160,6 +160,13 @@ PP2_CASES = [
     # stages 1 and 2 (the turn, in memory)
     {"schedule": "zbv", "n_layers": 5, "m": 3, "v": 2, "layers": [2, 1, 1, 1], "tied": True},
     {"schedule": "dualpipev", "n_layers": 4, "m": 5, "v": 2},
+    # flexible layouts (issue 15): an embedding-only first stage, a head-and-loss-only last stage
+    # (zero-bubble: the tied head's deferred W on a stage without layers), interleaved with a
+    # micro-batch count that is not a multiple of pp, and both at once
+    {"schedule": "1f1b", "n_layers": 3, "m": 3, "layers": [0, 3]},
+    {"schedule": "zb_h1", "n_layers": 3, "m": 3, "layers": [3, 0], "tied": True},
+    {"schedule": "interleaved_1f1b", "n_layers": 4, "m": 3, "v": 2},
+    {"schedule": "interleaved_1f1b", "n_layers": 3, "m": 5, "v": 2, "layers": [0, 2, 1, 0], "tied": True},
 ]
 
 
@@ -217,7 +224,7 @@ def _tp_zero_bubble_cases(rank, world, cases):
             stash = sorted(name_of[id(w)] for w, _, _ in pending)
             # column-parallel inputs come to the W as the full sequence (re-gathered under SP)
             col_seq = {x.shape[1] for w, x, _ in pending if name_of[id(w)].endswith(("wq.weight", "w1.weight"))}
-            assert col_seq == {T}, (case, col_seq)
+            assert col_seq == ({T} if chunk.layers else set()), (case, col_seq)
             events.append(("I", a.mb, stash, changed(before, snap())))
 
         def traced_W(a):
@@ -300,6 +307,10 @@ PP4_CASES = [
     # does not fill), and DualPipeV at its minimum of 2p micro-batches
     {"schedule": "zbv", "n_layers": 9, "m": 5, "v": 2, "layers": [1, 1, 1, 2, 1, 1, 1, 1], "tied": True},
     {"schedule": "dualpipev", "n_layers": 8, "m": 8, "v": 2},
+    # flexible layouts: both ends empty (Llama 3's lighter end stages, taken to zero), and
+    # interleaved with 6 micro-batches over 4 ranks (one round of 6) and empty end chunks
+    {"schedule": "1f1b", "n_layers": 3, "m": 4, "layers": [0, 2, 1, 0], "tied": True},
+    {"schedule": "interleaved_1f1b", "n_layers": 6, "m": 6, "v": 2, "layers": [0, 1, 1, 1, 1, 1, 1, 0]},
 ]
 # tp=2 × pp=2 zb_h1 over 3 layers (stages of 2 and 1): GQA with split KV heads and the
 # column-parallel output head; then sequence parallelism with the tied vocab-parallel head, one KV
@@ -310,6 +321,10 @@ TP_ZB_CASES = [
     {"n_layers": 3, "m": 4},
     {"n_layers": 3, "m": 4, "sp": True, "tied": True, "model": {"n_kv_heads": 1}, "recompute": "full"},
     {"n_layers": 3, "m": 4, "sp": True, "recompute": "selective"},
+    # flexible layouts under tp × pp with SP: the vocab-parallel embedding alone on the first stage
+    # (its output is the sequence shard the next stage receives), then the head alone on the last
+    {"n_layers": 3, "m": 3, "sp": True, "tied": True, "layers": [0, 3]},
+    {"n_layers": 3, "m": 3, "sp": True, "layers": [3, 0]},
 ]
 
 
@@ -352,7 +367,10 @@ def test_tp2_pp2_zero_bubble_defers_tensor_parallel_weight_grads(world4):
     for rank, (_, results, _) in enumerate(world4):
         for case, res in zip(TP_ZB_CASES, results):
             deferred, events = res["deferred"], res["events"]
-            assert any(n.endswith("wq.weight") for n in deferred) and any(n.endswith("w2.weight") for n in deferred)
+            if any(n.startswith("layers.") for n in res["params"]):   # not an embedding- or head-only stage
+                assert any(n.endswith("wq.weight") for n in deferred) and any(n.endswith("w2.weight") for n in deferred)
+            else:
+                assert res["params"] <= {"tok_embeddings.weight", "norm.weight", "output.weight"}, (rank, case)
             if rank >= 2:  # last stage: the vocab-parallel head, tied or not
                 assert ("tok_embeddings.weight" if case.get("tied") else "output.weight") in deferred
             assert [e[:2] for e in events if e[0] == "I"] == [("I", mb) for mb in range(case["m"])]
@@ -399,7 +417,7 @@ def test_activations_are_released_within_the_schedule_bound_and_bad_input_is_ref
     for _, messages in both:
         assert len(messages) == 6
         assert "1f1b runs one chunk per rank but parallel.virtual_stages=2" in messages[0]
-        assert "micro-batches (3) to be a multiple of pp=2" in messages[1]
+        assert "interleaved_1f1b needs parallel.virtual_stages >= 2 (got 1)" in messages[1]
         assert "unknown pipeline schedule 'looped'; known schedules: gpipe, 1f1b, interleaved_1f1b, zb_h1" in messages[2]
         assert "action lists built for pp=4 given to a mesh with pp=2" in messages[3]
         assert "got 1 model chunks for virtual_stages=2" in messages[4]
@@ -410,7 +428,9 @@ def test_activations_are_released_within_the_schedule_bound_and_bad_input_is_ref
     ((3, 4, 1, None), "4 stages but the model has only 3 layers"),
     ((5, 2, 1, [2, 2]), r"layers_per_stage=\[2, 2\] sums to 4, not the model's n_layers=5"),
     ((5, 2, 1, [5]), "has 1 entries but the pipeline has pp=2"),
-    ((4, 2, 1, [4, 0]), "gives a stage no layers"),
+    ((4, 3, 1, [2, 0, 2]), r"gives stage 1 no layers; only the first stage \(embedding only\) and the last"),
+    ((5, 2, 2, [0, 3, 0, 2]), "gives stage 2 no layers"),
+    ((4, 2, 1, [5, -1]), "has a negative count"),
     ((6, 2, 2, None), "n_layers=6 does not divide into pp=2 × virtual_stages=2"),
 ])
 def test_bad_layouts_are_clear_errors(args, match):
@@ -422,3 +442,6 @@ def test_default_split_is_even_with_earlier_stages_taking_the_rest():
     assert stage_layer_ranges(3, 2) == [(0, 2), (2, 3)]
     assert stage_layer_ranges(8, 4, 2) == [(i, i + 1) for i in range(8)]
     assert stage_layer_ranges(5, 2, 2, [2, 1, 1, 1]) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    # empty end stages: the embedding alone first, the head and loss alone last
+    assert stage_layer_ranges(3, 2, 1, [0, 3]) == [(0, 0), (0, 3)]
+    assert stage_layer_ranges(4, 3, 1, [0, 4, 0]) == [(0, 0), (0, 4), (4, 4)]

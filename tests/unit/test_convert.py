@@ -352,3 +352,41 @@ def test_command_line(hf_dir, tmp_path, capsys):
     assert "model.layers.2.mlp.up_proj.weight" in out and "n_kv_heads=2" in out
     assert main(["from-hf", str(hf_dir), str(tmp_path / "t")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_reshard_with_empty_end_chunks(hf_dir, tmp_path, capsys):
+    """--layers-per-stage may leave the first chunk embedding-only and the last head-only (as
+    parallel.layers_per_stage may): pp rank 0's file then holds just the embedding, the last rank's
+    just the final norm and head; every tensor still lands once, unchanged. A middle chunk with no
+    layers is refused by the library and the command line alike."""
+    convert.from_hf(hf_dir, tmp_path / "t")
+    ref = tensors_of(tmp_path / "t")
+
+    def params_per_file(path):
+        out = {}
+        for k, info in ckpt.read_manifest(path)["tensors"].items():
+            for s in info["slices"]:
+                out.setdefault(s["file"], set()).add(ckpt.param_of(k))
+        return out
+
+    layer_params = {ckpt.param_of(k) for k in ref if ckpt.param_of(k).startswith("layers.")}
+    for pp, layers in ((2, [0, 3]), (3, [0, 3, 0])):
+        dst = tmp_path / f"pp{pp}"
+        convert.reshard(tmp_path / "t", dst, tp=1, pp=pp, layers_per_stage=layers)
+        files = params_per_file(dst)
+        assert files["pp00_tp00.safetensors"] == {"tok_embeddings.weight"}
+        last = {"norm.weight", "output.weight"}
+        assert files[f"pp{pp - 1:02d}_tp00.safetensors"] == (last if pp == 3 else last | layer_params)
+        if pp == 3:
+            assert files["pp01_tp00.safetensors"] == layer_params
+        assert ckpt.read_manifest(dst)["layout"]["files_for"]["layers_per_chunk"] == layers
+        got = tensors_of(dst)
+        assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+        assert len(convert.verify(dst)) == 2
+    with pytest.raises(CheckpointError, match=r"--layers-per-stage=\[2, 0, 1\] gives stage 1 no layers"):
+        convert.reshard(tmp_path / "t", tmp_path / "bad", tp=1, pp=3, layers_per_stage=[2, 0, 1])
+    from scripts.convert_checkpoint import main
+
+    assert main(["reshard", str(tmp_path / "t"), str(tmp_path / "bad"), "--tp", "1", "--pp", "3",
+                 "--layers-per-stage", "2,0,1"]) == 2
+    assert "gives stage 1 no layers; only the first stage (embedding only)" in capsys.readouterr().err

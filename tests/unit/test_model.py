@@ -44,6 +44,40 @@ def test_stage_chain_equals_full_model(tied):
         assert torch.equal(stages[-1].tok_embeddings.weight, full.tok_embeddings.weight)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_empty_end_stages_hold_only_the_embedding_or_the_head(tied):
+    """first=/last= name the pipeline's ends when the layer range cannot: (0, 0) first is the
+    embedding alone, its neighbour (0, 3) is not first though it starts at 0; (3, 3) last is the norm,
+    head and loss alone (with tied embeddings its own copy of the table)."""
+    cfg = ModelConfig(**{**CFG.to_dict(), "tie_embeddings": tied})
+    full = build(cfg)
+
+    def stage(layers, first, last):
+        with torch.device("meta"):
+            m = Llama(cfg, layers=layers, first=first, last=last)
+        return init_weights(m, seed=0, n_layers=cfg.n_layers, device="cpu")
+
+    head = {"norm.weight", "tok_embeddings.weight" if tied else "output.weight"}
+    for chain in ([((0, 0), True, False), ((0, 3), False, True)],
+                  [((0, 3), True, False), ((3, 3), False, True)],
+                  [((0, 0), True, False), ((0, 3), False, False), ((3, 3), False, True)]):
+        stages = [stage(*s) for s in chain]
+        names = [{n for n, _ in s.named_parameters()} for s in stages]
+        if chain[0][0] == (0, 0):
+            assert names[0] == {"tok_embeddings.weight"} and "tok_embeddings.weight" not in names[1] - head
+        if chain[-1][0] == (3, 3):
+            assert names[-1] == head
+        x = torch.randint(0, cfg.vocab_size, (2, 9))
+        h = x
+        for s in stages:
+            h = s(h)
+        torch.testing.assert_close(h, full(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"layer range \(1, 3\) cannot be the first stage"):
+        Llama(cfg, layers=(1, 3), first=True)
+    with pytest.raises(ValueError, match=r"layer range \(0, 2\) cannot be the last stage"):
+        Llama(cfg, layers=(0, 2), last=True)
+
+
 def test_init_depends_only_on_seed_and_name():
     a, b = build(layers=(0, 2)), build(layers=(1, 3))
     for name, p in a.named_parameters():

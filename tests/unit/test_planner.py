@@ -60,8 +60,8 @@ def test_dp_matches_brute_force_on_odd_costs():
     in_flight, bpp = [3, 2, 1], 1.0
     for limit in (1e9, 100.0, 75.0):
         best = None
-        for cuts in itertools.product(range(1, 6), repeat=3):
-            if sum(cuts) != 7:
+        for cuts in itertools.product(range(0, 6), repeat=3):
+            if sum(cuts) != 7 or cuts[1] == 0:   # the end stages may be empty, the middle one not
                 continue
             starts = [0, cuts[0], cuts[0] + cuts[1]]
             held = [P.stage_items(items, (starts[k], starts[k] + cuts[k]), 3, k, False) for k in range(3)]
@@ -77,6 +77,23 @@ def test_dp_matches_brute_force_on_odd_costs():
         got = max(P.stage_time(P.stage_items(items, (starts[k], starts[k] + cuts[k]), 3, k, False))
                   for k in range(3))
         assert got == pytest.approx(best), (limit, cuts)
+
+
+def test_a_heavy_head_gets_a_stage_of_its_own():
+    """The end stages may hold no layers: a head costing three layers takes the last stage alone."""
+    items = [P.Item("embedding", 0.1, 0.0, 0.0, 1, 0.0)] + [P.Item(f"l{i}", 0.5, 0.25, 0.25, 1, 0.0) for i in range(6)]
+    items += [P.Item("head", 1.5, 0.75, 0.75, 1, 0.0)]
+    assert P.best_partition(items, 3, in_flight=[1, 1, 1], bytes_per_param=1.0, mem_limit=1e9) == [3, 3, 0]
+    assert P.best_partition(items, 3, in_flight=[1, 1, 1], bytes_per_param=1.0, mem_limit=1e9, tied=True) == [3, 3, 0]
+    assert P.best_partition(items[:3] + items[-1:], 4, in_flight=[1] * 4, bytes_per_param=1.0, mem_limit=1e9) \
+        == [0, 1, 1, 0]   # 2 layers over 4 stages: only with both ends empty
+    # plan() too: 2 layers in pp=2 × v=2 chunks is feasible now, with no even split to compare against
+    m = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=512, vocab_size=64, max_seq_len=128)
+    setup = P.Setup(m, pp=2, seq_len=128, global_batch=8)
+    pl = P.plan(setup, H100, schedules=("interleaved_1f1b",), micro_batch_sizes=[1])
+    assert pl.virtual_stages == 2 and pl.layers_per_stage == [0, 1, 1, 0] and pl.even_step_time_s is None
+    table = P.format_plan(pl, setup)
+    assert "none,1-1 (1)" in table and "0-0,none (1)" in table, table
 
 
 @pytest.mark.parametrize("pp,n_layers,vocab", [(2, 3, 32000), (3, 10, 128256), (4, 13, 4096)])
@@ -97,6 +114,11 @@ def test_evaluate_partition_reproduces_the_plan():
     assert [r.layer_ranges for r in reports] == [r.layer_ranges for r in pl.stages]
     with pytest.raises(ValueError, match=r"layers_per_stage=\[8, 8, 8\] must give each of the 4 stages"):
         P.evaluate_partition(setup, H100, [8, 8, 8], schedule="1f1b", micro_batch=2)
+    with pytest.raises(ValueError, match=r"layers_per_stage=\[8, 0, 16, 8\] gives stage 1 no layers"):
+        P.evaluate_partition(setup, H100, [8, 0, 16, 8], schedule="1f1b", micro_batch=2)
+    # empty end stages are layouts like any other: the embedding alone first, the head alone last
+    step, _, reports = P.evaluate_partition(setup, H100, [0, 16, 16, 0], schedule="1f1b", micro_batch=2)
+    assert [r.layer_ranges for r in reports] == [[(0, 0)], [(0, 16)], [(16, 32)], [(32, 32)]] and step > 0
 
 
 def test_tighter_memory_changes_the_choice_or_names_the_smallest_budget():
