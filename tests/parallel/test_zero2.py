@@ -87,6 +87,10 @@ def assert_report_is_real(result: list[dict], name: str):
 
 # -- four ranks: pp2×dp2 with tied embeddings, tp2×dp2 with sequence parallelism ----------------
 FOUR = {"pp2_dp2_tied": ["parallel.pp=2", "parallel.dp=2", *TIED],
+        # ZB-V on 3 layers: four chunks, the last head-only, so rank 0 holds the embedding and the head
+        # (both tied copies); its deferred W's start their reduce-scatters as they run
+        "pp2_dp2_zbv_tied": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2",
+                             "parallel.layers_per_stage=[1,1,1,0]", *TIED],
         "tp2_dp2_sp": ["parallel.tp=2", "parallel.dp=2", "parallel.sequence_parallel=true"],
         "tp2_dp2_bf16": ["parallel.tp=2", "parallel.dp=2", "precision=bf16", "train.stop_at=3"]}
 
@@ -99,7 +103,8 @@ def four(data_dir, tmp_path_factory):
     return root, run_distributed(run_measured, 4, (runs,))
 
 
-@pytest.mark.parametrize("name, model", [("pp2_dp2_tied", "tied"), ("tp2_dp2_sp", "untied")])
+@pytest.mark.parametrize("name, model", [("pp2_dp2_tied", "tied"), ("pp2_dp2_zbv_tied", "tied"),
+                                         ("tp2_dp2_sp", "untied")])
 def test_four_rank_layouts_match_serial(four, serial, name, model):
     root, result = four
     records, reference = serial[model]
