@@ -9,6 +9,7 @@ which `engine.pipeline.validate.check_p2p_order` proves consistent.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Sequence
 
 from engine.pipeline.actions import Action, Kind, deps
@@ -42,8 +43,15 @@ def _unit_timeline(order: list[list[Action]], n_stages: int) -> dict[Action, tup
     return times
 
 
-def place_p2p(order: list[list[Action]], n_stages: int) -> list[list[Action]]:
-    """Insert SF/RF/SB/RB between each rank's compute actions (see the module docstring)."""
+def place_p2p(order: list[list[Action]], n_stages: int, *, early_recv: int = 1) -> list[list[Action]]:
+    """Insert SF/RF/SB/RB between each rank's compute actions (see the module docstring), then
+    post receives earlier where that is proven safe, at most `early_recv` compute actions before
+    their consumer (`hoist_receives`; 0 keeps the unit-timeline placement)."""
+    lists = _place_on_unit_timeline(order, n_stages)
+    return hoist_receives(lists, early_recv) if early_recv > 0 else lists
+
+
+def _place_on_unit_timeline(order: list[list[Action]], n_stages: int) -> list[list[Action]]:
     times = _unit_timeline(order, n_stages)
     split = any(a.kind == Kind.I for acts in order for a in acts)
     bwd = Kind.I if split else Kind.B
@@ -88,6 +96,138 @@ def place_p2p(order: list[list[Action]], n_stages: int) -> list[list[Action]]:
         seq += sorted(pending + recvs_before[r][len(acts)], key=key)
         out.append(seq)
     return out
+
+
+def hoist_receives(lists: list[list[Action]], window: int = 1) -> list[list[Action]]:
+    """Post every receive as early as proven safe, but at most `window` compute actions before the
+    compute that consumes it, so its transfer overlaps the compute(s) in between.
+
+    Safe means the NCCL contract the validator proves still holds. Order: a receive never passes
+    an earlier receive from the same peer, so every rank pair's receives stay in its sends' order
+    (`check_p2p_order`). Deadlock freedom under rendezvous semantics (a rank blocks at a batch
+    until every partner batch has been reached, as an NCCL group on one stream does): the lists
+    are a dependency graph, compute → next item on the rank, and the compute before a batch →
+    every partner batch; they run iff it has no cycle. Moving a receive whose message is produced
+    by compute P into the batch before compute c of its own rank adds one edge, P → that batch
+    (→ c), and only weakens the sender's (it now waits for an earlier point here). So it is safe
+    alone iff P does not depend on c or any later compute of the rank, i.e. c > dep(P)[rank],
+    where dep(u)[r] is the last compute of rank r that u transitively waits for. Moves onto one
+    rank are safe together: a cycle through several new edges c_i ← P_i would need each c_i's
+    successor P_j to depend on c_i, so c_i ≤ dep(P_j)[rank] < c_j all the way round, impossible.
+    So the ranks are done one after another, each against the dependencies of the lists as the
+    previous ones left them. A stage's rank is where its actions are, never stage % pp."""
+    # work on integer ids: the actions, their partners and consumers do not change, only places
+    acts = [a for rank_acts in lists for a in rank_acts]
+    ident = {a: i for i, a in enumerate(acts)}
+    compute = [a.is_compute for a in acts]
+    partner = [ident.get(a.partner(), -1) if a.is_p2p else -1 for a in acts]
+    consumer = [-1] * len(acts)
+    for i, a in enumerate(acts):
+        if a.kind.is_recv:
+            uses = (Kind.F,) if a.kind == Kind.RF else (Kind.I, Kind.B)
+            consumer[i] = next(ident[c] for c in (Action(a.stage, k, a.mb) for k in uses) if c in ident)
+    ids = [[ident[a] for a in rank_acts] for rank_acts in lists]
+    for r in range(len(ids)):
+        if any(not compute[i] for i in ids[r]):
+            ids[r] = _hoist_rank(ids, r, window, compute, partner, consumer)
+    return [[acts[i] for i in rank_ids] for rank_ids in ids]
+
+
+def _batches(ids: list[int], compute: list[bool]) -> list:
+    """A rank's ids grouped as `p2p_batches` does: a compute id alone, consecutive p2p ids as a tuple."""
+    out: list = []
+    run: list[int] = []
+    for i in ids:
+        if compute[i]:
+            if run:
+                out.append(tuple(run))
+                run = []
+            out.append(i)
+        else:
+            run.append(i)
+    if run:
+        out.append(tuple(run))
+    return out
+
+
+def _dependencies(ids: list[list[int]], compute: list[bool], partner: list[int]):
+    """The rank lists as batches, where each p2p id sits (rank, item), and for every compute item
+    its dependency vector dep[r][k]: per rank, the number of the last compute of that rank it
+    transitively waits for under rendezvous semantics (-1: none). Found in one run of the lists in
+    dependency order, which also proves they do not deadlock."""
+    items = [_batches(rank_ids, compute) for rank_ids in ids]
+    home = {}
+    for r, its in enumerate(items):
+        for k, it in enumerate(its):
+            if isinstance(it, tuple):
+                for i in it:
+                    home[i] = (r, k)
+    n = len(items)
+    none = (-1,) * n
+    dep: list[list[tuple[int, ...]]] = [[none] * len(its) for its in items]
+    number = [[0] * len(its) for its in items]     # compute number of each compute item
+    after = [none] * n      # per rank: what everything done so far on it depends on, itself included
+    done = [0] * n          # computes completed per rank
+    reached: set[tuple[int, int]] = set()
+    pos = [0] * n
+    progressed = True
+    while progressed:
+        progressed = False
+        for r, its in enumerate(items):
+            while pos[r] < len(its):
+                k = pos[r]
+                it = its[k]
+                if not isinstance(it, tuple):
+                    dep[r][k] = after[r]
+                    number[r][k] = done[r]
+                    after[r] = after[r][:r] + (done[r],) + after[r][r + 1:]
+                    done[r] += 1
+                else:
+                    reached.add((r, k))
+                    partners = [home.get(partner[i]) for i in it]
+                    if any(p not in reached for p in partners):
+                        break
+                    vec = after[r]
+                    for q, kq in partners:      # the partner batch was reached: its rank had done all before it
+                        if kq > 0:              # batches never touch, so item kq - 1 is a compute
+                            d = dep[q][kq - 1]
+                            vec = tuple(map(max, vec, d[:q] + (number[q][kq - 1],) + d[q + 1:]))
+                    after[r] = vec
+                pos[r] += 1
+                progressed = True
+    stuck = [r for r, its in enumerate(items) if pos[r] < len(its)]
+    if stuck:
+        raise ValueError(f"p2p lists deadlock: ranks {stuck} wait on each other")
+    return items, home, dep
+
+
+def _hoist_rank(ids: list[list[int]], r: int, window: int, compute: list[bool], partner: list[int],
+                consumer: list[int]) -> list[int]:
+    """Rank r's ids with its receives moved as `hoist_receives` allows, against `ids`' dependencies."""
+    items, home, dep = _dependencies(ids, compute, partner)
+    its = items[r]
+    computes = [k for k, it in enumerate(its) if not isinstance(it, tuple)]
+    index = {its[k]: n for n, k in enumerate(computes)}
+    slots: list[list[int]] = [[] for _ in range(len(computes) + 1)]   # slot n: the batch before compute n
+    last_from: dict[int, int] = {}      # sender rank -> slot of its latest receive here
+    n = 0
+    for it in its:
+        if not isinstance(it, tuple):
+            n += 1
+            continue
+        for i in it:
+            target = n
+            if consumer[i] >= 0:            # a receive
+                q, kq = home[partner[i]]
+                safe = dep[q][kq - 1][r] + 1 if kq > 0 else 0     # item kq - 1: the send's producer
+                target = min(n, max(index[consumer[i]] - window, last_from.get(q, 0), safe))
+                last_from[q] = target
+            slots[target].append(i)
+    seq: list[int] = []
+    for n, k in enumerate(computes):
+        seq += slots[n]
+        seq.append(its[k])
+    return seq + slots[len(computes)]
 
 
 def p2p_batches(actions: Sequence[Action]) -> list[list[Action] | Action]:
