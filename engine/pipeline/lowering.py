@@ -9,7 +9,7 @@ which `engine.pipeline.validate.check_p2p_order` proves consistent.
 """
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left
 from typing import Sequence
 
 from engine.pipeline.actions import Action, Kind, deps
@@ -126,10 +126,14 @@ def hoist_receives(lists: list[list[Action]], window: int = 1) -> list[list[Acti
         if a.kind.is_recv:
             uses = (Kind.F,) if a.kind == Kind.RF else (Kind.I, Kind.B)
             consumer[i] = next(ident[c] for c in (Action(a.stage, k, a.mb) for k in uses) if c in ident)
+    # when each compute ends on the placement's unit timeline
+    order = [[a for a in rank_acts if a.is_compute] for rank_acts in lists]
+    times = _unit_timeline(order, 1 + max((a.stage for a in acts), default=0))
+    ends = [times[a][1] if a.is_compute else 0.0 for a in acts]
     ids = [[ident[a] for a in rank_acts] for rank_acts in lists]
     for r in range(len(ids)):
         if any(not compute[i] for i in ids[r]):
-            ids[r] = _hoist_rank(ids, r, window, compute, partner, consumer)
+            ids[r] = _hoist_rank(ids, r, window, compute, partner, consumer, ends)
     return [[acts[i] for i in rank_ids] for rank_ids in ids]
 
 
@@ -202,12 +206,13 @@ def _dependencies(ids: list[list[int]], compute: list[bool], partner: list[int])
 
 
 def _hoist_rank(ids: list[list[int]], r: int, window: int, compute: list[bool], partner: list[int],
-                consumer: list[int]) -> list[int]:
+                consumer: list[int], ends: list[float]) -> list[int]:
     """Rank r's ids with its receives moved as `hoist_receives` allows, against `ids`' dependencies."""
     items, home, dep = _dependencies(ids, compute, partner)
     its = items[r]
     computes = [k for k, it in enumerate(its) if not isinstance(it, tuple)]
     index = {its[k]: n for n, k in enumerate(computes)}
+    my_ends = [ends[its[k]] for k in computes]
     slots: list[list[int]] = [[] for _ in range(len(computes) + 1)]   # slot n: the batch before compute n
     last_from: dict[int, int] = {}      # sender rank -> slot of its latest receive here
     n = 0
@@ -219,8 +224,19 @@ def _hoist_rank(ids: list[list[int]], r: int, window: int, compute: list[bool], 
             target = n
             if consumer[i] >= 0:            # a receive
                 q, kq = home[partner[i]]
-                safe = dep[q][kq - 1][r] + 1 if kq > 0 else 0     # item kq - 1: the send's producer
-                target = min(n, max(index[consumer[i]] - window, last_from.get(q, 0), safe))
+                # item kq - 1 is the send's producer: its dependencies bound what is safe, and when it
+                # ends on the unit timeline bounds what helps (the transfer overlaps the compute)
+                safe = dep[q][kq - 1][r] + 1 if kq > 0 else 0
+                t_send = ends[items[q][kq - 1]] if kq > 0 else 0.0
+                need = index[consumer[i]]
+                target = max(need - window, last_from.get(q, 0), safe, bisect_left(my_ends, t_send))
+                # a batch waiting for a late partner holds up the rank's later batches (one NCCL
+                # stream runs them in order): leave no p2p between the new place and the old one
+                target = max([target] + [t for t in range(target + 1, n + 1) if slots[t]])
+                # one batch is one coalesced Work: never join a batch whose receives are needed sooner
+                while target < n and any(consumer[j] >= 0 and index[consumer[j]] < need for j in slots[target]):
+                    target += 1
+                target = min(n, target)
                 last_from[q] = target
             slots[target].append(i)
     seq: list[int] = []

@@ -19,10 +19,11 @@ def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[in
     """Compute actions take cost(rank, action). A p2p batch is posted when its rank reaches it and
     completes p2p_time after the last of its partners has been posted; the partner of the k-th
     send from one rank to another is the k-th receive posted there from that rank. With
-    `rendezvous` a send waits for its receive like a receive waits for its send (the strict model
-    the validator proves deadlock-free: an NCCL group kernel on one stream finishes a batch only
-    once all its operations are matched); without it sends are buffered and only receives wait,
-    which is how the runtime behaves on gloo (it waits on its sends lazily).
+    `rendezvous` the rank blocks at each batch until every partner batch has been posted, sends
+    included (the strict model the validator proves deadlock-free: an NCCL group kernel on one
+    stream finishes a batch only once all its operations are matched). Without it the lists run
+    as the runtime runs them (`_run_streams`): posting does not block, and a compute waits only
+    for the batch that holds its input.
     Returns each rank's timeline [(start, end, action)] and the makespan; raises ValueError naming
     the stuck actions on deadlock.
     """
@@ -34,6 +35,8 @@ def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[in
     for sends, recvs in p2p_streams(actions, pp).values():
         for s, r in zip(sends, recvs):
             match[s], match[r] = r, s
+    if not rendezvous:
+        return _run_streams(batches, match, cost, p2p_time)
     posted: dict[Action, float] = {}          # p2p action -> time its batch was posted
     pos, clock = [0] * pp, [0.0] * pp
     timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
@@ -63,6 +66,80 @@ def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[in
         detail = "; ".join(f"rank {r} waits in batch [{' '.join(b)}]" for r, b in stuck.items())
         raise ValueError(f"schedule deadlocks: {detail}")
     return timeline, max(clock) if clock else 0.0
+
+
+def _run_streams(batches: list[list], match: dict[Action, Action], cost: Callable[[int, Action], float],
+                 p2p_time: float) -> tuple[list[list[tuple[float, float, Action]]], float]:
+    """The runtime's timing: each rank has a compute stream and a communication stream (NCCL's
+    p2p stream). A batch is posted when the compute before it ends and starts on the communication
+    stream once the rank's previous batch has finished (one stream runs them in order); it is one
+    group, so it finishes p2p_time after the last of its own and its partners' batches has started.
+    A compute waits only for the batch holding the receive it consumes (the coalesced Work), so a
+    receive posted early lets the transfer overlap the computes in between, while a batch that
+    waits for a late partner holds up the rank's later batches. Sends are waited for at the end."""
+    pp = len(batches)
+    where: dict[Action, tuple[int, int]] = {}        # p2p action -> (rank, batch item)
+    recv_of: dict[Action, tuple[int, int]] = {}      # consuming compute -> batch holding its input
+    for r, items in enumerate(batches):
+        for k, item in enumerate(items):
+            if isinstance(item, list):
+                for a in item:
+                    where[a] = (r, k)
+                    if a.kind.is_recv:
+                        kind = Kind.F if a.kind == Kind.RF else None
+                        for c in ((Action(a.stage, Kind.F, a.mb),) if kind else
+                                  (Action(a.stage, Kind.B, a.mb), Action(a.stage, Kind.I, a.mb))):
+                            recv_of[c] = (r, k)
+    started: dict[tuple[int, int], float] = {}
+    ended: dict[tuple[int, int], float] = {}
+
+    def end(b: tuple[int, int]) -> float | None:
+        if b not in ended:
+            partners = [where.get(match.get(a)) if match.get(a) is not None else None for a in batches[b[0]][b[1]]]
+            if b not in started or any(p not in started for p in partners):
+                return None
+            ended[b] = max([started[b]] + [started[p] for p in partners]) + p2p_time
+        return ended[b]
+
+    pos, clock = [0] * pp, [0.0] * pp
+    last: list[tuple[int, int] | None] = [None] * pp       # the rank's latest batch
+    timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(pp):
+            while pos[r] < len(batches[r]):
+                item = batches[r][pos[r]]
+                if isinstance(item, Action):
+                    waits = recv_of.get(item)
+                    ready = 0.0 if waits is None else end(waits)
+                    if ready is None:
+                        break
+                    start = max(clock[r], ready)
+                    c = float(cost(r, item))
+                    timeline[r].append((start, start + c, item))
+                    clock[r] = start + c
+                else:
+                    free = 0.0 if last[r] is None else end(last[r])
+                    if free is None:
+                        break
+                    started[(r, pos[r])] = max(clock[r], free)
+                    last[r] = (r, pos[r])
+                pos[r] += 1
+                progressed = True
+    stuck = {r: batches[r][pos[r]] for r in range(pp) if pos[r] < len(batches[r])}
+    unfinished = [b for b in started if end(b) is None]
+    if stuck or unfinished:
+        detail = "; ".join(f"rank {r} waits at {' '.join(map(str, b)) if isinstance(b, list) else b}"
+                           for r, b in stuck.items())
+        raise ValueError(f"schedule deadlocks: {detail or 'unmatched p2p at the end of the step'}")
+    for r, items in enumerate(batches):
+        for k, item in enumerate(items):
+            if isinstance(item, list):
+                timeline[r].extend((started[(r, k)], ended[(r, k)], a) for a in item)
+        timeline[r].sort(key=lambda e: e[0])
+    makespan = max([0.0] + clock + list(ended.values()))
+    return timeline, makespan
 
 
 @dataclass
