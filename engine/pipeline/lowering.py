@@ -125,7 +125,7 @@ def hoist_receives(lists: list[list[Action]], window: int = 1) -> list[list[Acti
     for i, a in enumerate(acts):
         if a.kind.is_recv:
             uses = (Kind.F,) if a.kind == Kind.RF else (Kind.I, Kind.B)
-            consumer[i] = next(ident[c] for c in (Action(a.stage, k, a.mb) for k in uses) if c in ident)
+            consumer[i] = next((ident[c] for c in (Action(a.stage, k, a.mb) for k in uses) if c in ident), -1)
     # when each compute ends on the placement's unit timeline
     order = [[a for a in rank_acts if a.is_compute] for rank_acts in lists]
     times = _unit_timeline(order, 1 + max((a.stage for a in acts), default=0))
@@ -222,7 +222,7 @@ def _hoist_rank(ids: list[list[int]], r: int, window: int, compute: list[bool], 
             continue
         for i in it:
             target = n
-            if consumer[i] >= 0:            # a receive
+            if consumer[i] >= 0 and partner[i] >= 0:        # a receive (with its send and consumer)
                 q, kq = home[partner[i]]
                 # item kq - 1 is the send's producer: its dependencies bound what is safe, and when it
                 # ends on the unit timeline bounds what helps (the transfer overlaps the compute)
@@ -231,7 +231,8 @@ def _hoist_rank(ids: list[list[int]], r: int, window: int, compute: list[bool], 
                 need = index[consumer[i]]
                 target = max(need - window, last_from.get(q, 0), safe, bisect_left(my_ends, t_send))
                 # a batch waiting for a late partner holds up the rank's later batches (one NCCL
-                # stream runs them in order): leave no p2p between the new place and the old one
+                # stream runs them in order): leave no p2p placed so far between the new place and
+                # the old one
                 target = max([target] + [t for t in range(target + 1, n + 1) if slots[t]])
                 # one batch is one coalesced Work: never join a batch whose receives are needed sooner
                 while target < n and any(consumer[j] >= 0 and index[consumer[j]] < need for j in slots[target]):

@@ -1,9 +1,11 @@
 """Event simulation of action lists: timeline, makespan, bubble and peak activations per rank.
 
-`run_batches` executes the lists exactly as the runtime does: compute actions back to back,
-consecutive p2p actions as one batch that waits for its partners. The validator runs it with
-rendezvous semantics to prove lists deadlock-free; `simulate` runs it with per-action costs so
-the planner can compare schedules and micro-batch counts without running anything.
+`run_batches` executes the lists: compute actions back to back, consecutive p2p actions as one
+batch that waits for its partners. The validator runs it with rendezvous semantics (the rank
+blocks at every batch) to prove lists deadlock-free; `simulate` runs it as the runtime does (a
+compute waits only for the batch holding its input, batches run in order on the rank's p2p
+stream), with per-action costs, so the planner can compare schedules and micro-batch counts
+without running anything.
 """
 from __future__ import annotations
 
@@ -85,17 +87,15 @@ def _run_streams(batches: list[list], match: dict[Action, Action], cost: Callabl
             if isinstance(item, list):
                 for a in item:
                     where[a] = (r, k)
-                    if a.kind.is_recv:
-                        kind = Kind.F if a.kind == Kind.RF else None
-                        for c in ((Action(a.stage, Kind.F, a.mb),) if kind else
-                                  (Action(a.stage, Kind.B, a.mb), Action(a.stage, Kind.I, a.mb))):
-                            recv_of[c] = (r, k)
+                    if a.kind.is_recv:       # consumed by the stage's F, or by its B (or I)
+                        for kind in (Kind.F,) if a.kind == Kind.RF else (Kind.B, Kind.I):
+                            recv_of[Action(a.stage, kind, a.mb)] = (r, k)
     started: dict[tuple[int, int], float] = {}
     ended: dict[tuple[int, int], float] = {}
 
     def end(b: tuple[int, int]) -> float | None:
         if b not in ended:
-            partners = [where.get(match.get(a)) if match.get(a) is not None else None for a in batches[b[0]][b[1]]]
+            partners = [where.get(match[a]) if a in match else None for a in batches[b[0]][b[1]]]
             if b not in started or any(p not in started for p in partners):
                 return None
             ended[b] = max([started[b]] + [started[p] for p in partners]) + p2p_time
@@ -103,7 +103,7 @@ def _run_streams(batches: list[list], match: dict[Action, Action], cost: Callabl
 
     pos, clock = [0] * pp, [0.0] * pp
     last: list[tuple[int, int] | None] = [None] * pp       # the rank's latest batch
-    timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
+    ran: dict[tuple[int, int], tuple[float, float]] = {}    # compute item -> (start, end)
     progressed = True
     while progressed:
         progressed = False
@@ -117,7 +117,7 @@ def _run_streams(batches: list[list], match: dict[Action, Action], cost: Callabl
                         break
                     start = max(clock[r], ready)
                     c = float(cost(r, item))
-                    timeline[r].append((start, start + c, item))
+                    ran[(r, pos[r])] = (start, start + c)
                     clock[r] = start + c
                 else:
                     free = 0.0 if last[r] is None else end(last[r])
@@ -133,11 +133,13 @@ def _run_streams(batches: list[list], match: dict[Action, Action], cost: Callabl
         detail = "; ".join(f"rank {r} waits at {' '.join(map(str, b)) if isinstance(b, list) else b}"
                            for r, b in stuck.items())
         raise ValueError(f"schedule deadlocks: {detail or 'unmatched p2p at the end of the step'}")
-    for r, items in enumerate(batches):
+    timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
+    for r, items in enumerate(batches):         # in list order, as `run_batches` reports
         for k, item in enumerate(items):
             if isinstance(item, list):
                 timeline[r].extend((started[(r, k)], ended[(r, k)], a) for a in item)
-        timeline[r].sort(key=lambda e: e[0])
+            else:
+                timeline[r].append((*ran[(r, k)], item))
     makespan = max([0.0] + clock + list(ended.values()))
     return timeline, makespan
 
@@ -204,8 +206,9 @@ class SimResult:
 def simulate(actions: Sequence[Sequence[Action]], cost: Callable[[int, Action], float],
              p2p_time: float = 0.0, *, rendezvous: bool = False) -> SimResult:
     """Run the lists through the event simulation; `cost(rank, action)` gives each compute action's
-    duration, every p2p batch costs `p2p_time` once the sends its receives wait for are posted.
-    Sends are buffered as in the runtime; `rendezvous=True` makes them wait for their receives too.
+    duration, every p2p batch takes `p2p_time` once it and its partners have started, overlapping
+    the computes that do not need it (as the runtime runs them); `rendezvous=True` makes the rank
+    block at every batch instead (the validator's model).
     Raises ValueError if the lists deadlock."""
     pp = len(actions)
     timeline, makespan = run_batches(actions, pp, cost, p2p_time, rendezvous=rendezvous)
