@@ -2,7 +2,8 @@
 
 `place_p2p` inserts the sends right after their producer and each receive at the point its rank
 reaches when the send is posted in a unit-cost timeline, so every rank blocks as little as the
-schedule allows. Consecutive p2p actions form one batch (`p2p_batches`) that the runtime posts
+schedule allows; `hoist_receives` then posts receives up to one compute earlier where that is
+proven safe and useful, so transfers overlap compute. Consecutive p2p actions form one batch (`p2p_batches`) that the runtime posts
 with a single `batch_isend_irecv` and then waits on. Messages carry no tags (NCCL ignores them):
 a rank pair's messages are matched in posting order (`p2p_streams` lists them per ordered pair),
 which `engine.pipeline.validate.check_p2p_order` proves consistent.
