@@ -132,10 +132,35 @@ def hoist_receives(lists: list[list[Action]], window: int = 1) -> list[list[Acti
     times = _unit_timeline(order, 1 + max((a.stage for a in acts), default=0))
     ends = [times[a][1] if a.is_compute else 0.0 for a in acts]
     ids = [[ident[a] for a in rank_acts] for rank_acts in lists]
+    for rank_ids in ids:            # a send is posted when the compute before it (its producer) ends
+        last = -1
+        for i in rank_ids:
+            if compute[i]:
+                last = i
+            else:
+                ends[i] = ends[last] if last >= 0 else 0.0
     for r in range(len(ids)):
-        if any(not compute[i] for i in ids[r]):
+        if _may_move(ids[r], window, compute, partner, consumer, ends):
             ids[r] = _hoist_rank(ids, r, window, compute, partner, consumer, ends)
     return [[acts[i] for i in rank_ids] for rank_ids in ids]
+
+
+def _may_move(rank_ids: list[int], window: int, compute: list[bool], partner: list[int], consumer: list[int],
+              ends: list[float]) -> bool:
+    """Whether any receive of the rank passes `_hoist_rank`'s tests that need no dependencies (it
+    leads its batch, and the window and the send's time allow an earlier place): else skip it."""
+    index = {i: n for n, i in enumerate(i for i in rank_ids if compute[i])}
+    my_ends = [ends[i] for i in rank_ids if compute[i]]
+    n, lead = 0, True
+    for i in rank_ids:
+        if compute[i]:
+            n, lead = n + 1, True
+            continue
+        if lead and consumer[i] >= 0 and partner[i] >= 0 and \
+                max(index[consumer[i]] - window, bisect_left(my_ends, ends[partner[i]])) < n:
+            return True
+        lead = False
+    return False
 
 
 def _batches(ids: list[int], compute: list[bool]) -> list:
@@ -228,7 +253,7 @@ def _hoist_rank(ids: list[list[int]], r: int, window: int, compute: list[bool], 
                 # item kq - 1 is the send's producer: its dependencies bound what is safe, and when it
                 # ends on the unit timeline bounds what helps (the transfer overlaps the compute)
                 safe = dep[q][kq - 1][r] + 1 if kq > 0 else 0
-                t_send = ends[items[q][kq - 1]] if kq > 0 else 0.0
+                t_send = ends[partner[i]]
                 need = index[consumer[i]]
                 target = max(need - window, last_from.get(q, 0), safe, bisect_left(my_ends, t_send))
                 # a batch waiting for a late partner holds up the rank's later batches (one NCCL
