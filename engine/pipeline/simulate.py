@@ -184,7 +184,8 @@ class SimResult:
     def chrome_trace(self, us_per_unit: float = 1000.0) -> dict:
         """The timeline as a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing): one
         track per rank with a slice per compute action, and under it one track per rank with a slice
-        per p2p action from the moment its batch is posted to the moment it completes (its wait).
+        per p2p action from the moment its batch starts (on the rank's p2p stream; under
+        `rendezvous`, is posted) to the moment it completes.
         Simulated time units are drawn as ``us_per_unit`` microseconds."""
         events: list[dict] = []
         for r in range(self.pp):
