@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--b", type=float, default=2.0, help="backward cost of a whole stage (I + W)")
     ap.add_argument("--w", type=float, default=1.0, help="weight-gradient part of the backward (zb_h1)")
     ap.add_argument("--width", type=int, default=100)
+    ap.add_argument("--p2p", type=float, default=0.0, help="time of one p2p batch, in the same units")
+    ap.add_argument("--network", choices=("nccl", "gloo"), default="nccl",
+                    help="nccl: one p2p stream per rank, sends wait for their receivers; gloo: buffered sends")
     ap.add_argument("--actions", action="store_true", help="also print every rank's action list")
     ap.add_argument("--trace", type=Path, default=None,
                     help="write the simulated timeline as a Chrome/Perfetto trace (JSON) to this file")
@@ -40,7 +43,7 @@ def main() -> None:
     if a.actions:
         print(format_actions(actions))
     v = a.virtual
-    result = simulate(actions, uniform_cost(a.f / v, a.b / v, a.w / v))
+    result = simulate(actions, uniform_cost(a.f / v, a.b / v, a.w / v), a.p2p / v, network=a.network)
     print(result.chart(a.width))
     idle = result.idle_in_span
     print(f"idle inside each rank's span {[round(x, 3) for x in idle]} (the zero-bubble papers' bubble)")

@@ -194,9 +194,9 @@ def _zbv(pp: int, n_micro: int, v: int) -> list[list[Action]]:
 def _dualpipev(pp: int, n_micro: int, v: int) -> list[list[Action]]:
     """DualPipeV (DeepSeek's DualPipe cut in half, https://github.com/deepseek-ai/DualPipe): the V
     placement fed from one end, whose steady state pairs the forward of one micro-batch with the
-    full backward (B) of another on the other chunk — an "F&B" pair, adjacent in the list, whose
-    receives the lowering posts before the pair and whose F's send goes out before its B runs, so
-    the pair's communication overlaps its compute. Warm-up and drain split backwards into I + W
+    full backward (B) of another on the other chunk — an "F&B" pair, adjacent in the list: the F's
+    send goes out before the B runs (overlapping it), and the B's receive is posted as early as the
+    lowering proves safe (`hoist_receives`), before the F where it can be. Warm-up and drain split backwards into I + W
     (zero-bubble) to fill the ramps: rank r runs 2(p-r-1) chunk-0 forwards, r+1 chunk-0/chunk-1
     forward pairs, p-r-1 I-W-F's on chunk 1, then m-2p+r+1 F&B double-pairs (F0&B1, F1&B0), p-r-1
     B1-F1&B0's, r+1 backward pairs (the second half split), p-r-1 W-I's on chunk 0 and the last W's.

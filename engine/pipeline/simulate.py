@@ -1,9 +1,11 @@
 """Event simulation of action lists: timeline, makespan, bubble and peak activations per rank.
 
-`run_batches` executes the lists exactly as the runtime does: compute actions back to back,
-consecutive p2p actions as one batch that waits for its partners. The validator runs it with
-rendezvous semantics to prove lists deadlock-free; `simulate` runs it with per-action costs so
-the planner can compare schedules and micro-batch counts without running anything.
+`run_batches` executes the lists: compute actions back to back, consecutive p2p actions as one
+batch that waits for its partners. The validator runs it with rendezvous semantics (the rank
+blocks at every batch) to prove lists deadlock-free; `simulate` runs it as the runtime does (a
+compute waits only for the batch holding its input, batches run in order on the rank's p2p
+stream), with per-action costs, so the planner can compare schedules and micro-batch counts
+without running anything.
 """
 from __future__ import annotations
 
@@ -15,14 +17,19 @@ from engine.pipeline.lowering import p2p_batches, p2p_streams
 
 
 def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[int, Action], float],
-                p2p_time: float, *, rendezvous: bool = True) -> tuple[list[list[tuple[float, float, Action]]], float]:
+                p2p_time: float, *, rendezvous: bool = True,
+                network: str = "nccl") -> tuple[list[list[tuple[float, float, Action]]], float]:
     """Compute actions take cost(rank, action). A p2p batch is posted when its rank reaches it and
     completes p2p_time after the last of its partners has been posted; the partner of the k-th
     send from one rank to another is the k-th receive posted there from that rank. With
-    `rendezvous` a send waits for its receive like a receive waits for its send (the strict model
-    the validator proves deadlock-free: an NCCL group kernel on one stream finishes a batch only
-    once all its operations are matched); without it sends are buffered and only receives wait,
-    which is how the runtime behaves on gloo (it waits on its sends lazily).
+    `rendezvous` the rank blocks at each batch until every partner batch has been posted, sends
+    included (the strict model the validator proves deadlock-free: an NCCL group kernel on one
+    stream finishes a batch only once all its operations are matched). Without it the lists run
+    as the runtime runs them (`_run_streams`): posting does not block, and a compute waits only
+    for the batch that holds its input. ``network`` (without `rendezvous`): "nccl" runs each rank's
+    batches in order on one stream, a batch finishing only once its partners (sends included) have
+    started; "gloo" buffers sends and lets every receive finish on its own once its send is posted
+    (gloo's per-operation works, and the papers' model of free, non-blocking communication).
     Returns each rank's timeline [(start, end, action)] and the makespan; raises ValueError naming
     the stuck actions on deadlock.
     """
@@ -34,6 +41,10 @@ def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[in
     for sends, recvs in p2p_streams(actions, pp).values():
         for s, r in zip(sends, recvs):
             match[s], match[r] = r, s
+    if network not in ("nccl", "gloo"):
+        raise ValueError(f"unknown network model {network!r}; expected 'nccl' or 'gloo'")
+    if not rendezvous:
+        return _run_streams(batches, match, cost, p2p_time, buffered=network == "gloo")
     posted: dict[Action, float] = {}          # p2p action -> time its batch was posted
     pos, clock = [0] * pp, [0.0] * pp
     timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
@@ -63,6 +74,82 @@ def run_batches(actions: Sequence[Sequence[Action]], pp: int, cost: Callable[[in
         detail = "; ".join(f"rank {r} waits in batch [{' '.join(b)}]" for r, b in stuck.items())
         raise ValueError(f"schedule deadlocks: {detail}")
     return timeline, max(clock) if clock else 0.0
+
+
+def _run_streams(batches: list[list], match: dict[Action, Action], cost: Callable[[int, Action], float],
+                 p2p_time: float, buffered: bool = False) -> tuple[list[list[tuple[float, float, Action]]], float]:
+    """The runtime's timing: each rank has a compute stream and a communication stream (NCCL's
+    p2p stream). A batch is posted when the compute before it ends and starts on the communication
+    stream once the rank's previous batch has finished (one stream runs them in order); it is one
+    group, so it finishes p2p_time after the last of its own and its partners' batches has started.
+    A compute waits only for the batch holding the receive it consumes (the coalesced Work), so a
+    receive posted early lets the transfer overlap the computes in between, while a batch that
+    waits for a late partner holds up the rank's later batches. Sends are waited for at the end.
+    ``buffered`` (gloo): no stream order, and a batch waits only for the sends of its receives."""
+    pp = len(batches)
+    where: dict[Action, tuple[int, int]] = {}        # p2p action -> (rank, batch item)
+    recv_of: dict[Action, tuple[int, int]] = {}      # consuming compute -> batch holding its input
+    for r, items in enumerate(batches):
+        for k, item in enumerate(items):
+            if isinstance(item, list):
+                for a in item:
+                    where[a] = (r, k)
+                    if a.kind.is_recv:       # consumed by the stage's F, or by its B (or I)
+                        for kind in (Kind.F,) if a.kind == Kind.RF else (Kind.B, Kind.I):
+                            recv_of[Action(a.stage, kind, a.mb)] = (r, k)
+    started: dict[tuple[int, int], float] = {}
+    ended: dict[tuple[int, int], float] = {}
+
+    def end(b: tuple[int, int]) -> float | None:
+        if b not in ended:
+            partners = [where.get(match[a]) if a in match else None for a in batches[b[0]][b[1]]
+                        if not buffered or a.kind.is_recv]
+            if b not in started or any(p not in started for p in partners):
+                return None
+            ended[b] = max([started[b]] + [started[p] for p in partners]) + p2p_time
+        return ended[b]
+
+    pos, clock = [0] * pp, [0.0] * pp
+    last: list[tuple[int, int] | None] = [None] * pp       # the rank's latest batch
+    ran: dict[tuple[int, int], tuple[float, float]] = {}    # compute item -> (start, end)
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(pp):
+            while pos[r] < len(batches[r]):
+                item = batches[r][pos[r]]
+                if isinstance(item, Action):
+                    waits = recv_of.get(item)
+                    ready = 0.0 if waits is None else end(waits)
+                    if ready is None:
+                        break
+                    start = max(clock[r], ready)
+                    c = float(cost(r, item))
+                    ran[(r, pos[r])] = (start, start + c)
+                    clock[r] = start + c
+                else:
+                    free = 0.0 if last[r] is None or buffered else end(last[r])
+                    if free is None:
+                        break
+                    started[(r, pos[r])] = max(clock[r], free)
+                    last[r] = (r, pos[r])
+                pos[r] += 1
+                progressed = True
+    stuck = {r: batches[r][pos[r]] for r in range(pp) if pos[r] < len(batches[r])}
+    unfinished = [b for b in started if end(b) is None]
+    if stuck or unfinished:
+        detail = "; ".join(f"rank {r} waits at {' '.join(map(str, b)) if isinstance(b, list) else b}"
+                           for r, b in stuck.items())
+        raise ValueError(f"schedule deadlocks: {detail or 'unmatched p2p at the end of the step'}")
+    timeline: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
+    for r, items in enumerate(batches):         # in list order, as `run_batches` reports
+        for k, item in enumerate(items):
+            if isinstance(item, list):
+                timeline[r].extend((started[(r, k)], ended[(r, k)], a) for a in item)
+            else:
+                timeline[r].append((*ran[(r, k)], item))
+    makespan = max([0.0] + clock + list(ended.values()))
+    return timeline, makespan
 
 
 @dataclass
@@ -117,7 +204,8 @@ class SimResult:
     def chrome_trace(self, us_per_unit: float = 1000.0) -> dict:
         """The timeline as a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing): one
         track per rank with a slice per compute action, and under it one track per rank with a slice
-        per p2p action from the moment its batch is posted to the moment it completes (its wait).
+        per p2p action from the moment its batch starts (on the rank's p2p stream; under
+        `rendezvous`, is posted) to the moment it completes.
         Simulated time units are drawn as ``us_per_unit`` microseconds."""
         events: list[dict] = []
         for r in range(self.pp):
@@ -137,13 +225,16 @@ class SimResult:
 
 
 def simulate(actions: Sequence[Sequence[Action]], cost: Callable[[int, Action], float],
-             p2p_time: float = 0.0, *, rendezvous: bool = False) -> SimResult:
+             p2p_time: float = 0.0, *, rendezvous: bool = False, network: str = "nccl") -> SimResult:
     """Run the lists through the event simulation; `cost(rank, action)` gives each compute action's
-    duration, every p2p batch costs `p2p_time` once the sends its receives wait for are posted.
-    Sends are buffered as in the runtime; `rendezvous=True` makes them wait for their receives too.
+    duration, every p2p batch takes `p2p_time` once it and its partners have started, overlapping
+    the computes that do not need it (as the runtime runs them); `rendezvous=True` makes the rank
+    block at every batch instead (the validator's model). ``network``: "nccl" (one p2p stream per
+    rank, a send holding its batch until the receiver posts) or "gloo" (buffered sends); see
+    `run_batches`.
     Raises ValueError if the lists deadlock."""
     pp = len(actions)
-    timeline, makespan = run_batches(actions, pp, cost, p2p_time, rendezvous=rendezvous)
+    timeline, makespan = run_batches(actions, pp, cost, p2p_time, rendezvous=rendezvous, network=network)
     busy = [sum(e - s for s, e, a in row if a.is_compute) for row in timeline]
     bubble = 1.0 - sum(busy) / (pp * makespan) if makespan > 0 else 0.0
     return SimResult(makespan=makespan, busy=busy, bubble=bubble,

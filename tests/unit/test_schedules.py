@@ -3,7 +3,7 @@ import pytest
 
 from engine.pipeline.actions import Action, Kind, format_actions, parse_action
 from engine.pipeline.generators import SCHEDULES, build_schedule
-from engine.pipeline.lowering import p2p_streams
+from engine.pipeline.lowering import hoist_receives, p2p_streams, place_p2p
 from engine.pipeline.validate import build_step_actions, check_p2p_order, validate_schedule
 from engine.pipeline.simulate import simulate, uniform_cost
 
@@ -257,3 +257,100 @@ def test_show_schedule_trace_has_one_slice_per_action_per_rank(name, v, tmp_path
             want = [(str(a), s * 1000.0, (e - s) * 1000.0) for s, e, a in sim.timeline[r] if a.is_compute == compute]
             assert got == want and got, (r, compute)
     assert trace["otherData"]["makespan"] == sim.makespan
+
+
+# -- overlapped p2p: receives posted early (lowering.hoist_receives) ------------------------------
+def _recv_places(lists):
+    """{receive: how many compute actions its rank runs before posting it}"""
+    places = {}
+    for acts in lists:
+        done = 0
+        for a in acts:
+            if a.is_compute:
+                done += 1
+            elif a.kind.is_recv:
+                places[a] = done
+    return places
+
+
+EARLY = [(name, pp, m, v) for pp in (2, 3, 4, 5) for m in (1, 3, 4, 8)
+         for name, vs in (("gpipe", (1, 2)), ("1f1b", (1,)), ("zb_h1", (1,)), ("interleaved_1f1b", (2,)))
+         for v in vs if not (name == "interleaved_1f1b" and m % pp)]
+
+
+def test_receives_only_move_earlier_by_at_most_the_window_and_stay_proven():
+    """Lowering posts receives early (`hoist_receives`): same compute order, same sends, every
+    receive at or before where the unit timeline put it and at most one compute action before its
+    consumer unless it already was; the lists still pass the validator (order and rendezvous
+    deadlock freedom), also with a wider window."""
+    moved = {}
+    for name, pp, m, v in EARLY:
+        order = SCHEDULES[name](pp, m, v)
+        before, after = place_p2p(order, pp * v, early_recv=0), place_p2p(order, pp * v)
+        assert after == build_schedule(name, pp, m, v)
+        validate_schedule(after, pp, m, v)
+        for old, new in zip(before, after):
+            assert [a for a in new if not a.kind.is_recv] == [a for a in old if not a.kind.is_recv]
+        was, now = _recv_places(before), _recv_places(after)
+        assert was.keys() == now.keys()
+        for recv, place in now.items():
+            acts = after[next(r for r, acts in enumerate(after) if recv in acts)]
+            uses = [a for a in acts if a.is_compute].index(
+                next(a for a in acts if a.is_compute and a.stage == recv.stage and a.mb == recv.mb
+                     and (a.kind == "F") == (recv.kind == "RF")))
+            assert min(was[recv], uses - 1) <= place <= was[recv], (name, pp, m, v, recv)
+        moved[name] = moved.get(name, 0) + sum(now[a] < was[a] for a in now)
+        validate_schedule(hoist_receives(before, window=4), pp, m, v)
+    assert moved["zb_h1"] > 0, moved
+
+
+def test_early_receives_shorten_the_simulated_step_with_p2p_cost_and_never_lengthen_it():
+    """The simulator runs the lists as the runtime does (a compute waits only for the batch holding
+    its input, batches run in order on the p2p stream), so a receive posted early lets its
+    transfer overlap the compute before its consumer."""
+    order = SCHEDULES["zb_h1"](4, 16, 1)
+    before, after = place_p2p(order, 4, early_recv=0), place_p2p(order, 4)
+    cost = uniform_cost(1.0, 2.0, w=1.0)
+    assert simulate(before, cost).makespan == simulate(after, cost).makespan == 3 * 16 + 4 - 1
+    assert simulate(before, cost, p2p_time=0.5).makespan == pytest.approx(68.5)
+    assert simulate(after, cost, p2p_time=0.5).makespan == pytest.approx(57.0)
+    for name, pp, m, v in EARLY[::3]:
+        order = SCHEDULES[name](pp, m, v)
+        before, after = place_p2p(order, pp * v, early_recv=0), place_p2p(order, pp * v)
+        for cost in (uniform_cost(1.0 / v, 2.0 / v), uniform_cost(1.0 / v, 1.7 / v, 0.5 / v),
+                     lambda r, a: (1.3 if r == 1 else 1.0) * (1.0 if a.kind == "F" else 1.5)):
+            for p in (0.1, 0.5):
+                assert simulate(after, cost, p).makespan <= simulate(before, cost, p).makespan + 1e-9, (name, pp, m, v)
+
+
+def test_simulated_receive_is_waited_for_only_by_its_consumer():
+    # rank 1 posts 1RF0, runs an unrelated 1B5 (2 units) while the activation travels (0.5 after
+    # rank 0 posts it at 1), then 1F0 starts without waiting; a rank that blocked at the batch
+    # (the validator's rendezvous model) would start 1B5 only at 1.5
+    lists = [[Action(0, "F", 0), Action(0, "SF", 0)], [Action(1, "RF", 0), Action(1, "B", 5), Action(1, "F", 0)]]
+    cost = uniform_cost(1.0, 2.0)
+    runtime = simulate(lists, cost, p2p_time=0.5)
+    assert [(s, e, str(a)) for s, e, a in runtime.timeline[1]] == [(0.0, 1.5, "1RF0"), (0.0, 2.0, "1B5"),
+                                                                    (2.0, 3.0, "1F0")]
+    assert simulate(lists, cost, p2p_time=0.5, rendezvous=True).makespan == 4.5
+
+
+def test_order_check_and_deadlock_proof_still_catch_bad_early_receives():
+    # swapping two receives from one peer (1RF3 was posted early, before 1W0) breaks NCCL's
+    # posting-order matching
+    actions = build_schedule("zb_h1", 3, 4)
+    i, j = actions[1].index(Action(1, "RF", 2)), actions[1].index(Action(1, "RF", 3))
+    assert actions[1][j + 1] == Action(1, "W", 0)
+    actions[1][i], actions[1][j] = actions[1][j], actions[1][i]
+    with pytest.raises(ValueError, match=r"p2p order mismatch from rank 0 to rank 1 at message 2: rank 0 posts "
+                                         r"0SF2 .* but rank 1 posts 1RF3"):
+        check_p2p_order(actions, 3)
+    # a gradient received before the activation it depends on is sent deadlocks; the lowering never
+    # moves it there, whatever the window
+    lists = build_schedule("1f1b", 2, 2)
+    early = [[Action(0, "RB", 0)] + [a for a in lists[0] if a != Action(0, "RB", 0)], lists[1]]
+    with pytest.raises(ValueError, match="deadlocks"):
+        validate_schedule(early, 2, 2)
+    wide = hoist_receives(place_p2p(SCHEDULES["1f1b"](2, 2, 1), 2, early_recv=0), window=10)
+    assert wide[0].index(Action(0, "RB", 0)) > wide[0].index(Action(0, "SF", 0))
+    validate_schedule(wide, 2, 2)
