@@ -52,10 +52,19 @@ def stage_time(held: list[Item]) -> float:
 
 
 def stage_memory(held: list[Item], in_flight: float, bytes_per_param: float) -> float:
-    return sum(i.params for i in held) * bytes_per_param + in_flight * sum(i.act_bytes for i in held)
+    """Parameters and optimizer state, the activations of ``in_flight`` micro-batches, and the largest
+    transient working set one backward needs (a recomputed layer, the logits' gradient)."""
+    return (sum(i.params for i in held) * bytes_per_param + in_flight * sum(i.act_bytes for i in held)
+            + max((i.work_bytes for i in held), default=0.0))
 
 
-def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):
+def min_layers(n_stages: int, empty_ends: bool) -> list[int]:
+    """The fewest layers each stage may hold: one, or none on the first and last stage with
+    ``empty_ends`` (an embedding-only first chunk, a head-only last chunk: layers_per_stage entries of 0)."""
+    return [0 if empty_ends and n_stages > 1 and s in (0, n_stages - 1) else 1 for s in range(n_stages)]
+
+
+def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied, least):
     """(time, memory bytes) of every (stage, first layer, stop layer) a partition may use, from
     prefix sums over the layers plus each stage's extras (embedding, head): O(stages × layers²)."""
     L = len(items) - 2
@@ -68,22 +77,30 @@ def _stage_costs(items, n_stages, in_flight, bytes_per_param, tied):
     for s in range(n_stages):
         extra = stage_items(items, (0, 0), n_stages, s, tied)  # what stage s holds besides layers
         et, ep, ea = stage_time(extra), sum(i.params for i in extra), sum(i.act_bytes for i in extra)
-        for i in range(s, L - (n_stages - 1 - s)):
-            for j in range(i + 1, L - (n_stages - 1 - s) + 1):
-                out[(s, i, j)] = (t[j] - t[i] + et,
-                                  (p[j] - p[i] + ep) * bytes_per_param + in_flight[s] * (a[j] - a[i] + ea))
+        ew = max((i.work_bytes for i in extra), default=0.0)
+        lo, hi = sum(least[:s]), L - sum(least[s + 1:])
+        for i in range(lo, hi - least[s] + 1):
+            work = ew
+            for j in range(i, hi + 1):
+                if j > i:
+                    work = max(work, items[j].work_bytes)
+                if j - i < least[s]:
+                    continue
+                out[(s, i, j)] = (t[j] - t[i] + et, (p[j] - p[i] + ep) * bytes_per_param
+                                  + in_flight[s] * (a[j] - a[i] + ea) + work)
     return out
 
 
-def _dp(costs, n_stages: int, L: int, score, combine, admissible):
-    """Exact DP over contiguous partitions of L layers into n_stages stages of ≥ 1 layer.
+def _dp(costs, n_stages: int, L: int, score, combine, admissible, least):
+    """Exact DP over contiguous partitions of L layers into n_stages stages of ≥ least[s] layers.
     best[s][j] is the best combined score of stages 0..s covering layers [0, j)."""
     INF = math.inf
     best = [[INF] * (L + 1) for _ in range(n_stages)]
     arg = [[None] * (L + 1) for _ in range(n_stages)]
     for s in range(n_stages):
-        for j in range(s + 1, L - (n_stages - 1 - s) + 1):
-            for i in ([0] if s == 0 else range(s, j)):
+        lo, hi = sum(least[:s]), L - sum(least[s + 1:])
+        for j in range(lo + least[s], hi + 1):
+            for i in ([0] if s == 0 else range(lo, j - least[s] + 1)):
                 c = costs[(s, i, j)]
                 if not admissible(c):
                     continue
@@ -104,31 +121,36 @@ def _dp(costs, n_stages: int, L: int, score, combine, admissible):
 
 
 def best_partition(items: list[Item], n_stages: int, *, in_flight: list[float], bytes_per_param: float,
-                   mem_limit: float, tied: bool = False) -> list[int] | None:
+                   mem_limit: float, tied: bool = False, empty_ends: bool = False) -> list[int] | None:
     """Layers per stage minimizing, exactly and in this order: the bottleneck stage time, then the
-    largest memory fraction, then the sum of squared stage times; each stage ≥ 1 layer and within
-    ``mem_limit`` bytes. ``in_flight[s]``: micro-batches of activations stage s holds at its peak.
-    Returns None when no partition fits. Dynamic programming, O(stages × layers²)."""
+    largest memory fraction, then the sum of squared stage times; each stage ≥ 1 layer (the first and
+    last ≥ 0 with ``empty_ends``) and within ``mem_limit`` bytes. ``in_flight[s]``: micro-batches of
+    activations stage s holds at its peak. Returns None when no partition fits. Dynamic
+    programming, O(stages × layers²)."""
     L = len(items) - 2
-    if n_stages > L:
+    least = min_layers(n_stages, empty_ends)
+    if sum(least) > L:
         return None
-    costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied)
+    costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied, least)
     fits = lambda c: c[1] <= mem_limit  # noqa: E731
-    bottleneck, _ = _dp(costs, n_stages, L, lambda c: c[0], max, fits)
+    bottleneck, _ = _dp(costs, n_stages, L, lambda c: c[0], max, fits, least)
     if bottleneck is None:
         return None
     tol = bottleneck * (1 + 1e-9)
-    peak_mem, _ = _dp(costs, n_stages, L, lambda c: c[1], max, lambda c: fits(c) and c[0] <= tol)
+    peak_mem, _ = _dp(costs, n_stages, L, lambda c: c[1], max, lambda c: fits(c) and c[0] <= tol, least)
     _, cuts = _dp(costs, n_stages, L, lambda c: c[0] ** 2, lambda a, b: a + b,
-                  lambda c: fits(c) and c[0] <= tol and c[1] <= peak_mem * (1 + 1e-9))
+                  lambda c: fits(c) and c[0] <= tol and c[1] <= peak_mem * (1 + 1e-9), least)
     return cuts
 
 
 def min_memory(items: list[Item], n_stages: int, *, in_flight: list[float], bytes_per_param: float,
-               tied: bool = False) -> float:
+               tied: bool = False, empty_ends: bool = False) -> float:
     """The smallest achievable peak stage memory (bytes) over all partitions: for infeasible reports."""
-    costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied)
-    peak, _ = _dp(costs, n_stages, len(items) - 2, lambda c: c[1], max, lambda c: True)
+    least = min_layers(n_stages, empty_ends)
+    if sum(least) > len(items) - 2:
+        return math.inf
+    costs = _stage_costs(items, n_stages, in_flight, bytes_per_param, tied, least)
+    peak, _ = _dp(costs, n_stages, len(items) - 2, lambda c: c[1], max, lambda c: True, least)
     return math.inf if peak is None else peak
 
 
@@ -202,10 +224,24 @@ class Candidate:
     peaks: list  # per rank: {virtual stage: count}
 
 
-def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts: list[int], p2p_time: float,
-              bytes_per_param: float):
+def stage_ranks(actions_per_rank, n_stages: int) -> list[int]:
+    """The rank that runs each virtual stage, read off the schedule's own action lists, so the
+    planner follows any placement `engine.pipeline.generators.SCHEDULES` holds: k % pp for
+    Megatron's interleaving, stages r and 2·pp − 1 − r on rank r for the V schedules. A stage no
+    rank computes falls back to k % pp."""
+    owner: dict[int, int] = {}
+    for r, acts in enumerate(actions_per_rank):
+        for a in acts:
+            if a.is_compute:
+                owner.setdefault(a.stage, r)
+    pp = len(actions_per_rank)
+    return [owner.get(k, k % pp) for k in range(n_stages)]
+
+
+def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts: list[int], cm: CostModel):
     """Simulated step time, bubble and per-rank reports of a partition."""
-    p, v, S = setup.pp, cand.v, setup.pp * cand.v
+    p, S = setup.pp, len(cuts)
+    rank_of = stage_ranks(cand.actions, S)
     starts = [sum(cuts[:k]) for k in range(S)]
     held = [stage_items(items, (starts[k], starts[k] + cuts[k]), S, k, setup.mcfg.tie_embeddings) for k in range(S)]
     times = {}
@@ -216,34 +252,50 @@ def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts:
     def cost(rank, a):
         return times[a.stage].get(a.kind, 0.0)
 
-    res = simulate(cand.actions, cost, p2p_time=p2p_time)
-    reports = []
+    res = simulate(cand.actions, cost, p2p_time=cm.p2p_time())
+    reports, step = [], 0.0
+    bpp = cm.state_bytes_per_param()
     for r in range(p):
-        ks = [k for k in range(S) if k % p == r]
+        ks = [k for k in range(S) if rank_of[k] == r]
         peak = cand.peaks[r]
         params = sum(i.params for k in ks for i in held[k])
-        mem = params * bytes_per_param + sum(peak.get(k, 0) * sum(i.act_bytes for i in held[k]) for k in ks)
+        mine = [i for k in ks for i in held[k]]
+        mem = (params * bpp + sum(peak.get(k, 0) * sum(i.act_bytes for i in held[k]) for k in ks)
+               + max((i.work_bytes for i in mine), default=0.0))
+        fwd, bwd = sum(times[k]["F"] for k in ks), sum(times[k]["B"] for k in ks)
         reports.append(StageReport(r, [(k, cuts[k]) for k in ks], [(starts[k], starts[k] + cuts[k]) for k in ks],
-                                   params, mem, sum(times[k]["F"] for k in ks), sum(times[k]["B"] for k in ks)))
-    cm = CostModel(setup, device, cand.mb)
-    step = res.makespan + max(cm.dp_sync_time(rep.params) + cm.optimizer_time(rep.params) for rep in reports)
+                                   params, mem, fwd, bwd))
+        # this rank's dp reduction overlaps its last micro-batch's backward; then the optimizer step
+        end = max((e for _, e, _ in res.timeline[r]), default=0.0)
+        step = max(step, end + cm.dp_exposed_time(params, bwd) + cm.optimizer_time(params))
     return step, res.bubble, reports
 
 
+def _candidate(setup: Setup, schedule: str, v: int, mb: int) -> Candidate:
+    n_micro = setup.global_batch // (setup.dp * mb)
+    actions = build_schedule(schedule, setup.pp, n_micro, virtual_stages=v)
+    return Candidate(schedule, v, mb, n_micro, actions, in_flight_counts(actions))
+
+
+def _check_partition(setup: Setup, layers_per_stage, S: int, empty_ends: bool) -> None:
+    lps = list(layers_per_stage)
+    least = min_layers(S, empty_ends)
+    if len(lps) != S or sum(lps) != setup.mcfg.n_layers or any(n < m for n, m in zip(lps, least)):
+        ends = " (0 allowed on the first and last: an embedding-only or head-only chunk)" if empty_ends else ""
+        raise ValueError(f"layers_per_stage={lps} must give each of the {S} stages at least one layer{ends} and "
+                         f"sum to n_layers={setup.mcfg.n_layers}")
+
+
 def evaluate_partition(setup: Setup, device: DeviceProfile, layers_per_stage: list[int], *, schedule: str,
-                       micro_batch: int, virtual_stages: int = 1, items: list[Item] | None = None):
+                       micro_batch: int, virtual_stages: int = 1, items: list[Item] | None = None,
+                       empty_ends: bool = True):
     """(predicted step seconds, bubble, per-rank `StageReport`s) of one given partition: what the
     planner predicts for a layout chosen by hand (the even split, say)."""
     S = setup.pp * virtual_stages
-    if len(layers_per_stage) != S or sum(layers_per_stage) != setup.mcfg.n_layers or min(layers_per_stage) < 1:
-        raise ValueError(f"layers_per_stage={list(layers_per_stage)} must give each of the {S} stages at least one "
-                         f"layer and sum to n_layers={setup.mcfg.n_layers}")
-    n_micro = setup.global_batch // (setup.dp * micro_batch)
+    _check_partition(setup, layers_per_stage, S, empty_ends)
     cm = CostModel(setup, device, micro_batch)
-    actions = build_schedule(schedule, setup.pp, n_micro, virtual_stages=virtual_stages)
-    cand = Candidate(schedule, virtual_stages, micro_batch, n_micro, actions, in_flight_counts(actions))
-    return _evaluate(setup, device, items or cm.items(), cand, list(layers_per_stage), cm.p2p_time(),
-                     cm.state_bytes_per_param())
+    cand = _candidate(setup, schedule, virtual_stages, micro_batch)
+    return _evaluate(setup, device, items or cm.items(), cand, list(layers_per_stage), cm)
 
 
 def _micro_batch_sizes(setup: Setup, given) -> list[int]:
@@ -257,10 +309,28 @@ def _micro_batch_sizes(setup: Setup, given) -> list[int]:
     return [b for b in range(1, per_dp + 1) if per_dp % b == 0]
 
 
+def _mfu(setup: Setup, device: DeviceProfile, tokens_per_s: float) -> float | None:
+    """The trainer's MFU (engine/trainer.py): model FLOPs per token (6N plus attention counted in full,
+    `ModelConfig.flops_per_token`) over the peak of every GPU; None on the CPU, as in the trainer."""
+    if device.name == "cpu":
+        return None
+    return tokens_per_s * setup.mcfg.flops_per_token(setup.seq_len) / (device.peak_flops * setup.world)
+
+
+def _inflight_per_stage(cand: Candidate, S: int) -> list[float]:
+    """Per stage, the activations in flight the partition DP charges it: a rank's activations are
+    shared by its chunks, so with several chunks each sees the rank's total."""
+    rank_of = stage_ranks(cand.actions, S)
+    return [max(cand.peaks[rank_of[k]].values(), default=0) if cand.v == 1 else sum(cand.peaks[rank_of[k]].values())
+            for k in range(S)]
+
+
 def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = None,
          schedules=("1f1b", "interleaved_1f1b", "zb_h1"), virtual_stages=(2,), micro_batch_sizes=None,
-         items_for=None) -> Plan:
-    """The fastest feasible (schedule, virtual stages, micro-batch size, layers per stage).
+         items_for=None, empty_ends: bool = True) -> Plan:
+    """The fastest feasible (schedule, virtual stages, micro-batch size, layers per stage). Every
+    schedule is tried with one chunk per rank and with each of ``virtual_stages`` chunks, as far as
+    its generator accepts them. ``empty_ends``: the first and last stage may hold no layer.
 
     ``items_for(mb)`` overrides the analytic per-item costs (profile mode). Raises `Infeasible`
     naming the smallest memory per device that would work when nothing fits."""
@@ -269,37 +339,35 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
     p, L = setup.pp, setup.mcfg.n_layers
     best, considered, min_needed, min_at = None, [], math.inf, None
     for mb in _micro_batch_sizes(setup, micro_batch_sizes):
-        n_micro = setup.global_batch // (setup.dp * mb)
         cm = CostModel(setup, device, mb)
         items = items_for(mb) if items_for else cm.items()
         bpp = cm.state_bytes_per_param()
         for sched in schedules:
-            for v in (virtual_stages if sched.startswith("interleaved") else (1,)):
-                if p * v > L:
-                    considered.append((sched, v, mb, f"pp×virtual_stages={p * v} exceeds {L} layers"))
-                    continue
-                try:
-                    actions = build_schedule(sched, p, n_micro, virtual_stages=v)
-                except ValueError as e:  # e.g. interleaving needs a multiple of pp micro-batches
-                    considered.append((sched, v, mb, str(e)))
-                    continue
-                cand = Candidate(sched, v, mb, n_micro, actions, in_flight_counts(actions))
+            for v in dict.fromkeys((1, *virtual_stages)):
                 S = p * v
-                # A rank's activations are shared by its v chunks; the DP sees each chunk's worst share.
-                inflight = [max(cand.peaks[k % p].values(), default=0) if v == 1 else
-                            sum(cand.peaks[k % p].values()) for k in range(S)]
+                try:
+                    cand = _candidate(setup, sched, v, mb)
+                except ValueError as e:  # e.g. interleaving needs a multiple of pp micro-batches
+                    if "virtual_stages" not in str(e):  # not just a chunk count this schedule does not take
+                        considered.append((sched, v, mb, str(e)))
+                    continue
+                if sum(min_layers(S, empty_ends)) > L:
+                    considered.append((sched, v, mb, f"pp×virtual_stages={S} exceeds {L} layers"))
+                    continue
+                inflight = _inflight_per_stage(cand, S)
                 tied = setup.mcfg.tie_embeddings
                 cuts = best_partition(items, S, in_flight=inflight, bytes_per_param=bpp, mem_limit=limit / v,
-                                      tied=tied)
+                                      tied=tied, empty_ends=empty_ends)
                 if cuts is None:
-                    need = v * min_memory(items, S, in_flight=inflight, bytes_per_param=bpp, tied=tied)
+                    need = v * min_memory(items, S, in_flight=inflight, bytes_per_param=bpp, tied=tied,
+                                          empty_ends=empty_ends)
                     if need + device.reserve_gb * GB < min_needed:
                         min_needed, min_at = need + device.reserve_gb * GB, (sched, v, mb)
-                even = even_split(L, S)
+                even = even_split(L, S) if S <= L else None
                 options = [c for c in (cuts, even) if c is not None]
                 results = []
                 for c in options:
-                    step, bubble, reps = _evaluate(setup, device, items, cand, c, cm.p2p_time(), bpp)
+                    step, bubble, reps = _evaluate(setup, device, items, cand, c, cm)
                     peak = max(r.peak_mem for r in reps)
                     if peak + device.reserve_gb * GB < min_needed:
                         min_needed, min_at = peak + device.reserve_gb * GB, (sched, v, mb)
@@ -313,10 +381,8 @@ def plan(setup: Setup, device: DeviceProfile, *, mem_budget_gb: float | None = N
                 considered.append((sched, v, mb, step))
                 if best is None or step < best.step_time_s * (1 - 1e-9):
                     tok_s = setup.global_batch * setup.seq_len / step
-                    mfu = (None if device.name == "cpu" else  # no meaningful CPU peak, as in the trainer
-                           tok_s * setup.mcfg.flops_per_token(setup.seq_len) / (device.peak_flops * setup.world))
-                    best = Plan(sched, v, mb, n_micro, c, step, bubble, reps, tok_s, mfu, even_step, device.name,
-                                precision="bf16" if device.act_bytes == 2 else "fp32")
+                    best = Plan(sched, v, mb, cand.n_micro, c, step, bubble, reps, tok_s,
+                                _mfu(setup, device, tok_s), even_step, device.name, precision=cm.precision)
     if best is None:
         need = "" if min_needed == math.inf else (
             f"; the smallest memory per device that works is {min_needed / GB:.2f} GB (schedule {min_at[0]}, "
