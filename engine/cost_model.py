@@ -57,7 +57,7 @@ class DeviceProfile:
 # The GEMM ceiling on NVIDIA parts: one constant, fitted once (least squares on the log ratios of the ten
 # rows, a single number for all of them) to the Megatron-LM SC21 Table 1 runs on A100
 # (scripts/validate_planner.py; docs/planner.md, "GEMM efficiency"), and assumed for Hopper too.
-GPU_MATMUL_EFF = 0.80
+GPU_MATMUL_EFF = 0.694
 
 DEVICES: dict[str, DeviceProfile] = {
     # Datasheet peaks. H100/H200 SXM: 989 TFLOP/s dense bf16, 3.35 / 4.8 TB/s HBM, NVLink 4 (900 GB/s

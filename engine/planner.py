@@ -26,7 +26,7 @@ from engine.cost_model import (DEVICES, GB, CostModel, DeviceProfile, Item, Setu
                                get_device, profile_items)
 from engine.layout import even_split
 from engine.pipeline.actions import Kind
-from engine.pipeline.generators import build_schedule
+from engine.pipeline.generators import SCHEDULES, build_schedule, check_schedule_args
 from engine.pipeline.simulate import simulate
 
 
@@ -220,7 +220,7 @@ class Candidate:
     v: int
     mb: int
     n_micro: int
-    actions: list
+    actions: list  # per rank, the compute actions in order (the generator's output, before p2p lowering)
     peaks: list  # per rank: {virtual stage: count}
 
 
@@ -252,7 +252,8 @@ def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts:
     def cost(rank, a):
         return times[a.stage].get(a.kind, 0.0)
 
-    res = simulate(cand.actions, cost, p2p_time=cm.p2p_time())
+    makespan, busy, ends = simulate_step(setup, cand, cost, cm.p2p_time())
+    bubble = 1.0 - sum(busy) / (p * makespan) if makespan > 0 else 0.0
     reports, step = [], 0.0
     bpp = cm.state_bytes_per_param()
     for r in range(p):
@@ -266,15 +267,46 @@ def _evaluate(setup: Setup, device: DeviceProfile, items, cand: Candidate, cuts:
         reports.append(StageReport(r, [(k, cuts[k]) for k in ks], [(starts[k], starts[k] + cuts[k]) for k in ks],
                                    params, mem, fwd, bwd))
         # this rank's dp reduction overlaps its last micro-batch's backward; then the optimizer step
-        end = max((e for _, e, _ in res.timeline[r]), default=0.0)
-        step = max(step, end + cm.dp_exposed_time(params, bwd) + cm.optimizer_time(params))
-    return step, res.bubble, reports
+        step = max(step, ends[r] + cm.dp_exposed_time(params, bwd) + cm.optimizer_time(params))
+    return step, bubble, reports
+
+
+# Above this many micro-batches per pp rank the step is simulated at 2·pp and 3·pp micro-batches and
+# extrapolated (see `simulate_step`).
+EXTRAPOLATE_ABOVE = 4
+
+
+def simulate_step(setup: Setup, cand: Candidate, cost, p2p_time: float, *, extrapolate: bool = True):
+    """(makespan, busy seconds per rank, end of each rank's last action) of the candidate's schedule.
+    With many micro-batches (more than `EXTRAPOLATE_ABOVE` × pp) the schedule is simulated at 2·pp and
+    3·pp micro-batches and every figure extended linearly: once a pipeline schedule is in its steady
+    state each further micro-batch adds the same time (a max-plus linear system past its transient),
+    which the lowering and simulation of thousands of actions per rank would take tens of seconds to
+    confirm. A test holds it to the full simulation; a schedule that refuses the reduced counts is
+    simulated in full."""
+    p, n = setup.pp, cand.n_micro
+
+    def run(n_micro: int):
+        res = simulate(build_schedule(cand.schedule, p, n_micro, virtual_stages=cand.v), cost, p2p_time=p2p_time)
+        return res.makespan, res.busy, [max((e for _, e, _ in row), default=0.0) for row in res.timeline]
+
+    if extrapolate and n > EXTRAPOLATE_ABOVE * p:
+        try:
+            (m1, b1, e1), (m2, b2, e2) = run(2 * p), run(3 * p)
+        except ValueError:
+            pass
+        else:
+            k = (n - 3 * p) / p
+            lin = lambda a, b: b + k * (b - a)  # noqa: E731
+            return lin(m1, m2), [lin(a, b) for a, b in zip(b1, b2)], [lin(a, b) for a, b in zip(e1, e2)]
+    return run(n)
 
 
 def _candidate(setup: Setup, schedule: str, v: int, mb: int) -> Candidate:
     n_micro = setup.global_batch // (setup.dp * mb)
-    actions = build_schedule(schedule, setup.pp, n_micro, virtual_stages=v)
-    return Candidate(schedule, v, mb, n_micro, actions, in_flight_counts(actions))
+    check_schedule_args(schedule, setup.pp, n_micro, v)
+    order = SCHEDULES[schedule](setup.pp, n_micro, v)  # compute order only: in-flight counts and placement
+    return Candidate(schedule, v, mb, n_micro, order, in_flight_counts(order))
 
 
 def _check_partition(setup: Setup, layers_per_stage, S: int, empty_ends: bool) -> None:
