@@ -137,7 +137,9 @@ class ProfileSchema:
 class PlannerSchema:
     """scripts/plan_stages.py only: how to cost the model and where to write the plan."""
 
-    device: str = "h100"  # h100 | h200 | a100 | cpu (engine/planner.py DEVICES)
+    device: str = "h100"  # h100 | h100_pcie | h200 | a100 | cpu (engine/cost_model.py DEVICES)
+    evaluate: bool = False  # no search: predict exactly the layout in parallel.*, optim.zero, precision, train.*
+    gpus_per_node: int = 8  # GPUs per NVLink domain: a dp group inside one node reduces over NVLink, else the NICs
     profile: bool = False  # time the real layers on this machine instead of the analytic model
     profile_reps: int = 5
     profile_threads: Optional[int] = 1  # threads per rank in the planned run (torchrun on a CPU uses 1)
@@ -303,6 +305,7 @@ def validate_planner(cfg: Config) -> None:
     _need(pc.profile_reps >= 1, f"planner.profile_reps={pc.profile_reps} must be at least 1")
     _need(pc.profile_threads is None or pc.profile_threads >= 1,
           f"planner.profile_threads={pc.profile_threads} must be at least 1")
+    _need(pc.gpus_per_node >= 1, f"planner.gpus_per_node={pc.gpus_per_node} must be at least 1")
 
 
 def writable_destination(path: str | Path, key: str) -> None:

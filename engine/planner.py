@@ -488,9 +488,74 @@ def plan_yaml(pl: Plan, setup: Setup, model_name: str) -> str:
 def setup_from_config(cfg) -> Setup:
     """The `Setup` a training launch with this `engine.config.Config` would run."""
     p = cfg.parallel
+    # a search costs the device's compute dtype (and writes it into the plan); evaluate takes the config's
+    precision = cfg.precision if cfg.planner.evaluate else None
     return Setup(cfg.model.build(), tp=p.tp, pp=p.pp, dp=p.dp or 1, seq_len=cfg.train.seq_len,
                  global_batch=cfg.train.global_batch_size, sequence_parallel=p.sequence_parallel,
-                 recompute=p.recompute, zero=cfg.optim.zero)
+                 recompute=p.recompute, zero=cfg.optim.zero, precision=precision, p2p_dtype=p.p2p_dtype,
+                 gpus_per_node=cfg.planner.gpus_per_node)
+
+
+def evaluate_from_config(cfg) -> tuple[Plan, Setup, float]:
+    """``planner.evaluate=true``: the prediction for exactly the configured layout (parallel.*,
+    optim.zero, precision, train.*), no search. Returns the `Plan` (its ``even_step_time_s`` unset),
+    the setup and the memory limit in bytes a rank's peak must stay within."""
+    pc, p = cfg.planner, cfg.parallel
+    setup = setup_from_config(cfg)
+    device = get_device(pc.device)
+    if device.name != "cpu" and cfg.precision != "bf16" and not pc.profile:
+        raise ValueError(f"planner.evaluate=true on planner.device={device.name} costs bf16 matmuls (its peak is the "
+                         f"bf16 one) but precision={cfg.precision}; set precision=bf16")
+    S = p.pp * p.virtual_stages
+    lps = list(p.layers_per_stage) if p.layers_per_stage is not None else even_split(setup.mcfg.n_layers, S)
+    per_dp = setup.global_batch // setup.dp
+    if per_dp % p.micro_batch_size:
+        raise ValueError(f"parallel.micro_batch_size={p.micro_batch_size} does not divide the per-dp batch {per_dp} "
+                         f"(train.global_batch_size / dp)")
+    items = None
+    if pc.profile:
+        kernels = "torch" if cfg.kernels == "auto" else cfg.kernels
+        items = profile_items(setup, p.micro_batch_size, reps=pc.profile_reps, kernels=kernels,
+                              threads=pc.profile_threads)
+    step, bubble, reports = evaluate_partition(setup, device, lps, schedule=p.schedule,
+                                               micro_batch=p.micro_batch_size, virtual_stages=p.virtual_stages,
+                                               items=items)
+    tok_s = setup.global_batch * setup.seq_len / step
+    cm = CostModel(setup, device, p.micro_batch_size)
+    pl = Plan(p.schedule, p.virtual_stages, p.micro_batch_size, per_dp // p.micro_batch_size, lps, step, bubble,
+              reports, tok_s, _mfu(setup, device, tok_s), None, device.name, precision=cm.precision)
+    budget = (pc.mem_budget_gb if pc.mem_budget_gb is not None else device.mem_gb) * GB
+    return pl, setup, budget - device.reserve_gb * GB
+
+
+def format_evaluation(pl: Plan, setup: Setup, limit: float) -> str:
+    """The evaluate-mode report: the per-rank table with a memory verdict per rank, then the step."""
+    device = get_device(pl.device)
+    rows = [("rank", "layers", "params", "peak mem GB", "fwd ms/mb", "bwd ms/mb", "memory")]
+    for r in pl.stages:
+        layers = ",".join(f"{a}-{b - 1}" if b > a else "-" for a, b in r.layer_ranges)
+        rows.append((str(r.rank), f"{layers} ({sum(n for _, n in r.chunks)})", f"{r.params / 1e6:.1f}M",
+                     f"{r.peak_mem / GB:.2f}", f"{1e3 * r.fwd_s:.2f}", f"{1e3 * r.bwd_s:.2f}",
+                     "fits" if r.peak_mem <= limit else "DOES NOT FIT"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+    mfu = "n/a" if pl.mfu is None else f"{100 * pl.mfu:.1f}%"
+    tflops = pl.tokens_per_s * setup.mcfg.flops_per_token(setup.seq_len) / setup.world / 1e12
+    worst = max(pl.stages, key=lambda r: r.peak_mem)
+    verdict = ("fits" if worst.peak_mem <= limit else "DOES NOT FIT") + (
+        f": the largest rank (rank {worst.rank}) needs {worst.peak_mem / GB:.2f} GB of the {limit / GB:.2f} GB left "
+        f"after the {device.reserve_gb} GB reserve")
+    return "\n".join([
+        f"evaluate {setup.mcfg.n_layers} layers, tp={setup.tp} pp={setup.pp} dp={setup.dp}, device {pl.device}, "
+        f"global batch {setup.global_batch} × {setup.seq_len} tokens, precision {pl.precision}, optim.zero={setup.zero}, "
+        f"recompute {setup.recompute}, sequence_parallel {str(setup.sequence_parallel).lower()}",
+        f"schedule {pl.schedule}, virtual_stages {pl.virtual_stages}, micro_batch_size {pl.micro_batch_size} "
+        f"({pl.n_micro} micro-batches), layers_per_stage {pl.layers_per_stage}",
+        table,
+        f"predicted step {1e3 * pl.step_time_s:.2f} ms, bubble {100 * pl.bubble:.1f}%, {pl.tokens_per_s:,.0f} tokens/s, "
+        f"{tflops:.1f} TFLOP/s per GPU, MFU {mfu}",
+        f"memory: {verdict}",
+    ])
 
 
 def plan_from_config(cfg) -> tuple[Plan, Setup]:
