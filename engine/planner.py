@@ -547,12 +547,14 @@ def format_evaluation(pl: Plan, setup: Setup, limit: float) -> str:
         f"after the {device.reserve_gb} GB reserve")
     return "\n".join([
         f"evaluate {setup.mcfg.n_layers} layers, tp={setup.tp} pp={setup.pp} dp={setup.dp}, device {pl.device}, "
-        f"global batch {setup.global_batch} × {setup.seq_len} tokens, precision {pl.precision}, optim.zero={setup.zero}, "
+        f"global batch {setup.global_batch} × {setup.seq_len} tokens, precision {pl.precision}, "
+        f"optim.zero={setup.zero}, "
         f"recompute {setup.recompute}, sequence_parallel {str(setup.sequence_parallel).lower()}",
         f"schedule {pl.schedule}, virtual_stages {pl.virtual_stages}, micro_batch_size {pl.micro_batch_size} "
         f"({pl.n_micro} micro-batches), layers_per_stage {pl.layers_per_stage}",
         table,
-        f"predicted step {1e3 * pl.step_time_s:.2f} ms, bubble {100 * pl.bubble:.1f}%, {pl.tokens_per_s:,.0f} tokens/s, "
+        f"predicted step {1e3 * pl.step_time_s:.2f} ms, bubble {100 * pl.bubble:.1f}%, "
+        f"{pl.tokens_per_s:,.0f} tokens/s, "
         f"{tflops:.1f} TFLOP/s per GPU, MFU {mfu}",
         f"memory: {verdict}",
     ])

@@ -24,7 +24,8 @@ def plan_stages(cfg) -> None:
     validate(cfg, purpose="plan")
     if cfg.planner.evaluate:
         if cfg.planner.out:
-            raise ConfigError("planner.evaluate=true predicts the configured layout and writes no plan; drop planner.out")
+            raise ConfigError("planner.evaluate=true predicts the configured layout and writes no plan; "
+                              "drop planner.out")
         try:
             pl, setup, limit = evaluate_from_config(cfg)
         except ValueError as e:

@@ -123,7 +123,8 @@ def test_tighter_memory_changes_the_choice_or_names_the_smallest_budget():
 def test_bad_input_errors_name_the_fix():
     with pytest.raises(ValueError, match=r"parallel.pp=5 is greater than model.n_layers=4.*lower parallel.pp"):
         P.Setup(ModelConfig(), pp=5)
-    with pytest.raises(ValueError, match=r"unknown planner.device='tpu9'; known devices: a100, cpu, h100, h100_pcie, h200"):
+    with pytest.raises(ValueError,
+                       match=r"unknown planner.device='tpu9'; known devices: a100, cpu, h100, h100_pcie, h200"):
         P.get_device("tpu9")
     with pytest.raises(ValueError, match=r"must look like <dir>/plan/<name>.yaml"):
         P.out_path_usage("plans/x.yaml")
@@ -267,7 +268,9 @@ def test_p2p_is_scattered_over_the_tp_ranks_links():
 
 def test_optimizer_memory_of_every_zero_mode_in_bytes():
     m = ModelConfig.from_name("llama3_1b")
-    bpp = lambda **kw: P.CostModel(P.Setup(m, seq_len=2048, global_batch=64, **kw), H100, 1).state_bytes_per_param()  # noqa: E731
+    def bpp(**kw):
+        return P.CostModel(P.Setup(m, seq_len=2048, global_batch=64, **kw), H100, 1).state_bytes_per_param()
+
     # fp32 parameters + fp32 gradients + two fp32 moments (autocast leaves the parameters fp32)
     assert bpp(dp=4, zero=0) == 16 and bpp(dp=4, zero=0, precision="bf16") == 16
     assert bpp(dp=4, zero=1) == 4 + 4 + 8 / 4 and bpp(dp=4, zero=2, precision="fp32") == 4 + 4 + 8 / 4
