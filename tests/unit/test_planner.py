@@ -349,3 +349,29 @@ def test_validate_planner_reproduces_sc21_within_ten_percent():
         assert 0.9 <= r.ratio <= 1.1 and r.fits, (r.name, r.ratio, r.peak_gb)
     # the published trend: large pipelined models reach more TFLOP/s per GPU than the 1.7B one
     assert rows[-1].predicted > rows[0].predicted
+
+
+def test_optimizer_bytes_match_the_launch_memory_report():
+    """The planner's bytes per parameter against `engine.memory.persistent_bytes` (the launch report,
+    itself held to the real tensors by tests/parallel/test_zero2.py) on every dp rank of dp=4."""
+    import torch
+
+    from engine.memory import persistent_bytes
+    from engine.mesh import Mesh
+    from engine.optim import param_refs
+    from models.llama import Llama
+
+    m = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, vocab_size=256, max_seq_len=32)
+    model = Llama(m)
+    n = sum(p.numel() for p in model.parameters())
+    for zero, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "bf16")):
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)  # what the trainer does for zero=2 + bf16 at dp > 1
+        refs = param_refs([model])
+        setup = P.Setup(m, dp=4, zero=zero, precision=precision, seq_len=32, global_batch=4)
+        planned = n * P.CostModel(setup, P.get_device("cpu"), 1).state_bytes_per_param()
+        for r in range(4):
+            mesh = Mesh(1, 4, 1, 0, r, 0, r, 4, torch.device("cpu"), None, None, None, None)
+            got = persistent_bytes(refs, [model], mesh, zero=zero)
+            # step counters and bucket padding are all that differ
+            assert got["total"] - got["buffers"] == pytest.approx(planned, rel=1e-3), (zero, precision, r)
