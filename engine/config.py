@@ -137,12 +137,14 @@ class ProfileSchema:
 class PlannerSchema:
     """scripts/plan_stages.py only: how to cost the model and where to write the plan."""
 
-    device: str = "h100"  # h100 | h200 | a100 | cpu (engine/planner.py DEVICES)
+    device: str = "h100"  # h100 | h100_pcie | h200 | a100 | cpu (engine/cost_model.py DEVICES)
+    evaluate: bool = False  # no search: predict exactly the layout in parallel.*, optim.zero, precision, train.*
+    gpus_per_node: int = 8  # GPUs per NVLink domain: a dp group inside one node reduces over NVLink, else the NICs
     profile: bool = False  # time the real layers on this machine instead of the analytic model
     profile_reps: int = 5
     profile_threads: Optional[int] = 1  # threads per rank in the planned run (torchrun on a CPU uses 1)
     mem_budget_gb: Optional[float] = None  # per device; default: the device's memory
-    schedules: list[str] = field(default_factory=lambda: ["1f1b", "interleaved_1f1b", "zb_h1"])
+    schedules: list[str] = field(default_factory=lambda: ["1f1b", "interleaved_1f1b", "zb_h1", "zbv", "dualpipev"])
     virtual_stages: list[int] = field(default_factory=lambda: [2])  # tried with interleaved schedules
     micro_batch_sizes: Optional[list[int]] = None  # default: every divisor of the per-dp batch
     out: Optional[str] = None  # <dir>/plan/<name>.yaml, loaded by `train.py --config-dir <dir> +plan=<name>`
@@ -303,6 +305,7 @@ def validate_planner(cfg: Config) -> None:
     _need(pc.profile_reps >= 1, f"planner.profile_reps={pc.profile_reps} must be at least 1")
     _need(pc.profile_threads is None or pc.profile_threads >= 1,
           f"planner.profile_threads={pc.profile_threads} must be at least 1")
+    _need(pc.gpus_per_node >= 1, f"planner.gpus_per_node={pc.gpus_per_node} must be at least 1")
 
 
 def writable_destination(path: str | Path, key: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from engine.data_parallel import BUCKET_BYTES
 from engine.recompute import apply_recompute
 from engine.tensor_parallel.plan import validate_tp
 from models.config import ModelConfig
@@ -29,20 +30,47 @@ class DeviceProfile:
     name: str
     peak_flops: float  # dense matmul FLOP/s at the compute dtype (bf16 on GPUs, fp32 on the CPU)
     mem_gb: float  # memory per device
-    hbm_bw: float  # bytes/s, for the memory-bound elementwise work
-    tp_bw: float  # bytes/s per direction on the tensor-parallel links (NVLink inside a node)
-    pp_bw: float  # bytes/s between pipeline stages (the network between nodes)
+    hbm_bw: float  # bytes/s, for the memory-bound elementwise work and the GEMMs' operand traffic
+    tp_bw: float  # bytes/s per direction on the links inside a node (NVLink): tp, p2p gathers, dp inside a node
+    pp_bw: float  # bytes/s per direction of one GPU's network interface (NIC) to other nodes
     p2p_latency_s: float
-    matmul_eff: float  # fraction of peak a well-shaped training matmul reaches
+    matmul_eff: float  # ceiling: the fraction of peak the largest GEMMs reach (see `gemm_time`)
     reserve_gb: float  # CUDA context, allocator slack, workspaces: not available to the model
-    act_bytes: int  # bytes per activation element (bf16 on GPUs, fp32 on the CPU)
+    act_bytes: int  # bytes per activation element at the device's compute dtype (bf16 on GPUs, fp32 on the CPU)
 
+    @property
+    def ridge(self) -> float:
+        """FLOPs per byte where the datasheet peak and the HBM bandwidth meet."""
+        return self.peak_flops / self.hbm_bw
+
+    def gemm_time(self, m: float, k: float, n: float, elem_bytes: float = 2) -> float:
+        """Seconds for an (m × k) @ (k × n) matmul: its FLOPs at the ceiling ``matmul_eff`` of peak plus
+        one pass over its three operands at HBM bandwidth. The efficiency this implies,
+        eff = matmul_eff · I / (I + matmul_eff · ridge) with I = 2mkn / (bytes of the operands),
+        rises with the GEMM's arithmetic intensity (docs/planner.md, "GEMM efficiency")."""
+        return 2 * m * k * n / (self.peak_flops * self.matmul_eff) + elem_bytes * (m * k + k * n + m * n) / self.hbm_bw
+
+    def gemm_efficiency(self, m: float, k: float, n: float, elem_bytes: float = 2) -> float:
+        return 2 * m * k * n / self.peak_flops / self.gemm_time(m, k, n, elem_bytes)
+
+
+# The GEMM ceiling on NVIDIA parts: one constant, fitted once (least squares on the log ratios of the ten
+# rows, a single number for all of them) to the Megatron-LM SC21 Table 1 runs on A100
+# (scripts/validate_planner.py; docs/planner.md, "GEMM efficiency"), and assumed for Hopper too.
+GPU_MATMUL_EFF = 0.694
 
 DEVICES: dict[str, DeviceProfile] = {
-    # Datasheet peaks (SXM parts); links: NVLink 4 (450 GB/s per direction), one 400 Gb/s NIC per GPU.
-    "h100": DeviceProfile("h100", 989e12, 80, 3.35e12, 450e9, 50e9, 10e-6, 0.55, 4, 2),
-    "h200": DeviceProfile("h200", 989e12, 141, 4.8e12, 450e9, 50e9, 10e-6, 0.55, 4, 2),
-    "a100": DeviceProfile("a100", 312e12, 80, 2.0e12, 300e9, 25e9, 10e-6, 0.6, 4, 2),
+    # Datasheet peaks. H100/H200 SXM: 989 TFLOP/s dense bf16, 3.35 / 4.8 TB/s HBM, NVLink 4 (900 GB/s
+    # total, 450 per direction), one 400 Gb/s NIC per GPU.
+    "h100": DeviceProfile("h100", 989e12, 80, 3.35e12, 450e9, 50e9, 10e-6, GPU_MATMUL_EFF, 4, 2),
+    "h200": DeviceProfile("h200", 989e12, 141, 4.8e12, 450e9, 50e9, 10e-6, GPU_MATMUL_EFF, 4, 2),
+    # H100 PCIe (HBM2e): 756 TFLOP/s dense bf16 (1,513 with sparsity), 80 GB at 2.0 TB/s (NVIDIA H100
+    # datasheet). NVLink bridges join only pairs (600 GB/s total); a tp group beyond 2 talks over PCIe
+    # Gen5 x16 (64 GB/s per direction), which this profile assumes for every in-node link.
+    "h100_pcie": DeviceProfile("h100_pcie", 756e12, 80, 2.0e12, 64e9, 50e9, 10e-6, GPU_MATMUL_EFF, 4, 2),
+    # A100 SXM 80 GB: 312 TFLOP/s dense bf16/fp16, 2.04 TB/s, NVLink 3 (600 GB/s total), one 200 Gb/s
+    # HDR InfiniBand NIC per GPU (DGX A100, the SC21 machine).
+    "a100": DeviceProfile("a100", 312e12, 80, 2.04e12, 300e9, 25e9, 10e-6, GPU_MATMUL_EFF, 4, 2),
     # A small CPU host running gloo: only meaningful relative to itself (use planner.profile=true).
     "cpu": DeviceProfile("cpu", 50e9, 24, 20e9, 5e9, 5e9, 50e-6, 0.5, 0, 4),
 }
@@ -56,6 +84,10 @@ def get_device(name: str) -> DeviceProfile:
 
 
 # -- the training setup being planned ----------------------------------------------------------------
+ATTENTION_KINDS = ("flash", "unfused")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
 @dataclass(frozen=True)
 class Setup:
     mcfg: ModelConfig
@@ -66,7 +98,14 @@ class Setup:
     global_batch: int = 16
     sequence_parallel: bool = False
     recompute: str = "none"  # none | selective | full
-    zero: int = 0
+    zero: int = 0  # optim.zero: 0, 1 or 2
+    precision: str | None = None  # fp32 | bf16; None: the device's compute dtype (bf16 on GPUs, fp32 on the CPU)
+    p2p_dtype: str | None = None  # dtype of the pipeline messages; None: the compute dtype
+    gpus_per_node: int = 8  # GPUs sharing one NVLink domain: a dp group within one node reduces over NVLink
+    # flash: the engine's fused causal attention (SDPA: half the score FLOPs, no T×T tensor in memory);
+    # unfused: T×T scores materialized in HBM, full QKᵀ and AV FLOPs, softmax and dropout on the scores
+    # (Megatron-LM as run for SC21; scripts/validate_planner.py)
+    attention: str = "flash"
 
     def __post_init__(self):
         m = self.mcfg
@@ -81,6 +120,15 @@ class Setup:
             raise ValueError(f"parallel.recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}")
         if self.global_batch % self.dp:
             raise ValueError(f"train.global_batch_size={self.global_batch} is not divisible by dp={self.dp}")
+        if self.zero not in (0, 1, 2):
+            raise ValueError(f"optim.zero={self.zero!r} is not one of 0, 1, 2")
+        for key, v in (("precision", self.precision), ("parallel.p2p_dtype", self.p2p_dtype)):
+            if v is not None and v not in DTYPE_BYTES:
+                raise ValueError(f"{key}={v!r} is not one of fp32, bf16")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"planner.gpus_per_node={self.gpus_per_node} must be at least 1")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention={self.attention!r} is not one of {', '.join(ATTENTION_KINDS)}")
 
     @property
     def world(self) -> int:
@@ -98,6 +146,7 @@ class Item:
     bwd_weight_s: float  # backward for the weights (deferrable in zero-bubble schedules)
     params: int  # parameters held by one rank (tp shard)
     act_bytes: float  # activations kept per micro-batch until the backward
+    work_bytes: float = 0.0  # transient bytes while its backward runs (recomputed activations, logit gradients)
 
     @property
     def bwd_s(self) -> float:
@@ -109,27 +158,75 @@ class CostModel:
 
     def __init__(self, setup: Setup, device: DeviceProfile, micro_batch: int):
         self.s, self.dev, self.mb = setup, device, micro_batch
+        self.precision = setup.precision or ("bf16" if device.act_bytes == 2 else "fp32")
+        self.a = DTYPE_BYTES[self.precision]  # activation bytes per element
 
-    # bytes of params + grads (fp32) + AdamW moments (fp32, sharded over dp by ZeRO-1)
+    # -- memory of the optimizer modes (engine/memory.py's rules, per parameter of this rank) ------------
+    def bf16_params(self) -> bool:
+        """ZeRO-2 with precision=bf16 and dp > 1 keeps bf16 parameters and gradients (engine/trainer.py);
+        every other mode keeps fp32 parameters (autocast computes in bf16)."""
+        return self.s.zero == 2 and self.precision == "bf16" and self.s.dp > 1
+
+    def grad_bytes(self) -> int:
+        """Bytes per gradient element as the dp reduction sends it."""
+        return 2 if self.bf16_params() else 4
+
     def state_bytes_per_param(self) -> float:
-        return 4 + 4 + 8 / (self.s.dp if self.s.zero else 1)
+        """Parameters + gradients + fp32 master weights + AdamW moments, per parameter of this rank:
+        zero=0: 4 + 4 + 8; zero=1: 4 + 4 + 8/dp; zero=2 (fp32): 4 + 4 + 8/dp; zero=2 with bf16
+        parameters: 2 + 2 + (4 fp32 gradient slice + 4 master + 8 moments)/dp. dp = 1 runs as zero=0."""
+        dp = self.s.dp
+        if dp == 1 or self.s.zero == 0:
+            return 16.0
+        if self.bf16_params():
+            return 2 + 2 + 16 / dp
+        return 4 + 4 + 8 / dp
 
-    def _mm(self, flops: float) -> float:
-        return flops / (self.dev.peak_flops * self.dev.matmul_eff)
+    # -- time -----------------------------------------------------------------------------------------
+    def _gemm(self, m, k, n, count=1) -> float:
+        return count * self.dev.gemm_time(m, k, n, self.a)
+
+    def _fwd_bwd_gemms(self, shapes) -> tuple[float, float, float]:
+        """(forward, backward-for-input, backward-for-weight) seconds of (m, k, n) matmuls whose k × n
+        operand is a weight: dX = dY Wᵀ is (m, n, k), dW = Xᵀ dY is (k, m, n)."""
+        f = sum(self._gemm(m, k, n) for m, k, n in shapes)
+        bi = sum(self._gemm(m, n, k) for m, k, n in shapes)
+        bw = sum(self._gemm(k, m, n) for m, k, n in shapes)
+        return f, bi, bw
 
     def _allreduce(self, nbytes: float) -> float:
         tp = self.s.tp
         return 0.0 if tp == 1 else 2 * (tp - 1) / tp * nbytes / self.dev.tp_bw
 
+    def _attention(self) -> tuple[float, float, float, float]:
+        """(forward s, backward s, kept bytes, transient bytes) of the attention core (softmax(QKᵀ)V)
+        for one micro-batch on one rank."""
+        m, s, tp = self.s.mcfg, self.s, self.s.tp
+        T, hd = s.seq_len, m.head_dim
+        batch = self.mb * m.n_heads // tp  # (micro-batch, local head) pairs
+        qk, av = self._gemm(T, hd, T, batch), self._gemm(T, T, hd, batch)
+        scores = batch * T * T
+        if s.attention == "flash":
+            # causal: half the score tiles are skipped; backward recomputes QKᵀ (5 matmuls to 2)
+            fwd = (qk + av) / 2
+            return fwd, 2.5 * fwd, 0.0, 0.0
+        # scale + mask + softmax (read, write) and dropout (read, write, a byte of mask) on the scores,
+        # 2-byte elements; backward: dropout (read grad and mask, write) and softmax (read grad and probs,
+        # write). The matmuls' operand traffic is in `gemm_time`.
+        elem = scores * 2 / self.dev.hbm_bw
+        fwd = qk + av + elem * 4.5
+        bwd = 2 * (qk + av) + elem * 5.5
+        return fwd, bwd, scores * 3, scores * 4  # kept: probabilities and the dropout mask
+
     def layer(self) -> Item:
         m, s, tp = self.s.mcfg, self.s, self.s.tp
         tokens = self.mb * s.seq_len
-        d, hd, f = m.dim, m.head_dim, m.ffn_dim
-        kv = m.n_kv_heads * hd
-        attn_proj = 2 * tokens * d * (2 * d + 2 * kv) / tp  # q, k, v, o matmuls, forward
-        mlp = 2 * tokens * 3 * d * f / tp
-        core = 2 * 2 * tokens * s.seq_len * d / tp / 2  # QK^T and AV, causal (half the square)
-        a = self.dev.act_bytes
+        d, f = m.dim, m.ffn_dim
+        kv = m.n_kv_heads * m.head_dim
+        shapes = [(tokens, d, (d + 2 * kv) / tp), (tokens, d / tp, d), (tokens, d, 2 * f / tp), (tokens, f / tp, d)]
+        g_f, g_bi, g_bw = self._fwd_bwd_gemms(shapes)
+        at_f, at_b, at_act, at_work = self._attention()
+        a = self.a
         sp = tp if s.sequence_parallel else 1
         # Kept for backward, per token (elements): norm inputs/outputs and residual (4d, sharded only
         # under SP); q, k, v, rotated q and k, attention output, gate, up and their product (tp-sharded).
@@ -137,30 +234,32 @@ class CostModel:
         attn_part = 2 * d / sp + (3 * d + 3 * kv) / tp
         elementwise = tokens * per_tok * a * 2 / self.dev.hbm_bw  # read + write of each saved tensor
         comm = 2 * self._allreduce(tokens * d * a)  # two all-reduces (or all-gather + reduce-scatter)
-        fwd = self._mm(attn_proj + mlp + core) + elementwise + comm
-        bwd_in = self._mm(attn_proj + mlp + 2 * core) + 2 * elementwise + comm
-        bwd_w = self._mm(attn_proj + mlp)
+        fwd = g_f + at_f + elementwise + comm
+        bwd_in = g_bi + at_b + 2 * elementwise + comm
+        bwd_w = g_bw
         if s.sequence_parallel and s.recompute != "full":
             # the saved sequence shards are all-gathered again for the weight gradients: once per
             # attention (not under selective recompute) and per MLP; an all-gather moves half the
             # volume of an all-reduce
             bwd_in += (1 if s.recompute == "selective" else 2) * self._allreduce(tokens * d * a) / 2
-        act = tokens * per_tok * a
+        full_act = tokens * per_tok * a + at_act
+        act, work = full_act, at_work
         if s.recompute == "full":
             bwd_in += fwd
-            act = tokens * d / sp * a
+            act, work = tokens * d / sp * a, full_act + at_work
         elif s.recompute == "selective":
-            bwd_in += self._mm(attn_proj / 2 + core) + elementwise * attn_part / per_tok + comm / 2
+            q_kv = (d + 2 * kv) / tp
+            bwd_in += self._gemm(tokens, d, q_kv) + at_f + elementwise * attn_part / per_tok + comm / 2
             act = tokens * (per_tok - attn_part + d / sp) * a
+            work = tokens * attn_part * a + at_act + at_work
         params = (d * (2 * d + 2 * kv) + 3 * d * f) // tp + 2 * d
-        return Item("layer", fwd, bwd_in, bwd_w, params, act)
+        return Item("layer", fwd, bwd_in, bwd_w, params, act, work)
 
     def embedding(self) -> Item:
         m, s = self.s.mcfg, self.s
         tokens = self.mb * s.seq_len
-        a = self.dev.act_bytes
-        move = tokens * m.dim * a / self.dev.hbm_bw  # gather rows / scatter-add their gradients
-        comm = self._allreduce(tokens * m.dim * a)  # vocab-parallel embedding: partial rows summed
+        move = tokens * m.dim * self.a / self.dev.hbm_bw  # gather rows / scatter-add their gradients
+        comm = self._allreduce(tokens * m.dim * self.a)  # vocab-parallel embedding: partial rows summed
         return Item("embedding", move + comm, 0.0, move, m.vocab_size * m.dim // s.tp, 0.0)
 
     def head(self) -> Item:
@@ -168,31 +267,61 @@ class CostModel:
         m, s = self.s.mcfg, self.s
         tokens = self.mb * s.seq_len
         v = m.vocab_size / s.tp
-        proj = 2 * tokens * m.dim * v
+        g_f, g_bi, g_bw = self._fwd_bwd_gemms([(tokens, m.dim, v)])
         logits_bytes = tokens * v * 4
         softmax = 3 * logits_bytes / self.dev.hbm_bw
-        fwd = self._mm(proj) + softmax
-        act = logits_bytes + tokens * m.dim * self.dev.act_bytes
+        act = logits_bytes + tokens * m.dim * self.a
         # tied embeddings: a last stage that is not the first holds its own copy of the table
         params = m.vocab_size * m.dim // s.tp + m.dim
-        return Item("head", fwd, self._mm(proj) + softmax, self._mm(proj), params, act)
+        return Item("head", g_f + softmax, g_bi + softmax, g_bw, params, act, logits_bytes)
 
     def items(self) -> list[Item]:
         """[embedding, layer 0, ..., layer L-1, head]."""
         return [self.embedding()] + [self.layer()] * self.s.mcfg.n_layers + [self.head()]
 
+    # -- communication between stages and over dp --------------------------------------------------------
     def p2p_bytes(self) -> float:
-        sp = self.s.tp if self.s.sequence_parallel else 1
-        return self.mb * self.s.seq_len * self.s.mcfg.dim * self.dev.act_bytes / sp
+        """One micro-batch's hidden state (or its gradient) as one tp rank sends it: without sequence
+        parallelism the tp ranks each send 1/tp of it over their own NIC and all-gather it on arrival
+        (Megatron's scatter-gather); with it each rank already holds its 1/tp sequence shard."""
+        e = DTYPE_BYTES[self.s.p2p_dtype] if self.s.p2p_dtype else self.a
+        return self.mb * self.s.seq_len * self.s.mcfg.dim * e / self.s.tp
 
     def p2p_time(self) -> float:
-        return self.dev.p2p_latency_s + self.p2p_bytes() / self.dev.pp_bw
+        tp = self.s.tp
+        gather = 0.0 if self.s.sequence_parallel or tp == 1 else (tp - 1) * self.p2p_bytes() / self.dev.tp_bw
+        return self.dev.p2p_latency_s + self.p2p_bytes() / self.dev.pp_bw + gather
+
+    def dp_bandwidth(self) -> float:
+        """Bytes/s a dp reduction moves per rank. Ranks are tp-innermost, then dp: a dp group of
+        tp × dp ≤ gpus_per_node GPUs is inside one node (NVLink); otherwise each node's dp members
+        drive one ring each over their own NICs (NCCL's channels), up to the NVLink rate."""
+        s, dev = self.s, self.dev
+        if s.tp * s.dp <= s.gpus_per_node:
+            return dev.tp_bw
+        per_node = max(1, s.gpus_per_node // s.tp)
+        return min(dev.tp_bw, per_node * dev.pp_bw)
 
     def dp_sync_time(self, params: int) -> float:
-        """Averaging fp32 gradients over dp once per step (a ring all-reduce, or ZeRO-1's
-        reduce-scatter + all-gather: the same volume) on the network, counted as not overlapped."""
+        """Seconds of dp gradient traffic for ``params`` parameters, in the gradient dtype: a ring
+        all-reduce (zero=0/1), or under zero=2 a reduce-scatter plus the all-gather of the updated
+        parameters (the same volume)."""
         dp = self.s.dp
-        return 0.0 if dp == 1 else 2 * (dp - 1) / dp * params * 4 / self.dev.pp_bw
+        return 0.0 if dp == 1 else 2 * (dp - 1) / dp * params * self.grad_bytes() / self.dp_bandwidth()
+
+    def dp_exposed_time(self, params: int, backward_s: float) -> float:
+        """The dp reduction's part the step waits for. Gradients are reduced in buckets
+        (engine/data_parallel.py, 25 MiB) as the last micro-batch's backward produces them, so the
+        traffic overlaps that backward (``backward_s``); the last bucket's reduction always trails it.
+        ZeRO-2's parameter all-gather follows the optimizer step and is not overlapped."""
+        if self.s.dp == 1:
+            return 0.0
+        total = self.dp_sync_time(params)
+        gather = 0.0
+        if self.s.zero == 2:  # reduce-scatter in backward, then the all-gather (parameter dtype = gradient dtype)
+            total = gather = total / 2
+        bucket = min(total, total * BUCKET_BYTES / max(params * self.grad_bytes(), 1))
+        return max(total - backward_s, bucket) + gather
 
     def optimizer_time(self, params: int) -> float:
         """AdamW over this rank's parameters: memory bound (read/write param, grad, two moments)."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets; matched by device name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+# "H100 PCIe" before "H100": the PCIe part peaks at 756 (the planner's h100_pcie profile), the SXM at 989.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
 def device_peak_flops(device: torch.device) -> tuple[float | None, str]:

@@ -99,9 +99,9 @@ def _worker(rank, port, a, layouts, queue):
                 res["step"].append(dt)
                 per = {"F": 0.0, "B": 0.0}
                 for label, start, end in runner.timings:  # compute actions are labelled like "0F3"
-                    a = None if " " in label else parse_action(label)
-                    if a is not None and a.is_compute:
-                        per["F" if a.kind == "F" else "B"] += end - start
+                    act = None if " " in label else parse_action(label)  # not `a`: that is the arguments
+                    if act is not None and act.is_compute:
+                        per["F" if act.kind == "F" else "B"] += end - start
                 res["fwd"].append(per["F"] / n_micro)
                 res["bwd"].append(per["B"] / n_micro)
                 res["cpu"].append(sum(runner.cpu_time.values()) / n_micro)
