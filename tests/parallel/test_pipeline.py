@@ -174,6 +174,20 @@ def test_every_schedule_matches_serial_at_pp2():
     _check(run_distributed(_run_cases, world_size=2, args=(PP2_CASES,)), PP2_CASES)
 
 
+def _tp_case(case):
+    """A tp×pp case's model config, micro-batch count, sequence-parallel flag, tokens and serial
+    reference (the serial model after one step, and its loss)."""
+    from models import ModelConfig
+
+    cfg = ModelConfig(**{**BASE, **case.get("model", {})}, n_layers=case["n_layers"],
+                      tie_embeddings=case.get("tied", False))
+    m, sp = case["m"], case.get("sp", False)
+    tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    serial, ref_loss = serial_step(cfg, x, y)
+    return cfg, m, sp, x, y, serial, ref_loss
+
+
 def _tp_zero_bubble_cases(rank, world, cases):
     """tp=2 × pp=world/2 under zb_h1, each I and W traced: what the I stashed for its W, and which
     gradients each action changed. Then loss and every gradient, gathered to global shape, against
@@ -182,19 +196,14 @@ def _tp_zero_bubble_cases(rank, world, cases):
     from engine.pipeline import build_stage_chunks, sync_tied_grads
     from engine.tensor_parallel import ColumnParallelLinear, RowParallelLinear, parallelize, sync_tp_grads
     from engine.recompute import apply_recompute
-    from models import ModelConfig, init_weights
+    from models import init_weights
     from models.shard import iter_params
     from tests.parallel.test_tensor_parallel import _gather_global
 
     mesh = build_mesh(tp=2, pp=world // 2)
     out = []
     for case in cases:
-        cfg = ModelConfig(**{**BASE, **case.get("model", {})}, n_layers=case["n_layers"],
-                          tie_embeddings=case.get("tied", False))
-        m, sp = case["m"], case.get("sp", False)
-        tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        serial, ref_loss = serial_step(cfg, x, y)
+        cfg, m, sp, x, y, serial, ref_loss = _tp_case(case)
         (chunk,) = build_stage_chunks(cfg, mesh, layers_per_stage=case.get("layers"))
         parallelize(chunk, mesh, sequence_parallel=sp)
         init_weights(chunk, seed=0, n_layers=cfg.n_layers, device="cpu")
@@ -258,7 +267,7 @@ def _tp_v_cases(rank, world, cases):
     from engine.pipeline import build_stage_chunks, sync_tied_grads
     from engine.recompute import apply_recompute
     from engine.tensor_parallel import parallelize, sync_tp_grads
-    from models import ModelConfig, init_weights
+    from models import init_weights
     from models.shard import iter_params
     from tests.parallel.test_tensor_parallel import _gather_global
 
@@ -266,12 +275,7 @@ def _tp_v_cases(rank, world, cases):
     out = []
     for case in cases:
         mesh = dataclasses.replace(base, pp_placement="v")
-        cfg = ModelConfig(**{**BASE, **case.get("model", {})}, n_layers=case["n_layers"],
-                          tie_embeddings=case.get("tied", False))
-        m, sp = case["m"], case.get("sp", False)
-        tokens = torch.randint(0, cfg.vocab_size, (m * MB, T + 1), generator=torch.Generator().manual_seed(1))
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        serial, ref_loss = serial_step(cfg, x, y)
+        cfg, m, sp, x, y, serial, ref_loss = _tp_case(case)
         chunks = build_stage_chunks(cfg, mesh, layers_per_stage=case.get("layers"), virtual_stages=2)
         for c in chunks:
             parallelize(c, mesh, sequence_parallel=sp)
