@@ -1,7 +1,7 @@
 """Tandem's pipeline runtime against torch.distributed.pipelining, in one run, on a gloo world.
 
     python scripts/bench_pipeline.py [--pp 2] [--micro 8] [--mb 2] [--seq 128] [--dim 256] [--layers 8]
-                                     [--layers-per-stage 5,3] [--steps 8] [--warmup 2] [--quick]
+                                     [--layers-per-stage 5,3] [--steps 8] [--warmup 1] [--quick]
                                      [--schedules 1f1b,interleaved_1f1b,zb_h1,zbv,dualpipev]
 
 For each schedule both engines run the same model (same init, same layers per global stage), the
@@ -12,10 +12,11 @@ same micro-batches and loss, with `pp` gloo processes of one thread each. Peers:
     holds stages r and 2pp-1-r; torch runs DualPipeV's overlapped F&B pairs one after the other, as its
     default OVERLAP_F_B action does when no callback is registered).
 A schedule Tandem does not have (`engine.pipeline.generators.SCHEDULES`) runs torch alone, its
-Tandem cells "-". Each schedule runs in a fresh world holding both engines' copies of the model;
-their steps alternate (and which goes first alternates), so machine noise hits both alike.
+Tandem cells "-". One world holds every schedule's copies of the model, one per engine, and runs one
+step of each in turn, the order rotating every round, so machine noise and load drift hit all of
+them alike (the best-vs-best ratio compares across schedules).
 
-Two worlds per schedule, because measuring memory distorts time:
+Two worlds, because measuring memory distorts time:
 * timing: the normal allocator. A step lasts as long as its slowest rank; the median over timed
   steps gives tokens/s.
 * memory: glibc is told to mmap every allocation >= 64 KiB and give it back on free, so the resident
@@ -146,10 +147,10 @@ class _ComputeClock:
         setattr(obj, name, timed)
 
 
-def _make_step(engine, schedule, args, rank, world):
+def _make_step(engine, schedule, args, mesh):
     """One engine's copy of the model and its step function. Returns (step, compute seconds of the
     last step as a callable, Tandem's runner or None, torch's stages or None)."""
-    mesh, mcfg = build_mesh(pp=world), _model_config(args)
+    mcfg = _model_config(args)
     n_micro, T = args.micro, args.seq
     tokens = torch.randint(0, mcfg.vocab_size, (n_micro * args.mb, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -162,7 +163,7 @@ def _make_step(engine, schedule, args, rank, world):
     else:
         runner = None
         chunks, indices = _torch_chunks(schedule, args, mesh, mcfg)
-        n_stages = world * PEER[schedule][1]
+        n_stages = mesh.pp * PEER[schedule][1]
         stages = [pipelining.PipelineStage(c, stage_index=s, num_stages=n_stages, device=torch.device("cpu"))
                   for c, s in zip(chunks, indices)]
         head = next(c for c, s in zip(chunks, indices) if s == n_stages - 1) if n_stages - 1 in indices else None
@@ -206,19 +207,24 @@ def _persistent_recv_mib(stages) -> float:
     return total / 2**20
 
 
-def _worker(rank, world, schedule, args, measure):
-    """Both engines (or torch alone, for a schedule Tandem lacks) in one world, steps alternating
-    (which goes first alternates too), so machine noise hits both alike. ``measure`` is "time" (step
+def _worker(rank, world, schedules, args, measure):
+    """Every schedule's engines (torch alone for a schedule Tandem lacks) in one world, one step of
+    each in turn, the order rotating every round, so machine noise and load drift hit all of them
+    alike (also across schedules, which the best-vs-best ratio compares). ``measure`` is "time" (step
     and compute seconds, Tandem's per-action timings) or "memory" (each step's peak RSS above the RSS
     just before it)."""
     torch.manual_seed(0)
-    names = ["torch", "tandem"] if schedule in SCHEDULES else ["torch"]
-    engines = {e: _make_step(e, schedule, args, rank, world) for e in names}
-    out = {e: {"times": [], "peak_mib": [], "compute": [], "actions": []} for e in engines}
+    mesh = build_mesh(pp=world)
+    pairs = [(s, e) for s in schedules for e in (("torch", "tandem") if s in SCHEDULES else ("torch",))]
+    engines = {pair: _make_step(pair[1], pair[0], args, mesh) for pair in pairs}
+    out = {s: {} for s in schedules}
+    for s, e in pairs:
+        out[s][e] = {"times": [], "peak_mib": [], "compute": [], "actions": []}
     steps = args.steps if measure == "time" else args.memory_steps
     for i in range(args.warmup + steps):
-        for engine in (names if i % 2 == 0 else names[::-1]):
-            step, compute, runner, _ = engines[engine]
+        k = i % len(pairs)
+        for pair in pairs[k:] + pairs[:k]:
+            step, compute, runner, _ = engines[pair]
             gc.collect()
             torch.distributed.barrier()
             base = _rss_kib("VmRSS")
@@ -228,14 +234,16 @@ def _worker(rank, world, schedule, args, measure):
             dt = time.perf_counter() - t0
             peak = (_rss_kib("VmHWM") - base) / 1024
             if i >= args.warmup:
-                out[engine]["times"].append(dt)
-                out[engine]["peak_mib"].append(peak)
-                out[engine]["compute"].append(compute())
+                rec = out[pair[0]][pair[1]]
+                rec["times"].append(dt)
+                rec["peak_mib"].append(peak)
+                rec["compute"].append(compute())
                 if runner is not None:
-                    out[engine]["actions"].append(_compute_summary(runner)[1])
-    if "tandem" in engines:
-        out["tandem_actions"] = list(engines["tandem"][2].actions)
-    out["torch_recv_mib"] = _persistent_recv_mib(engines["torch"][3])
+                    rec["actions"].append(_compute_summary(runner)[1])
+    for s in schedules:
+        if (s, "tandem") in engines:
+            out[s]["tandem_actions"] = list(engines[(s, "tandem")][2].actions)
+        out[s]["torch_recv_mib"] = _persistent_recv_mib(engines[(s, "torch")][3])
     return out
 
 
@@ -264,7 +272,7 @@ def _simulate_measured(results):
     return simulate([r["tandem_actions"] for r in results], lambda rank, a: mean[rank][a.kind]).makespan
 
 
-def _summarize(schedule, timed, mem, args, tokens):
+def _summarize(timed, mem, args, tokens):
     """Per engine: tokens/s, fraction of ideal, peak MiB per rank, kept receive MiB per rank."""
     res = {}
     for engine in timed[0]:
@@ -299,11 +307,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per engine")
-    ap.add_argument("--memory-steps", type=int, default=3, help="steps per engine in the memory world")
+    ap.add_argument("--memory-steps", type=int, default=2, help="steps per engine in the memory world")
     ap.add_argument("--layers-per-stage", type=lambda s: [int(c) for c in s.split(",")], default=None,
                     help="the same uneven split for both engines, e.g. 5,3 (schedules with one stage per rank)")
     ap.add_argument("--schedules", default=",".join(PEER))
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: a toy model, 2 timed steps, 1 memory step (numbers mean nothing)")
     args = ap.parse_args()
@@ -319,24 +327,26 @@ def main() -> None:
     print(f"pp={args.pp} gloo processes x 1 thread; model dim={args.dim} layers={args.layers} (split {split}) "
           f"vocab={args.vocab}; {args.micro} micro-batches x {args.mb} x {args.seq} tokens per step; "
           f"torch {torch.__version__}", flush=True)
+    schedules = args.schedules.split(",")
+    timed = run_distributed(_worker, world_size=args.pp, args=(schedules, args, "time"), timeout=3600)
+    # glibc: mmap every allocation >= 64 KiB and give it back on free (read at process start, so set
+    # only around the memory world's spawn)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        mem = run_distributed(_worker, world_size=args.pp, args=(schedules, args, "memory"), timeout=3600)
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
     rows = []
-    for schedule in args.schedules.split(","):
-        timed = run_distributed(_worker, world_size=args.pp, args=(schedule, args, "time"), timeout=1800)
-        # glibc: mmap every allocation >= 64 KiB and give it back on free (read at process start, so
-        # set only around the memory world's spawn)
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        try:
-            mem = run_distributed(_worker, world_size=args.pp, args=(schedule, args, "memory"), timeout=1800)
-        finally:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        rows.append((schedule, _summarize(schedule, timed, mem, args, tokens)))
+    for schedule in schedules:
+        rows.append((schedule, _summarize([r[schedule] for r in timed], [r[schedule] for r in mem], args, tokens)))
         _print_row(*rows[-1])
     _print_table(rows)
     print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)")
 
 
 def _mib(e) -> str:
-    return " / ".join(f"{p:.0f}" + (f" (+{k:.0f})" if k else "") for p, k in zip(e["peak"], e["kept"]))
+    # a step that adds less than the allocator's noise can read a hair below zero: shown as 0
+    return " / ".join(f"{max(p, 0.0):.0f}" + (f" (+{k:.0f})" if k else "") for p, k in zip(e["peak"], e["kept"]))
 
 
 def _print_row(schedule, res):
