@@ -158,7 +158,8 @@ def _make_step(engine, schedule, args, mesh):
         chunks, runner, first, last = _tandem(schedule, args, mesh, mcfg)
 
         def step():
-            runner.forward_backward(x if first else None, y if last else None)
+            loss = runner.forward_backward(x if first else None, y if last else None)
+            return None if loss is None else float(loss)
         compute, stages = (lambda: _compute_summary(runner)[0]), None
     else:
         runner = None
@@ -182,14 +183,18 @@ def _make_step(engine, schedule, args, mesh):
 
         def step():
             clock.seconds = 0.0
+            losses = []
             # return_outputs=False: the peer need not keep every micro-batch's logits for a merged output
-            sched.step(*([x] if first else []), **({"target": y, "losses": []} if last else {}), return_outputs=False)
+            sched.step(*([x] if first else []), **({"target": y, "losses": losses} if last else {}),
+                       return_outputs=False)
+            return float(torch.stack(losses).mean()) if losses else None
         compute = lambda: clock.seconds  # noqa: E731
 
     def step_and_clear():
-        step()
+        loss = step()     # the mean loss on the rank holding the last stage, else None
         for c in chunks:
             c.zero_grad(set_to_none=True)
+        return loss
     return step_and_clear, compute, runner, stages
 
 
@@ -219,7 +224,7 @@ def _worker(rank, world, schedules, args, measure):
     engines = {pair: _make_step(pair[1], pair[0], args, mesh) for pair in pairs}
     out = {s: {} for s in schedules}
     for s, e in pairs:
-        out[s][e] = {"times": [], "peak_mib": [], "compute": [], "actions": []}
+        out[s][e] = {"times": [], "peak_mib": [], "compute": [], "actions": [], "loss": None}
     steps = args.steps if measure == "time" else args.memory_steps
     for i in range(args.warmup + steps):
         k = i % len(pairs)
@@ -230,11 +235,13 @@ def _worker(rank, world, schedules, args, measure):
             base = _rss_kib("VmRSS")
             _reset_peak_rss()
             t0 = time.perf_counter()
-            step()
+            loss = step()
             dt = time.perf_counter() - t0
             peak = (_rss_kib("VmHWM") - base) / 1024
+            rec = out[pair[0]][pair[1]]
+            if i == 0:
+                rec["loss"] = loss    # no optimizer step: every step's loss is the first one's
             if i >= args.warmup:
-                rec = out[pair[0]][pair[1]]
                 rec["times"].append(dt)
                 rec["peak_mib"].append(peak)
                 rec["compute"].append(compute())
@@ -294,7 +301,7 @@ def _total_peak(e) -> float:
     return max(p + k for p, k in zip(e["peak"], e["kept"]))
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--micro", type=int, default=8, help="micro-batches per step")
@@ -314,13 +321,31 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: a toy model, 2 timed steps, 1 memory step (numbers mean nothing)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.dim, args.heads, args.kv_heads, args.ffn, args.vocab, args.seq = 32, 2, 1, 64, 64, 8
         args.steps, args.memory_steps, args.warmup = 2, 1, 1
     unknown = [s for s in args.schedules.split(",") if s not in PEER]
     if unknown:
         ap.error(f"--schedules: no torch peer for {', '.join(unknown)}; choose from {', '.join(PEER)}")
+    return args
+
+
+def first_losses(results) -> dict[tuple[str, str], float]:
+    """{(schedule, engine): the step's mean loss} from a world's results, read on the rank that holds
+    the last stage. Every schedule of both engines runs the same model on the same tokens, so these
+    must all agree: the check that the table compares like with like."""
+    out = {}
+    for r in results:
+        for schedule, engines in r.items():
+            for engine in ("torch", "tandem"):
+                if engines.get(engine, {}).get("loss") is not None:
+                    out[(schedule, engine)] = engines[engine]["loss"]
+    return out
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     tokens = args.micro * args.mb * args.seq
     split = ",".join(map(str, args.layers_per_stage)) if args.layers_per_stage else "even"
@@ -336,6 +361,9 @@ def main() -> None:
         mem = run_distributed(_worker, world_size=args.pp, args=(schedules, args, "memory"), timeout=3600)
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    losses = first_losses(timed)
+    print(f"same model everywhere: the first step's loss is {min(losses.values()):.6f}..{max(losses.values()):.6f} "
+          f"over {len(losses)} (schedule, engine) runs", flush=True)
     rows = []
     for schedule in schedules:
         rows.append((schedule, _summarize([r[schedule] for r in timed], [r[schedule] for r in mem], args, tokens)))
