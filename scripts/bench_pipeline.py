@@ -187,7 +187,7 @@ def _make_step(engine, schedule, args, mesh):
             # return_outputs=False: the peer need not keep every micro-batch's logits for a merged output
             sched.step(*([x] if first else []), **({"target": y, "losses": losses} if last else {}),
                        return_outputs=False)
-            return float(torch.stack(losses).mean()) if losses else None
+            return float(torch.stack(losses).detach().mean()) if losses else None
         compute = lambda: clock.seconds  # noqa: E731
 
     def step_and_clear():
