@@ -17,8 +17,10 @@ step of each in turn, the order rotating every round, so machine noise and load 
 them alike (the best-vs-best ratio compares across schedules).
 
 Two worlds, because measuring memory distorts time:
-* timing: the normal allocator. A step lasts as long as its slowest rank; the median over timed
-  steps gives tokens/s.
+* timing: the normal allocator. A step lasts as long as its slowest rank. Tokens/s comes from the
+  fastest timed step of each (schedule, engine), the median step's in parentheses: load from other
+  jobs only ever slows a step, so on a shared machine the fastest step is the closest to an
+  undisturbed one (as in scripts/validate_plan.py); on a quiet machine the two agree.
 * memory: glibc is told to mmap every allocation >= 64 KiB and give it back on free, so the resident
   set follows live tensor memory and one engine's freed heap cannot hide the other's peak (this
   makes every step ~40 % slower, so no time is taken from this world). Peak memory per rank is the
@@ -27,7 +29,7 @@ Two worlds, because measuring memory distorts time:
   the weights. Torch's stages also keep receive buffers between steps, shown as "(+N)".
 
 Fraction of ideal (both engines, the same method): (sum over ranks of compute seconds / pp) / step
-seconds, median over the timed steps. Compute seconds are wall-clock spans of the compute itself,
+seconds, of the fastest step. Compute seconds are wall-clock spans of the compute itself,
 excluding waits for received data: for Tandem the runner's per-action timings of its compute actions
 (`PipelineRunner.timings`, which start when the action's input has arrived); for torch the stage's
 forward_one_chunk (+ the schedule's loss call), backward_one_chunk and backward_weight_one_chunk,
@@ -288,7 +290,9 @@ def _summarize(timed, mem, args, tokens):
         # a step lasts as long as its slowest rank
         steps = [max(r[engine]["times"][i] for r in timed) for i in range(args.steps)]
         ideal = [sum(r[engine]["compute"][i] for r in timed) / args.pp / steps[i] for i in range(args.steps)]
-        res[engine] = {"tps": tokens / statistics.median(steps), "ideal": statistics.median(ideal),
+        fastest = min(range(args.steps), key=steps.__getitem__)
+        res[engine] = {"tps": tokens / steps[fastest], "median_tps": tokens / statistics.median(steps),
+                       "ideal": ideal[fastest],
                        "peak": [statistics.median(r[engine]["peak_mib"]) for r in mem],
                        "kept": [r["torch_recv_mib"] if engine == "torch" else 0.0 for r in mem]}
     if "tandem" in res:
@@ -379,22 +383,26 @@ def _mib(e) -> str:
 
 def _print_row(schedule, res):
     p, t = res["torch"], res.get("tandem")
-    tandem = (f"tandem {t['tps']:8.0f} tok/s ({t['ideal']:.1%} of ideal) " if t else "tandem        - ")
-    ratio = f"ratio {t['tps'] / p['tps']:.2f}x" if t else "ratio  -"
-    print(f"{schedule:18s} {tandem} torch {p['tps']:8.0f} tok/s ({p['ideal']:.1%} of ideal)  {ratio}  "
+    tandem = f"tandem {_tps(t)} tok/s ({t['ideal']:.1%} of ideal)" if t else "tandem -"
+    ratio = f"ratio {t['tps'] / p['tps']:.2f}x" if t else "ratio -"
+    print(f"{schedule:18s} {tandem}  torch {_tps(p)} tok/s ({p['ideal']:.1%} of ideal)  {ratio}  "
           f"peak MiB tandem [{_mib(t) if t else '-'}] torch [{_mib(p)}]", flush=True)
+
+
+def _tps(e) -> str:
+    return f"{e['tps']:.0f} ({e['median_tps']:.0f})"
 
 
 def _print_table(rows):
     print()
-    print("| schedule | torch peer | Tandem tokens/s | torch tokens/s | ratio | Tandem of ideal | torch of ideal | "
+    print("| schedule | torch peer | Tandem tokens/s (median) | torch tokens/s (median) | ratio | Tandem of ideal | torch of ideal | "
           "Tandem simulated tokens/s | Tandem peak MiB per rank | torch peak MiB per rank (+ receive buffers it keeps) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for schedule, res in rows:
         p, t = res["torch"], res.get("tandem")
-        cells = ([f"{t['tps']:.0f}", f"{p['tps']:.0f}", f"{t['tps'] / p['tps']:.2f}x", f"{t['ideal']:.1%}",
+        cells = ([_tps(t), _tps(p), f"{t['tps'] / p['tps']:.2f}x", f"{t['ideal']:.1%}",
                   f"{p['ideal']:.1%}", f"{t['sim_tps']:.0f}", _mib(t), _mib(p)] if t else
-                 ["-", f"{p['tps']:.0f}", "-", "-", f"{p['ideal']:.1%}", "-", "-", _mib(p)])
+                 ["-", _tps(p), "-", "-", f"{p['ideal']:.1%}", "-", "-", _mib(p)])
         print(f"| {schedule} | {PEER[schedule][0]} | " + " | ".join(cells) + " |")
     best_p = max(rows, key=lambda r: r[1]["torch"]["tps"])
     ours = [r for r in rows if "tandem" in r[1]]
