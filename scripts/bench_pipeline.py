@@ -109,8 +109,11 @@ def _tandem(schedule, args, mesh, mcfg):
                                          layers_per_stage=list(split) if split else None),
                  kernels="torch")
     step_actions = build_step_actions(schedule, mesh.pp, n_micro, v)
-    # when the chunk builder learns the placement from the lists, hand them over
-    extra = {"step_actions": step_actions} if "step_actions" in inspect.signature(build_chunks).parameters else {}
+    # when the chunk builder takes the lists (or their placement) to place the stages, hand them over
+    params = inspect.signature(build_chunks).parameters
+    extra = {"step_actions": step_actions} if "step_actions" in params else {}
+    if "placement" in params and hasattr(step_actions, "placement"):
+        extra["placement"] = step_actions.placement
     chunks = build_chunks(cfg, mcfg, mesh, **extra)
     runner = build_executor(cfg, mcfg, mesh, chunks, n_micro, step_actions)
     held = {a.stage for a in step_actions.train[mesh.pp_rank] if a.is_compute}
