@@ -1,7 +1,8 @@
 """Tandem's pipeline runtime against torch.distributed.pipelining, in one run, on a gloo world.
 
     python scripts/bench_pipeline.py [--pp 2] [--micro 8] [--mb 2] [--seq 128] [--dim 256] [--layers 8]
-                                     [--layers-per-stage 5,3] [--steps 8] [--warmup 1] [--quick]
+                                     [--layers-per-stage 5,3] [--chunk-layers 3,3,2,0] [--steps 8] [--warmup 1]
+                                     [--quick]
                                      [--schedules 1f1b,interleaved_1f1b,zb_h1,zbv,dualpipev]
 
 For each schedule both engines run the same model (same init, same layers per global stage), the
@@ -43,8 +44,8 @@ compute costs (an estimate, not a bound: real costs vary per micro-batch and per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
-import inspect
 import os
 import statistics
 import sys
@@ -60,11 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.config import Config, ModelSchema, ParallelSchema, TrainSchema  # noqa: E402
 from engine.mesh import build_mesh  # noqa: E402
 from engine.pipeline import build_step_actions, stage_layer_ranges  # noqa: E402
+from engine.pipeline.stages import stage_model  # noqa: E402
 from engine.pipeline.actions import parse_action  # noqa: E402
 from engine.pipeline.generators import SCHEDULES  # noqa: E402
 from engine.pipeline.simulate import simulate  # noqa: E402
 from engine.trainer import build_chunks, build_executor  # noqa: E402
-from models import Llama, ModelConfig, init_weights  # noqa: E402
+from models import ModelConfig, init_weights  # noqa: E402
 from scripts._common import run_distributed  # noqa: E402
 
 # schedule -> (torch's class, chunks per rank, torch's stage placement)
@@ -93,7 +95,7 @@ def _model_config(args) -> ModelConfig:
 
 
 def _split_for(args, v):
-    return args.layers_per_stage if v == 1 else None
+    return args.layers_per_stage if v == 1 else args.chunk_layers
 
 
 def _tandem(schedule, args, mesh, mcfg):
@@ -109,12 +111,9 @@ def _tandem(schedule, args, mesh, mcfg):
                                          layers_per_stage=list(split) if split else None),
                  kernels="torch")
     step_actions = build_step_actions(schedule, mesh.pp, n_micro, v)
-    # when the chunk builder takes the lists (or their placement) to place the stages, hand them over
-    params = inspect.signature(build_chunks).parameters
-    extra = {"step_actions": step_actions} if "step_actions" in params else {}
-    if "placement" in params and hasattr(step_actions, "placement"):
-        extra["placement"] = step_actions.placement
-    chunks = build_chunks(cfg, mcfg, mesh, **extra)
+    # the mesh carries the schedule's stage placement (the V for zbv / dualpipev), as the trainer's does
+    mesh = dataclasses.replace(mesh, pp_placement=step_actions.placement)
+    chunks = build_chunks(cfg, mcfg, mesh)
     runner = build_executor(cfg, mcfg, mesh, chunks, n_micro, step_actions)
     held = {a.stage for a in step_actions.train[mesh.pp_rank] if a.is_compute}
     return chunks, runner, 0 in held, mesh.pp * v - 1 in held
@@ -127,7 +126,7 @@ def _torch_chunks(schedule, args, mesh, mcfg):
     ranges = stage_layer_ranges(mcfg.n_layers, mesh.pp, v, _split_for(args, v))
     indices = generate_rank_to_stage_mapping(mesh.pp, mesh.pp * v, style=style)[mesh.pp_rank]
     with torch.device("meta"):
-        chunks = [Llama(mcfg, layers=ranges[s], kernels="torch") for s in indices]
+        chunks = [stage_model(mcfg, ranges, s, "torch") for s in indices]   # first/last by stage index
     for c in chunks:
         init_weights(c, seed=SEED, n_layers=mcfg.n_layers, device="cpu")
     return chunks, indices
@@ -324,6 +323,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--memory-steps", type=int, default=2, help="steps per engine in the memory world")
     ap.add_argument("--layers-per-stage", type=lambda s: [int(c) for c in s.split(",")], default=None,
                     help="the same uneven split for both engines, e.g. 5,3 (schedules with one stage per rank)")
+    ap.add_argument("--chunk-layers", type=lambda s: [int(c) for c in s.split(",")], default=None,
+                    help="the same split for the two-chunk schedules (interleaved, zbv, dualpipev): pp×2 counts "
+                         "by global stage, 0 allowed on the first and last (e.g. 3,3,2,0: a head-only last chunk)")
     ap.add_argument("--schedules", default=",".join(PEER))
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
@@ -356,6 +358,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     tokens = args.micro * args.mb * args.seq
     split = ",".join(map(str, args.layers_per_stage)) if args.layers_per_stage else "even"
+    if args.chunk_layers:
+        split += "; two-chunk schedules " + ",".join(map(str, args.chunk_layers))
     print(f"pp={args.pp} gloo processes x 1 thread; model dim={args.dim} layers={args.layers} (split {split}) "
           f"vocab={args.vocab}; {args.micro} micro-batches x {args.mb} x {args.seq} tokens per step; "
           f"torch {torch.__version__}", flush=True)
