@@ -12,7 +12,7 @@ part 5, leaving 7.5):
                     with ``kernels=torch``: tokens/s, MFU, and the two loss curves' agreement.
 4. ``compiled``     the same bf16 llama3_1b run with ``train.compile=true`` (inductor, Triton kernels as custom
                     ops): tokens/s and MFU against the eager Triton run of part 3, and the loss curves' agreement.
-5. ``equivalence``  with two or more GPUs: tp2, pp2 (gpipe, 1f1b, interleaved_1f1b, zb_h1), dp2, dp2 ZeRO-1/2
+5. ``equivalence``  with two or more GPUs: tp2, pp2 (gpipe, 1f1b, interleaved_1f1b, zb_h1, zbv, dualpipev), dp2, dp2 ZeRO-1/2
                     and compiled tp2 / pp2 zb_h1 launched on NCCL by torchrun, each against a serial run's
                     per-step loss and gradient norm.
 
@@ -79,6 +79,8 @@ LAYOUTS = {
     "pp2 1f1b": ["parallel.pp=2", "parallel.schedule=1f1b"],
     "pp2 interleaved_1f1b": ["parallel.pp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"],
     "pp2 zb_h1": ["parallel.pp=2", "parallel.schedule=zb_h1"],
+    "pp2 zbv": ["parallel.pp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2"],
+    "pp2 dualpipev": ["parallel.pp=2", "parallel.schedule=dualpipev", "parallel.virtual_stages=2"],
     "dp2": ["parallel.dp=2"],
     "dp2 zero1": ["parallel.dp=2", "optim.zero=1"],
     "dp2 zero2": ["parallel.dp=2", "optim.zero=2"],

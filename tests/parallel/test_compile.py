@@ -1,6 +1,6 @@
 """train.compile=true on the parallel layouts against the eager serial run, over 10 steps: tp2 (with
 sequence parallelism and full recompute), pp2 (zero-bubble zb_h1, selective recompute, bf16 autocast:
-against the eager serial bf16 run), tp2×pp2 (sequence parallelism, zero-bubble) and pp2×dp2 (ZeRO-2,
+against the eager serial bf16 run; and ZB-V under aot_eager), tp2×pp2 (sequence parallelism, zero-bubble) and pp2×dp2 (ZeRO-2,
 zero-bubble). Each block compiles whole (fullgraph: a graph break would fail the launch; the count is
 asserted too), and a rank's blocks share one graph (asserted: a per-block recompile would show).
 The float32 layouts run inductor (its C++ code on the CPU), held to the float32 tolerances. The bf16
@@ -24,7 +24,11 @@ AOT_BF16 = ["train.compile_backend=aot_eager", *BF16]
 LAYOUTS = {
     2: {"tp2-sp-full": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.recompute=full", *INDUCTOR],
         "pp2-zb_h1-selective-bf16": ["parallel.pp=2", "parallel.schedule=zb_h1", "parallel.recompute=selective",
-                                     *AOT_BF16]},
+                                     *AOT_BF16],
+        # ZB-V compiled (torch refuses compiled stages for its ZB/ZBV/DualPipeV schedules): two chunks per
+        # rank in a V, a head-only last chunk, deferred W's through the custom ops; aot_eager in float32
+        "pp2-zbv-aot": ["parallel.pp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2",
+                        "parallel.layers_per_stage=[1,1,1,0]", "train.compile_backend=aot_eager"]},
     4: {"tp2xpp2-sp-zb_h1": ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
                              "parallel.schedule=zb_h1", *INDUCTOR],
         # ZeRO moves every parameter's storage after the zero-bubble store registered the weights, and

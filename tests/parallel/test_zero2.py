@@ -91,6 +91,10 @@ FOUR = {"pp2_dp2_tied": ["parallel.pp=2", "parallel.dp=2", *TIED],
         # (both tied copies); its deferred W's start their reduce-scatters as they run
         "pp2_dp2_zbv_tied": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=zbv", "parallel.virtual_stages=2",
                              "parallel.layers_per_stage=[1,1,1,0]", *TIED],
+        # DualPipeV needs 2·pp micro-batches per dp rank: micro-batches of 1 give 4 of the same global batch
+        "pp2_dp2_dualpipev": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=dualpipev",
+                              "parallel.virtual_stages=2", "parallel.layers_per_stage=[1,1,1,0]",
+                              "parallel.micro_batch_size=1"],
         "tp2_dp2_sp": ["parallel.tp=2", "parallel.dp=2", "parallel.sequence_parallel=true"],
         "tp2_dp2_bf16": ["parallel.tp=2", "parallel.dp=2", "precision=bf16", "train.stop_at=3"]}
 
@@ -104,7 +108,7 @@ def four(data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, model", [("pp2_dp2_tied", "tied"), ("pp2_dp2_zbv_tied", "tied"),
-                                         ("tp2_dp2_sp", "untied")])
+                                         ("pp2_dp2_dualpipev", "untied"), ("tp2_dp2_sp", "untied")])
 def test_four_rank_layouts_match_serial(four, serial, name, model):
     root, result = four
     records, reference = serial[model]
