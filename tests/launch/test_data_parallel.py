@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
+from tests.support.distributed import run_distributed
 from tests.support.launch import (ROOT, SMALL_MODEL, assert_runs_match, free_port, grad_norms, losses, read_metrics,
                                   start_torchrun, torchrun)
+from tests.support.trainer_world import run_trainers
 
 STEPS = 10
 
@@ -18,19 +20,34 @@ def serial(serial_run):
     return serial_run(SMALL_MODEL, STEPS)
 
 
-@pytest.mark.parametrize("extra", [
-    ["optim.zero=0", "parallel.recompute=full"],
-    ["optim.zero=1", "parallel.recompute=selective"],
-    ["optim.zero=1", "parallel.recompute=none"],
-], ids=lambda e: ",".join(e))
-def test_dp2_matches_serial(data_dir, tmp_path, serial, extra):
-    torchrun(2, [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
-                 "parallel.dp=2", f"checkpoint.interval={STEPS}", *extra])
-    assert_runs_match(read_metrics(tmp_path), serial)
+DP2_RUNS = {
+    "zero0_full": ["optim.zero=0", "parallel.recompute=full"],
+    "zero1_selective": ["optim.zero=1", "parallel.recompute=selective"],
+    "zero1_none": ["optim.zero=1", "parallel.recompute=none"],
+}
+
+
+@pytest.fixture(scope="module")
+def dp2_world(data_dir, tmp_path_factory):
+    """The three dp2 layouts in one 2-process gloo world (the real trainer, in turn): one process
+    start instead of three torchrun launches. The launches below keep torchrun's own path covered."""
+    root = tmp_path_factory.mktemp("dp2_world")
+    runs = {name: [*SMALL_MODEL, f"data.dir={data_dir}", f"run_dir={root / name}", f"train.max_steps={STEPS}",
+                   "parallel.dp=2", f"checkpoint.interval={STEPS}", *extra] for name, extra in DP2_RUNS.items()}
+    return root, run_distributed(run_trainers, world_size=2, args=(runs,))
+
+
+@pytest.mark.parametrize("name", sorted(DP2_RUNS))
+def test_dp2_matches_serial(dp2_world, serial, name):
+    root, results = dp2_world
+    run = root / name
+    for rank_out in results:
+        assert_runs_match(rank_out[name], serial)
+    assert_runs_match(read_metrics(run), serial)
     # ZeRO-1 shards optimizer state: rank 1 then holds (and writes) state no other rank has
-    manifest = json.loads((tmp_path / "checkpoints" / f"step_{STEPS:06d}" / "manifest.json").read_text())
+    manifest = json.loads((run / "checkpoints" / f"step_{STEPS:06d}" / "manifest.json").read_text())
     writers = {s["file"] for k, t in manifest["tensors"].items() if k.startswith("optim/") for s in t["slices"]}
-    assert writers == ({"rank_00000.safetensors", "rank_00001.safetensors"} if "optim.zero=1" in extra
+    assert writers == ({"rank_00000.safetensors", "rank_00001.safetensors"} if "optim.zero=1" in DP2_RUNS[name]
                        else {"rank_00000.safetensors"})
 
 

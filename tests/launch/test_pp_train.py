@@ -8,7 +8,7 @@ import pytest
 
 from tests.support.distributed import run_distributed
 from tests.support.launch import SMALL_MODEL, assert_runs_match, read_metrics, torchrun, train_in_process
-from tests.support.trainer_world import refuse_then_train
+from tests.support.trainer_world import refuse_then_train, run_trainers
 
 STEPS = 10
 # global batch 8 / micro-batch 2 = 4 micro-batches per step
@@ -84,10 +84,13 @@ def test_zbv_and_1f1b_resume_each_others_checkpoints(pp2_world, serial):
 def test_pp2_dp2_zero_bubble_matches_serial(data_dir, tmp_path, serial):
     """pp × dp: zb_h1's deferred weight gradients reach the data-parallel average (ZeRO-1 on), with
     full recompute (the recomputed forward feeds both the input and the deferred weight gradients).
-    This launch also stands for test_3d's former pp2×dp2 zero=1 recompute=full layout."""
-    torchrun(4, [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
-                 "parallel.pp=2", "parallel.dp=2", "parallel.schedule=zb_h1", "optim.zero=1",
-                 "parallel.recompute=full"])
+    This run also stands for test_3d's former pp2×dp2 zero=1 recompute=full layout. A 4-rank gloo
+    world running the real trainer (torchrun's own path is covered by the other launches)."""
+    runs = {"pp2_dp2": [*SMALL_PP, f"data.dir={data_dir}", f"run_dir={tmp_path}", f"train.max_steps={STEPS}",
+                        "parallel.pp=2", "parallel.dp=2", "parallel.schedule=zb_h1", "optim.zero=1",
+                        "parallel.recompute=full"]}
+    for rank_out in run_distributed(run_trainers, world_size=4, args=(runs,)):
+        assert_runs_match(rank_out["pp2_dp2"], serial)
     assert_runs_match(read_metrics(tmp_path), serial)
 
 
