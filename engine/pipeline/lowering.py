@@ -10,6 +10,8 @@ which `engine.pipeline.validate.check_p2p_order` proves consistent.
 """
 from __future__ import annotations
 
+import bisect
+
 from bisect import bisect_left
 from typing import Sequence
 
@@ -74,7 +76,8 @@ def _place_on_unit_timeline(order: list[list[Action]], n_stages: int) -> list[li
             continue        # same rank (pp == 1): the tensor is handed over in memory
         t_send = times[a][1]
         # the receiver posts at the first point whose next compute starts at/after the send
-        j = next(j for j in range(ic + 1) if j == ic or starts[rc][j] >= t_send)
+        # (a rank's start times never decrease along its list, so a binary search finds it)
+        j = min(bisect.bisect_left(starts[rc], t_send, 0, ic), ic)
         sends_after[r][i].append(msg)
         recvs_before[rc][j].append(msg.partner())
         sent_at[msg.partner()] = (t_send, r, i)
